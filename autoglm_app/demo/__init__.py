@@ -1,0 +1,1 @@
+"""ShapesWorld: deterministic synthetic image/speech/text data for the tiny demo model."""

@@ -1,0 +1,110 @@
+"""Training and evaluation samples for AutoGLM-Phone-Tiny, drawn from ShapesWorld.
+
+A sample is one user turn (image and/or text or a spoken question) and the assistant
+target: ``<think>trace</think>answer`` with thinking on, the answer alone with
+thinking off (the chat template then closes an empty think block in the prompt).
+``collate`` turns samples into a padded batch whose labels cover the target only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import speech
+from .shapesworld import COLORS, QA, SHAPES, TASKS, make_qa, random_scene, render
+
+IMAGE_SIZES = (128, 160, 192, 224, 256)
+
+
+@dataclass
+class Sample:
+    messages: list[dict]  # chat-template messages for the user turn
+    images: list[Image.Image]
+    audios: list[np.ndarray]
+    thinking: bool
+    target: str  # what the assistant must write after the prompt
+    qa: QA
+    scene: object
+    spoken: bool
+
+
+def corpus(n: int = 4000, seed: int = 1234) -> list[str]:
+    """Every kind of text the model will read or write, for training the tokenizer."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        qa = make_qa(random_scene(rng, 128), rng)
+        texts += [qa.question, qa.thinking, qa.answer]
+    texts += [" ".join(COLORS), " ".join(SHAPES), "Describe the image.", "<think></think>"]
+    return texts
+
+
+def make_sample(rng: random.Random, spoken_p: float = 0.25, thinking_p: float = 0.6,
+                voices: list[str] | None = None, task: str | None = None, spoken: bool | None = None,
+                thinking: bool | None = None) -> Sample:
+    scene = random_scene(rng, rng.choice(IMAGE_SIZES))
+    qa = make_qa(scene, rng, task)
+    image = render(scene)
+    zh = qa.lang == "zh"
+    use_image = qa.task != "identity" or rng.random() < 0.5
+    if spoken is None:
+        spoken = (not zh) and speech.espeak_available() and rng.random() < spoken_p
+    if thinking is None:
+        thinking = rng.random() < thinking_p
+    parts, images, audios = [], [], []
+    if use_image:
+        parts.append({"type": "image"})
+        images.append(image)
+    if spoken:
+        parts.append({"type": "audio"})
+        audios.append(speech.synthesize(qa.question, rng, voices or speech.VOICES_TRAIN))
+    else:
+        parts.append({"type": "text", "text": qa.question})
+    target = (f"<think>{qa.thinking}</think>{qa.answer}" if thinking else qa.answer) + "<|endoftext|>"
+    return Sample([{"role": "user", "content": parts}], images, audios, thinking, target, qa, scene, spoken)
+
+
+def encode(processor, sample: Sample) -> dict:
+    prompt = processor.apply_chat_template(sample.messages, enable_thinking=sample.thinking)
+    enc = processor(prompt, images=sample.images, audios=sample.audios)
+    target = processor.tokenizer(sample.target, add_special_tokens=False)["input_ids"]
+    ids = enc["input_ids"][0].tolist()
+    return {
+        "input_ids": ids + target,
+        "labels": [-100] * len(ids) + target,
+        "pixel_values": enc.get("pixel_values"),
+        "audio_features": enc.get("audio_features"),
+        "audio_feature_lengths": enc.get("audio_feature_lengths"),
+    }
+
+
+def collate(encoded: list[dict], pad_id: int, num_mel_bins: int) -> dict:
+    T = max(len(e["input_ids"]) for e in encoded)
+    B = len(encoded)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    pixels = [e["pixel_values"] for e in encoded if e["pixel_values"] is not None]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+    feats = [(e["audio_features"], e["audio_feature_lengths"]) for e in encoded if e["audio_features"] is not None]
+    if feats:
+        Tm = max(f.shape[-1] for f, _ in feats)
+        batch["audio_features"] = torch.cat(
+            [torch.nn.functional.pad(f, (0, Tm - f.shape[-1])) for f, _ in feats])
+        batch["audio_feature_lengths"] = torch.cat([n for _, n in feats])
+    return batch
+
+
+__all__ = ["Sample", "TASKS", "collate", "corpus", "encode", "make_sample"]

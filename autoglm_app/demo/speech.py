@@ -1,0 +1,160 @@
+"""Spoken questions for ShapesWorld, synthesised with the ``espeak-ng`` CLI.
+
+``synthesize`` runs ``espeak-ng`` (no shell) with a random voice, speed and
+pitch, parses the WAV it writes to stdout with the stdlib ``wave`` module, and
+returns 16 kHz mono float32 audio in [-1, 1] with random level, light noise and
+short leading/trailing silence.  All randomness comes from the given
+``random.Random``, so the same rng state gives the same samples.
+
+Only English questions are spoken.  ``VOICES_HELDOUT`` is disjoint from
+``VOICES_TRAIN`` (different accents / variants) for a held-out speaker test.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import subprocess
+import wave
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = [
+    "VOICES_TRAIN",
+    "VOICES_HELDOUT",
+    "SAMPLE_RATE",
+    "espeak_available",
+    "synthesize",
+    "write_wav",
+    "read_wav",
+]
+
+SAMPLE_RATE = 16000
+
+#: espeak-ng voices (``language[+variant]``) used for training data.
+VOICES_TRAIN: list[str] = [
+    "en-us",
+    "en-gb",
+    "en+m3",
+    "en+f2",
+    "en-us+f3",
+    "en-gb-x-rp+m5",
+    "en-029",
+    "en-gb-x-gbclan",
+]
+#: Voices never used for training (accents and variants absent from VOICES_TRAIN).
+VOICES_HELDOUT: list[str] = [
+    "en-gb-scotland",
+    "en-us-nyc+f4",
+    "en+klatt",
+]
+
+SPEED_WPM = (140, 200)
+PITCH = (30, 70)
+SNR_DB = (20.0, 40.0)
+GAIN = (0.3, 1.0)
+SILENCE_S = (0.05, 0.3)
+
+
+@lru_cache(maxsize=1)
+def _espeak_path() -> str | None:
+    return shutil.which("espeak-ng")
+
+
+def espeak_available() -> bool:
+    """True if the ``espeak-ng`` executable is on PATH."""
+    return _espeak_path() is not None
+
+
+def _decode_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode (possibly streamed, size-less) WAV bytes to mono float32 and its rate."""
+    with wave.open(io.BytesIO(data), "rb") as w:
+        channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+        frames = w.readframes(w.getnframes())  # streamed headers over-report; reads to EOF
+    if width != 2:
+        raise ValueError(f"expected 16-bit PCM, got {8 * width}-bit")
+    usable = len(frames) - len(frames) % (2 * channels)
+    audio = np.frombuffer(frames[:usable], dtype="<i2").astype(np.float32) / 32768.0
+    if channels > 1:
+        audio = audio.reshape(-1, channels).mean(axis=1)
+    return audio, rate
+
+
+def _resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Linear-interpolation resampling (adequate for 22.05 kHz speech -> 16 kHz)."""
+    if src_rate == dst_rate or audio.size == 0:
+        return audio.astype(np.float32)
+    n_out = max(1, int(round(audio.size * dst_rate / src_rate)))
+    t_out = np.arange(n_out, dtype=np.float64) * (src_rate / dst_rate)
+    return np.interp(t_out, np.arange(audio.size), audio).astype(np.float32)
+
+
+def _espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    exe = _espeak_path()
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    text = " ".join(text.split())
+    if text.startswith("-"):  # never let the text be parsed as an option
+        text = " " + text
+    proc = subprocess.run(
+        [exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+        capture_output=True, check=True, timeout=60,
+    )
+    return _decode_wav_bytes(proc.stdout)
+
+
+def synthesize(text: str, rng: random.Random, voices: list[str],
+               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Speak ``text`` with a random voice from ``voices``; return mono float32 audio.
+
+    Random speed (140-200 wpm), pitch (30-70), gain (0.3-1.0), white noise at
+    20-40 dB SNR and 0.05-0.3 s of leading/trailing silence.  Deterministic
+    given the state of ``rng``.
+    """
+    if not voices:
+        raise ValueError("voices must not be empty")
+    voice = rng.choice(voices)
+    speed = rng.randint(*SPEED_WPM)
+    pitch = rng.randint(*PITCH)
+    gain = rng.uniform(*GAIN)
+    snr_db = rng.uniform(*SNR_DB)
+    lead = rng.uniform(*SILENCE_S)
+    trail = rng.uniform(*SILENCE_S)
+    noise_seed = rng.getrandbits(32)
+
+    speech, rate = _espeak(text, voice, speed, pitch)
+    speech = _resample(speech, rate, sample_rate)
+    peak = float(np.max(np.abs(speech))) if speech.size else 0.0
+    if peak > 0:
+        speech = speech * (gain / peak)
+    audio = np.concatenate([
+        np.zeros(int(lead * sample_rate), np.float32),
+        speech.astype(np.float32),
+        np.zeros(int(trail * sample_rate), np.float32),
+    ])
+    voiced = speech[np.abs(speech) > 0.02 * gain] if peak > 0 else speech
+    sig_rms = float(np.sqrt(np.mean(voiced ** 2))) if voiced.size else 1e-3
+    noise_rms = sig_rms / (10.0 ** (snr_db / 20.0))
+    noise = np.random.default_rng(noise_seed).normal(0.0, noise_rms, audio.shape)
+    return np.clip(audio + noise, -1.0, 1.0).astype(np.float32)
+
+
+def write_wav(path: str | os.PathLike[str], audio: np.ndarray,
+              sample_rate: int = SAMPLE_RATE) -> None:
+    """Write mono float audio in [-1, 1] as 16-bit PCM WAV."""
+    pcm = (np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+           * 32767.0).round().astype("<i2")
+    with wave.open(os.fspath(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+
+
+def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """Read a 16-bit PCM WAV as mono float32 in [-1, 1]; returns ``(audio, rate)``."""
+    with open(path, "rb") as f:
+        return _decode_wav_bytes(f.read())

@@ -1,0 +1,174 @@
+"""Train AutoGLM-Phone-Tiny on freshly generated ShapesWorld samples.
+
+    python -m autoglm_app.demo.train                    # ~50 min on a 2-core CPU, resumable
+    python -m autoglm_app.demo.train --max-minutes 5    # stop early (a checkpoint is kept)
+
+Every step draws new scenes, questions and (for a quarter of the samples) spoken
+questions from the training voices, so there is no fixed data set to overfit. The
+step's data depends only on (seed, step), so a resumed run sees what it would have.
+At the end the model is exported in fp16 with its tokenizer and processor to
+``assets/autoglm-phone-tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import DEMO_MODEL, ROOT
+from ..modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMProcessor, build_tokenizer
+from .data import collate, corpus, encode, make_sample
+
+log = logging.getLogger("autoglm.train")
+
+TINY_CONFIG = dict(
+    hidden_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    intermediate_size=512,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=256,
+    capacity_factor=2.0,
+    router_aux_loss_coef=0.02,
+    vision_model="vit-tiny",
+    image_size=128,
+    patch_size=16,
+    vision_depth=4,
+    vision_embed_dim=128,
+    vision_num_heads=4,
+    num_mel_bins=80,
+    audio_hidden_size=128,
+    audio_layers=3,
+    audio_heads=4,
+    max_audio_seconds=30.0,
+    adapter_rank=64,
+    max_position_embeddings=8192,
+)
+
+
+def build(out: Path) -> tuple[AutoGLMForConditionalGeneration, AutoGLMProcessor]:
+    tokenizer = build_tokenizer(corpus(), vocab_size=768)
+    ids = tokenizer.convert_tokens_to_ids
+    config = AutoGLMConfig(
+        **TINY_CONFIG,
+        vocab_size=len(tokenizer),
+        image_token_id=ids("<|image|>"),
+        audio_token_id=ids("<|audio|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.name_or_path = "AutoGLM-Phone-Tiny"
+    processor = AutoGLMProcessor.from_config(config, tokenizer)
+    processor.save_pretrained(str(out / "processor"))
+    return AutoGLMForConditionalGeneration(config), processor
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path: Path, model, opt, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def export(model, processor, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    half = AutoGLMForConditionalGeneration(model.config)
+    half.load_state_dict(model.state_dict())
+    half = half.half().eval()
+    half.config.dtype = "float16"
+    half.save_pretrained(str(target))
+    processor.save_pretrained(str(target))
+    log.info("exported fp16 checkpoint to %s", target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "autoglm-phone-tiny")
+    p.add_argument("--export", type=Path, default=DEMO_MODEL)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and keep a checkpoint) after this long")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-export", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.out / "checkpoint.pt"
+
+    torch.manual_seed(args.seed)
+    if (args.out / "processor").exists() and ckpt.exists():
+        processor = AutoGLMProcessor.from_pretrained(str(args.out / "processor"))
+        config_path = args.out / "config.json"
+        model = AutoGLMForConditionalGeneration(AutoGLMConfig.from_json_file(str(config_path)))
+    else:
+        model, processor = build(args.out)
+        model.config.to_json_file(str(args.out / "config.json"))
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        log.info("resumed at step %d", start)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("AutoGLM-Phone-Tiny: %.2fM parameters, training on %s from step %d to %d",
+             n_params / 1e6, device, start, args.steps)
+
+    t0 = time.time()
+    tokens = 0
+    for step in range(start, args.steps):
+        rng = random.Random(args.seed * 1_000_003 + step)
+        samples = [make_sample(rng) for _ in range(args.batch)]
+        batch = collate([encode(processor, s) for s in samples], processor.tokenizer.pad_token_id,
+                        processor.num_mel_bins)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        out = model(**batch, use_cache=False)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += int(batch["attention_mask"].sum())
+        if step % 20 == 0 or step == args.steps - 1:
+            el = time.time() - t0
+            log.info("step %5d  loss %.4f  aux %.3f  lr %.2e  %.0f tok/s  %.1f min",
+                     step, out.loss.item(), out.aux_loss.item(), lr_at(step, args.steps, args.lr),
+                     tokens / max(el, 1e-9), el / 60)
+        if (step + 1) % 100 == 0:
+            save_checkpoint(ckpt, model, opt, step + 1)
+        if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
+            save_checkpoint(ckpt, model, opt, step + 1)
+            log.info("time limit reached at step %d; resume by running the same command", step + 1)
+            break
+    else:
+        save_checkpoint(ckpt, model, opt, args.steps)
+    if not args.no_export:
+        export(model.cpu(), processor, args.export)
+
+
+if __name__ == "__main__":
+    main()

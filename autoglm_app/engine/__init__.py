@@ -1,0 +1,1 @@
+"""The serving engine: loading, device planning, generation, probes and the request queue."""

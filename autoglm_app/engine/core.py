@@ -1,0 +1,272 @@
+"""The Engine: one per process, owns the loaded model, a bounded fair queue and one worker.
+
+``submit(request)`` validates and converts the inputs (so bad input fails at once,
+before queueing), then returns a ``RequestHandle`` whose ``events()`` yields the
+request's own event stream. Scheduling: interactive before batch; within a priority,
+the session served least recently goes first (round robin across sessions), so one
+busy client cannot starve the others. Past ``max_queue`` waiting requests, submit
+raises ``EngineBusy``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .events import (
+    Audio,
+    BadRequest,
+    ChatRequest,
+    Done,
+    EngineBusy,
+    Error,
+    Event,
+    Message,
+    Queued,
+    Stats,
+)
+from .family import ModelFamily, family_for
+from .generation import Generation, Runtime
+from .inputs import check_image, to_mono_16k
+
+log = logging.getLogger(__name__)
+
+TERMINAL = (Done, Error)
+
+
+class RequestHandle:
+    """One request's event stream; ``cancel()`` stops it within one token."""
+
+    def __init__(self, request: ChatRequest, request_id: int):
+        self.request = request
+        self.id = request_id
+        self._events: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self.submitted = time.perf_counter()
+        self.last_position: int | None = None
+
+    def put(self, event: Event) -> None:
+        self._events.put(event)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Yield events until Done or Error. Closing the iterator early cancels the request."""
+        finished = False
+        try:
+            while True:
+                event = self._events.get(timeout=timeout)
+                yield event
+                if isinstance(event, TERMINAL):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel()
+
+
+@dataclass(order=True)
+class _Slot:
+    rank: tuple
+    handle: RequestHandle = field(compare=False)
+
+
+class Engine:
+    def __init__(self, loaded, max_queue: int = 16, context_limit: int = 8192,
+                 max_audio_seconds: float = 30.0, max_images: int = 8, family: ModelFamily | None = None):
+        self.loaded = loaded
+        self.family = family or family_for(loaded.model)
+        self.rt = Runtime(loaded.model, loaded.processor, self.family, context_limit)
+        self.max_queue = max_queue
+        self.max_audio_seconds = max_audio_seconds
+        self.max_images = max_images
+        self._waiting: list[RequestHandle] = []
+        self._last_served: dict[str, int] = {}
+        self._served = itertools.count()
+        self._ids = itertools.count(1)
+        self._running: RequestHandle | None = None
+        self._memory: dict[str, list] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="autoglm-engine", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def ready(self) -> bool:
+        return self._worker.is_alive() and not self._closed
+
+    def submit(self, request: ChatRequest) -> RequestHandle:
+        request = self._validate(request)
+        with self._lock:
+            if self._closed:
+                raise EngineBusy("the engine is shutting down", retry_after=5.0)
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(
+                    f"the server is busy ({len(self._waiting)} requests waiting): retry in a few seconds",
+                    retry_after=max(1.0, 0.5 * len(self._waiting)),
+                )
+            handle = RequestHandle(request, next(self._ids))
+            self._waiting.append(handle)
+            self._announce_positions()
+            self._lock.notify_all()
+        return handle
+
+    def run(self, request: ChatRequest) -> list[Event]:
+        """Submit and wait: every event of the request, in order."""
+        return list(self.submit(request).events())
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for h in self._waiting:
+                h.put(Error("the server is shutting down", kind="busy"))
+            self._waiting.clear()
+            if self._running is not None:
+                self._running.cancel()
+            self._lock.notify_all()
+        self._worker.join(timeout=10)
+
+    def info(self) -> dict:
+        model = self.loaded.model
+        return {
+            "model_id": self.loaded.model_id,
+            "family": self.family.name,
+            "quantize": self.loaded.quantize,
+            "device_map": getattr(self.loaded, "device_map", None),
+            "summary": model.summary() if hasattr(model, "summary") else "",
+            "attention": getattr(model.config, "_attn_implementation", "sdpa"),
+            "context_limit": self.rt.context_limit,
+        }
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, request: ChatRequest) -> ChatRequest:
+        if not request.messages:
+            raise BadRequest("messages is empty: send at least one user message")
+        if request.messages[-1].role != "user":
+            raise BadRequest("the last message must be from the user")
+        o = request.options
+        if not 1 <= o.max_new_tokens <= self.rt.context_limit:
+            raise BadRequest(f"max_new_tokens must be between 1 and {self.rt.context_limit}")
+        if o.temperature < 0 or o.temperature > 5:
+            raise BadRequest("temperature must be between 0 and 5")
+        if not 0 < o.top_p <= 1:
+            raise BadRequest("top_p must be in (0, 1]")
+        if o.top_k < 0:
+            raise BadRequest("top_k must be 0 (off) or positive")
+        if not 0 < o.repetition_penalty <= 10:
+            raise BadRequest("repetition_penalty must be in (0, 10]")
+        messages = []
+        n_images = 0
+        for m in request.messages:
+            if m.role not in ("system", "user", "assistant"):
+                raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
+            images = [check_image(img) for img in m.images]
+            n_images += len(images)
+            if m.audios and not self.family.hears_audio:
+                raise BadRequest("this model does not hear audio: send a transcript instead")
+            audios = [Audio(to_mono_16k(a, self.max_audio_seconds), 16000) for a in m.audios]
+            messages.append(Message(m.role, m.text or "", images, audios))
+        if n_images > self.max_images:
+            raise BadRequest(f"{n_images} images in the conversation; the limit is {self.max_images}")
+        if not (messages[-1].text.strip() or messages[-1].images or messages[-1].audios):
+            raise BadRequest("the last user message is empty: type a question, or attach an image or a recording")
+        return replace(request, messages=messages)
+
+    # ------------------------------------------------------------------ scheduling
+    def _order(self) -> list[RequestHandle]:
+        """Waiting requests in the order they will run (simulating round robin)."""
+        served = dict(self._last_served)
+        pending = list(self._waiting)
+        order = []
+        tick = itertools.count(10**12)
+        while pending:
+            nxt = min(pending, key=lambda h: (h.request.priority != "interactive",
+                                              served.get(h.request.session_id, -1), h.id))
+            order.append(nxt)
+            pending.remove(nxt)
+            served[nxt.request.session_id] = next(tick)
+        return order
+
+    def _announce_positions(self) -> None:
+        ahead = 1 if self._running is not None else 0
+        for pos, h in enumerate(self._order()):
+            position = pos + ahead
+            if h.last_position != position:
+                h.last_position = position
+                h.put(Queued(position))
+
+    def _next(self) -> RequestHandle | None:
+        with self._lock:
+            while not self._closed:
+                self._waiting = [h for h in self._waiting if not self._drop_if_cancelled(h)]
+                if self._waiting:
+                    h = self._order()[0]
+                    self._waiting.remove(h)
+                    self._running = h
+                    self._last_served[h.request.session_id] = next(self._served)
+                    if h.last_position != 0:
+                        h.last_position = 0
+                        h.put(Queued(0))
+                    self._announce_positions()
+                    return h
+                self._lock.wait(timeout=0.5)
+            return None
+
+    @staticmethod
+    def _drop_if_cancelled(h: RequestHandle) -> bool:
+        if h.cancelled:
+            h.put(Done("cancelled"))
+            return True
+        return False
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while True:
+            h = self._next()
+            if h is None:
+                return
+            try:
+                self._serve(h)
+            except BadRequest as e:
+                h.put(Error(str(e), kind="bad_request"))
+            except Exception as e:  # a bug: keep serving, tell the client plainly
+                log.exception("request %s failed", h.id)
+                h.put(Error(f"internal error while generating ({type(e).__name__}: {e}); "
+                            "the server is still running, try again", kind="internal"))
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._announce_positions()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _serve(self, h: RequestHandle) -> None:
+        req = h.request
+        session = req.session_id
+        first_turn = sum(1 for m in req.messages if m.role == "user") == 1
+        memory = None if first_turn else self._memory.get(session)
+        gen = Generation(self.rt, req, h.put, lambda: h.cancelled, memory_state=memory)
+        queue_s = time.perf_counter() - h.submitted
+        stats: Stats = gen.run()
+        stats.queue_s = queue_s
+        if gen.memory_state is not None:
+            self._memory[session] = gen.memory_state
+        h.put(stats)
+        h.put(Done(stats.finish_reason))

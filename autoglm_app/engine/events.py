@@ -1,0 +1,164 @@
+"""The engine's contract: what a request carries in, and the events that stream out.
+
+One request -> one ordered stream:
+    Queued(position)  (again whenever the position changes)
+    Notice(message)*  (e.g. oldest turns dropped to fit the context)
+    Reasoning(text) / Answer(text) deltas, interleaved with Focus and Routing records
+    Stats
+    Done | Error
+The UI and the API are two renderers of this stream; neither touches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Audio:
+    """A recording as a client sent it: samples (frames,) or (frames, channels), any dtype and rate."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
+@dataclass
+class Message:
+    role: Literal["system", "user", "assistant"]
+    text: str = ""
+    images: list[Image.Image] = field(default_factory=list)
+    audios: list[Audio] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    enable_thinking: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0  # end-of-text is suppressed before this many tokens (benchmarks)
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    focus: bool = True  # emit Focus events
+    routing: bool = True  # emit Routing events
+    focus_aggregation: str | None = None  # "mean" | "max"; None = the model's default
+    focus_layers: tuple[int, int] | None = None  # [start, end) of decoder layers; None = default
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    options: Options = field(default_factory=Options)
+    session_id: str = "default"
+    priority: Literal["interactive", "batch"] = "interactive"
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass
+class Queued:
+    position: int  # 0 = running now; n = n requests ahead
+
+
+@dataclass
+class Notice:
+    message: str
+
+
+@dataclass
+class Reasoning:
+    text: str
+
+
+@dataclass
+class Answer:
+    text: str
+
+
+@dataclass
+class Focus:
+    """Where one generated token looked: one (rows, cols) map per image, one (frames,) per recording.
+
+    Maps are attention probabilities (non-negative) aggregated over heads and layers; each
+    map sums to the attention mass the token paid to that image / recording.
+    """
+
+    index: int  # position of the token among the generated tokens
+    token: str
+    phase: Literal["reasoning", "answer"]
+    images: list[np.ndarray]  # aggregated by the request's rule: (rows, cols) each
+    audios: list[np.ndarray]  # (frames,) each
+    # the same before aggregation over layers (head-mean per layer), for re-aggregation in the UI
+    per_layer_images: list[np.ndarray] = field(default_factory=list)  # (layers, rows, cols)
+    per_layer_audios: list[np.ndarray] = field(default_factory=list)  # (layers, frames)
+
+
+@dataclass
+class LayerRoute:
+    layer: int
+    experts: list[int]
+    weights: list[float]
+
+
+@dataclass
+class Routing:
+    """Experts chosen for one generated token, plus the running load so far."""
+
+    index: int
+    token: str
+    phase: Literal["reasoning", "answer"]
+    layers: list[LayerRoute]
+    load: dict  # see probes.RoutingProbe.snapshot(): per-layer counts and balance figures
+
+
+@dataclass
+class Stats:
+    ttft_s: float  # time to first token (from start of work, not queueing)
+    think_s: float | None  # time to end of reasoning
+    reasoning_tokens: int
+    answer_tokens: int
+    reasoning_tps: float
+    answer_tps: float
+    tokens_per_second: float
+    prompt_tokens: int
+    completion_tokens: int
+    queue_s: float
+    total_s: float
+    peak_memory: dict[str, int]  # device -> bytes
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    attention: str  # "sdpa+probe" | "eager" : how focus was computed
+
+
+@dataclass
+class Done:
+    finish_reason: str
+
+
+@dataclass
+class Error:
+    message: str
+    kind: Literal["busy", "bad_request", "internal", "cancelled"] = "internal"
+
+
+Event = Queued | Notice | Reasoning | Answer | Focus | Routing | Stats | Done | Error
+
+
+class EngineBusy(Exception):
+    """The queue is full: the caller should retry later."""
+
+    def __init__(self, message: str, retry_after: float = 2.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadRequest(Exception):
+    """The request cannot be served as sent; the message says what to change."""

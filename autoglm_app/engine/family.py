@@ -1,0 +1,109 @@
+"""Model-family descriptions: what the engine needs to know about an architecture.
+
+Where image tokens sit and on what grid, which modules route experts, which
+attention modules the focus probe plugs into, the think-tag format, and how
+thinking is switched on and off. Only the engine reads these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .events import Message
+
+
+@dataclass
+class Prepared:
+    """A prompt ready for the model, and where each image / recording sits in it."""
+
+    inputs: dict  # tensors for model.forward
+    image_spans: list
+    audio_spans: list
+    modality: "np.ndarray"  # (T,) 0 text, 1 image, 2 audio per prompt position
+
+
+@dataclass
+class ModelFamily:
+    name: str
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    answer_tags: tuple[str, str] = ("<answer>", "</answer>")
+    hears_audio: bool = True
+
+    # ------------------------------------------------------------------ model structure
+    def attention_modules(self, model) -> list:
+        return [layer.self_attn for layer in model.model.layers]
+
+    def routers(self, model) -> list:
+        return [(i, moe.router) for i, moe in model.moe_blocks()]
+
+    def num_experts(self, model) -> tuple[int, int]:
+        return model.config.num_experts, model.config.num_experts_per_tok
+
+    def num_layers(self, model) -> int:
+        return model.config.num_hidden_layers
+
+    def default_focus(self, model) -> tuple[str, tuple[int, int] | None]:
+        layers = model.config.focus_layers
+        return model.config.focus_aggregation, (tuple(layers) if layers else None)
+
+    def stop_ids(self, processor) -> set[int]:
+        tok = processor.tokenizer
+        ids = {tok.eos_token_id}
+        for t in ("<|user|>", "<|system|>"):
+            i = tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i != tok.unk_token_id:
+                ids.add(i)
+        return {i for i in ids if i is not None}
+
+    # ------------------------------------------------------------------ prompts
+    @staticmethod
+    def template_messages(messages: list[Message]) -> tuple[list[dict], list[Image.Image], list[np.ndarray]]:
+        """Engine messages (audio already 16 kHz mono) -> chat-template dicts + media in prompt order."""
+        out, images, audios = [], [], []
+        for m in messages:
+            parts = []
+            for img in m.images:
+                parts.append({"type": "image"})
+                images.append(img)
+            for aud in m.audios:
+                parts.append({"type": "audio"})
+                audios.append(aud.samples)
+            if m.text:
+                parts.append({"type": "text", "text": m.text})
+            out.append({"role": m.role, "content": parts})
+        return out, images, audios
+
+    def count_tokens(self, processor, messages: list[Message], enable_thinking: bool) -> int:
+        """Prompt length after placeholder expansion, without preprocessing any pixels."""
+        dicts, images, audios = self.template_messages(messages)
+        text = processor.apply_chat_template(dicts, enable_thinking=enable_thinking)
+        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        rows, cols = processor.grid
+        n += len(images) * (rows * cols + 1)  # placeholder -> begin + patches + end
+        n += sum(processor.audio_frames(len(a)) + 1 for a in audios)
+        return n
+
+    def prepare(self, processor, messages: list[Message], enable_thinking: bool) -> Prepared:
+        dicts, images, audios = self.template_messages(messages)
+        text = processor.apply_chat_template(dicts, enable_thinking=enable_thinking)
+        enc = processor(text, images=images, audios=audios)
+        image_spans, audio_spans = enc.pop("image_spans"), enc.pop("audio_spans")
+        ids = enc["input_ids"][0].numpy()
+        modality = np.zeros(len(ids), np.int64)
+        modality[ids == processor.image_token_id] = 1
+        modality[ids == processor.audio_token_id] = 2
+        return Prepared(enc, image_spans, audio_spans, modality)
+
+
+AUTOGLM = ModelFamily("autoglm")
+
+
+def family_for(model) -> ModelFamily:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type == "autoglm":
+        return AUTOGLM
+    raise ValueError(f"no model family for model_type {model_type!r}; supported: autoglm")
