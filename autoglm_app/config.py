@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", action="append", dest="served_model_names",
                    default=[n for n in (_env("SERVED_MODEL_NAME") or "").split(",") if n],
                    help="a name the API answers to (repeatable)")
-    p.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key on /v1")
+    p.add_argument("--api-key", default=_env("API_KEY") or None, help="require this Bearer key on /v1")
     p.add_argument("--allow-remote-images", action="store_true", default=_bool(_env("ALLOW_REMOTE_IMAGES", "0")),
                    help="let the API fetch http(s) image URLs")
     p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "16")))

@@ -369,3 +369,21 @@ def test_round_robin_across_sessions_and_interactive_before_batch(small):
         eng.close()
     assert order.index("b1") < order.index("a2")  # B is not starved behind all of A
     assert order[-1] == "batch"
+
+
+def test_media_placeholders_are_never_sampled(engine, small, monkeypatch):
+    processor = small[1]
+    banned = [processor.image_token_id, processor.audio_token_id, processor.boi, processor.eoa,
+              processor.tokenizer.pad_token_id]
+    seen = []
+    real = generation.sample
+
+    def checking(logits, *args):
+        seen.append(bool(torch.isinf(logits[banned]).all()))
+        return real(logits, *args)
+
+    monkeypatch.setattr(generation, "sample", checking)
+    events = engine.run(ask(text="Tell me a very long story.", enable_thinking=False, temperature=0,
+                            max_new_tokens=30))
+    assert isinstance(events[-1], Done)
+    assert seen and all(seen)

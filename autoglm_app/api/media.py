@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import logging
+import warnings
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -82,16 +83,23 @@ def open_image(raw: bytes) -> Image.Image:
     """Image bytes -> a loaded PIL image, checking the pixel count before decoding the pixels."""
     if len(raw) > MAX_MEDIA_BYTES:
         raise MediaError(f"the image is over {MAX_MEDIA_BYTES // 2**20} MiB: send a smaller one", too_large=True)
+    undecodable = MediaError("the image could not be decoded: send PNG, JPEG, WebP, GIF or BMP data")
+    bomb = MediaError("the image has too many pixels: scale it down", too_large=True)
     try:
-        image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise MediaError(f"the image is {image.width}x{image.height} pixels; the limit is "
-                             f"{MAX_IMAGE_PIXELS:,}: scale it down", too_large=True)
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+            image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:
-        raise MediaError("the image has too many pixels: scale it down", too_large=True) from None
+        raise bomb from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise MediaError("the image could not be decoded: send PNG, JPEG, WebP, GIF or BMP data") from None
+        raise undecodable from None
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise MediaError(f"the image is {image.width}x{image.height} pixels; the limit is "
+                         f"{MAX_IMAGE_PIXELS:,}: scale it down", too_large=True)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError):
+        raise undecodable from None
     return image
 
 
@@ -111,7 +119,8 @@ def load_image_url(url: str, allow_remote: bool) -> Image.Image:
         return open_image(fetch_remote(url))
     if scheme == "file":
         raise MediaError("file: URLs are never read: send the image inline as a data URL (data:image/png;base64,...)")
-    raise MediaError(f"unsupported image URL scheme {scheme or '(none)'!r}: send a data URL (data:image/png;base64,...)")
+    raise MediaError(f"unsupported image URL scheme {scheme or '(none)'!r}: "
+                     "send a data URL (data:image/png;base64,...)")
 
 
 def load_input_audio(data: str, fmt: str | None) -> Audio:

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -148,12 +149,15 @@ async def engine_events(handle, request: Request) -> AsyncIterator[Event]:
     """
     watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
     events = handle.events()
+    finished = False
     try:
         while (event := await run_in_threadpool(next, events, None)) is not None:
             yield event
+        finished = True
     finally:
         watcher.cancel()
-        handle.cancel()  # no-op once the request is done
+        if not finished:
+            handle.cancel()
 
 
 def sse(payload: BaseModel) -> str:
@@ -168,7 +172,7 @@ class OpenAIRoutes:
         self.engine = engine
         self.settings = settings
         self.model_names = served_model_names(engine, settings)
-        self.created = 0
+        self.created = int(time.time())
         self.router = APIRouter()
         self.router.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         auth = [Depends(self.check_key)]

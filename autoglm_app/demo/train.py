@@ -1,7 +1,7 @@
 """Train AutoGLM-Phone-Tiny on freshly generated ShapesWorld samples.
 
     python -m autoglm_app.demo.train                    # ~50 min on a 2-core CPU, resumable
-    python -m autoglm_app.demo.train --max-minutes 5    # stop early (a checkpoint is kept)
+    python -m autoglm_app.demo.train --max-minutes 50   # fit the schedule into a time budget
 
 Every step draws new scenes, questions and (for a quarter of the samples) spoken
 questions from the training voices, so there is no fixed data set to overfit. The
@@ -73,16 +73,18 @@ def build(out: Path) -> tuple[AutoGLMForConditionalGeneration, AutoGLMProcessor]
     return AutoGLMForConditionalGeneration(config), processor
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int = 100, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine to 10% of peak. With a time budget, progress is the larger of
+    steps done and time used, so the schedule completes when the budget does on a slow machine."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_progress))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(path: Path, model, opt, step: int) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, elapsed: float = 0.0) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, tmp)
     os.replace(tmp, path)
 
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "autoglm-phone-tiny")
     p.add_argument("--export", type=Path, default=DEMO_MODEL)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and keep a checkpoint) after this long")
+    p.add_argument("--max-minutes", type=float, default=None, help="time budget: the LR schedule follows time used and training stops when it is spent")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
@@ -126,27 +128,30 @@ def main(argv: list[str] | None = None) -> None:
         model.config.to_json_file(str(args.out / "config.json"))
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    start = 0
+    start, spent = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start = state["step"]
-        log.info("resumed at step %d", start)
+        start, spent = state["step"], state.get("elapsed", 0.0)
+        log.info("resumed at step %d after %.1f min", start, spent / 60)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("AutoGLM-Phone-Tiny: %.2fM parameters, training on %s from step %d to %d",
              n_params / 1e6, device, start, args.steps)
 
-    t0 = time.time()
+    t0 = time.time() - spent
     tokens = 0
+    budget = args.max_minutes * 60 if args.max_minutes else None
     for step in range(start, args.steps):
+        elapsed = time.time() - t0
+        lr = lr_at(step, args.steps, args.lr, time_progress=elapsed / budget if budget else 0.0)
         rng = random.Random(args.seed * 1_000_003 + step)
         samples = [make_sample(rng) for _ in range(args.batch)]
         batch = collate([encode(processor, s) for s in samples], processor.tokenizer.pad_token_id,
                         processor.num_mel_bins)
         batch = {k: v.to(device) for k, v in batch.items()}
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
+            group["lr"] = lr
         out = model(**batch, use_cache=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -154,18 +159,17 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         tokens += int(batch["attention_mask"].sum())
         if step % 20 == 0 or step == args.steps - 1:
-            el = time.time() - t0
             log.info("step %5d  loss %.4f  aux %.3f  lr %.2e  %.0f tok/s  %.1f min",
-                     step, out.loss.item(), out.aux_loss.item(), lr_at(step, args.steps, args.lr),
-                     tokens / max(el, 1e-9), el / 60)
-        if (step + 1) % 100 == 0:
-            save_checkpoint(ckpt, model, opt, step + 1)
-        if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
-            save_checkpoint(ckpt, model, opt, step + 1)
-            log.info("time limit reached at step %d; resume by running the same command", step + 1)
+                     step, out.loss.item(), out.aux_loss.item(), lr, tokens / max(time.time() - t0 - spent, 1e-9),
+                     (time.time() - t0) / 60)
+        if (step + 1) % 50 == 0:
+            save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0)
+        if budget and time.time() - t0 > budget:
+            save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0)
+            log.info("time budget used at step %d; the schedule has finished", step + 1)
             break
     else:
-        save_checkpoint(ckpt, model, opt, args.steps)
+        save_checkpoint(ckpt, model, opt, args.steps, time.time() - t0)
     if not args.no_export:
         export(model.cpu(), processor, args.export)
 

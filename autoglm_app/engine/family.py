@@ -59,6 +59,14 @@ class ModelFamily:
                 ids.add(i)
         return {i for i in ids if i is not None}
 
+    def banned_ids(self, processor) -> list[int]:
+        """Tokens the model must never generate: media placeholders and their markers, padding."""
+        tok = processor.tokenizer
+        names = ("<|image|>", "<|audio|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_audio|>",
+                 "<|end_of_audio|>", "<|pad|>", "<|bos|>")
+        ids = [tok.convert_tokens_to_ids(n) for n in names]
+        return [i for i in ids if isinstance(i, int) and i != tok.unk_token_id and i is not None]
+
     # ------------------------------------------------------------------ prompts
     @staticmethod
     def template_messages(messages: list[Message]) -> tuple[list[dict], list[Image.Image], list[np.ndarray]]:

@@ -147,6 +147,7 @@ class Generation:
         splitter = ThinkSplitter(opts.enable_thinking, family.think_open, family.think_close, family.answer_tags)
         decoder = IncrementalDecoder(processor.tokenizer)
         stop_ids = family.stop_ids(processor)
+        banned = family.banned_ids(processor)
         use_focus = opts.focus and bool(prep.image_spans or prep.audio_spans)
         focus = FocusProbe(family.attention_modules(model), prep.image_spans, prep.audio_spans)
         routers = family.routers(model)
@@ -175,6 +176,7 @@ class Generation:
                     finish = "cancelled"
                     break
                 logits = out.logits[0, -1].float().cpu()
+                logits[banned] = float("-inf")
                 if len(generated) < opts.min_new_tokens:
                     logits[list(stop_ids)] = float("-inf")
                 token = sample(logits, opts, seen, gen)
@@ -189,7 +191,7 @@ class Generation:
                 pieces = splitter.feed(delta)
                 phase = pieces[-1][0] if pieces else splitter.phase
                 counts[phase] += 1
-                if phase == "answer" and t_think is None and opts.enable_thinking:
+                if phase == "answer" and t_think is None and counts["reasoning"]:
                     t_think = now
                 self._emit_pieces(pieces)
                 text_answer += "".join(t for p, t in pieces if p == "answer")

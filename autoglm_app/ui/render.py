@@ -305,6 +305,17 @@ def token_routes_html(routes: list[tuple[int, list[int], list[float]]], label: s
             f"</caption>{''.join(rows)}</table></div>")
 
 
+def focus_caption_html(label: str, captions: list[str], has_media: bool, running: bool) -> str:
+    """The line above the heatmap: whose focus it is and how much attention went where."""
+    if not has_media:
+        return placeholder_html("This turn has no image or recording, so there is no focus to show. "
+                                "Click a word of the reply to see its experts in the Routing tab.")
+    if not label:
+        return placeholder_html("Waiting for the first token…" if running else "The model produced no tokens.")
+    parts = [f"<b>Focus of {html.escape(label)}</b>", *map(html.escape, captions), "bright = more attention"]
+    return f'<div class="caption">{" · ".join(parts)}</div>'
+
+
 def placeholder_html(text: str) -> str:
     return f'<div class="placeholder">{html.escape(text)}</div>'
 
@@ -343,7 +354,7 @@ def device_map_rows(device_map) -> list[tuple[str, int]]:
 def model_markdown(info: dict, memory: dict[str, int], stats=None) -> str:
     """The Model panel: identity, quantization, devices with memory, last answer's speed, module table."""
     lines = [f"### {info.get('model_id', 'model')}",
-             "| | |", "|---|---|",
+             "| property | value |", "|---|---|",
              f"| family | {info.get('family', '–')} |",
              f"| weights | {info.get('quantize') or '–'} |",
              f"| attention | {info.get('attention', '–')} |",
@@ -358,7 +369,7 @@ def model_markdown(info: dict, memory: dict[str, int], stats=None) -> str:
     if stats is None:
         lines.append("*No answer yet: send a message and its speed shows here.*")
     else:
-        lines += ["| | |", "|---|---|",
+        lines += ["| figure | value |", "|---|---|",
                   f"| time to first token | {_seconds(stats.ttft_s)} |",
                   f"| time to end of thinking | {_seconds(stats.think_s)} |",
                   f"| tokens / s (all) | {stats.tokens_per_second:.1f} |",

@@ -1,0 +1,138 @@
+"""The QA trace: one zip holding the whole conversation as the page saw it.
+
+    trace.json                      prompts, reasoning, answers, settings, stats, model id,
+                                    per-token focus maps and routing, routing load per turn
+    turnNN/input_imageK.png         the images the user sent
+    turnNN/input_audio.wav          the recording (16-bit PCM)
+    turnNN/focus_imageK_wordMMM.png the heatmap overlay of each word of the reply
+    turnNN/focus_imageK_answer.png  the mean over the whole answer
+    turnNN/focus_audio_*.png        the same for the recording
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+import wave
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .render import audio_focus_image, overlay_heatmap
+from .session import Session, Turn
+
+MAX_WORD_IMAGES = 64  # per image per turn: enough for an answer, bounded for long reasoning
+
+
+def _round(a: np.ndarray, digits: int = 5) -> list:
+    return np.round(np.asarray(a, np.float64), digits).tolist()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")[:24] or "w"
+
+
+def turn_record(turn: Turn, number: int) -> dict:
+    tokens = sorted(turn.tokens.values(), key=lambda t: t.index)
+    return {
+        "turn": number,
+        "prompt": {
+            "text": turn.text,
+            "images": [f"turn{number:02d}/input_image{k + 1}.png" for k in range(len(turn.images))],
+            "audio": f"turn{number:02d}/input_audio.wav" if turn.audio is not None else None,
+        },
+        "settings": asdict(turn.options),
+        "reasoning": turn.reasoning,
+        "answer": turn.answer,
+        "finish_reason": turn.finish_reason,
+        "error": turn.error,
+        "notices": turn.notices,
+        "stats": asdict(turn.stats) if turn.stats is not None else None,
+        "words": [{"text": w.text.strip(), "phase": w.phase, "tokens": w.tokens} for w in turn.words()],
+        "tokens": [{
+            "index": t.index,
+            "text": t.text,
+            "phase": t.phase,
+            "focus": {"images": [_round(m) for m in t.images], "audios": [_round(m) for m in t.audios]},
+            "routing": [{"layer": layer, "experts": experts, "weights": weights} for layer, experts, weights in t.routes],
+        } for t in tokens],
+        "routing_load": turn.load,
+    }
+
+
+def build_trace(session: Session, info: dict) -> dict:
+    return {
+        "format": "autoglm-studio-qa-trace/1",
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {k: info.get(k) for k in ("model_id", "family", "quantize", "attention", "context_limit")},
+        "turns": [turn_record(t, n) for n, t in enumerate(session.turns, 1)],
+    }
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wav(samples: np.ndarray, rate: int) -> bytes:
+    x = np.asarray(samples)
+    if np.issubdtype(x.dtype, np.floating):
+        x = (np.clip(x, -1, 1) * 32767).astype(np.int16)
+    elif x.dtype != np.int16:
+        x = (x.astype(np.float64) / (np.iinfo(x.dtype).max + 1) * 32767).astype(np.int16)
+    channels = 1 if x.ndim == 1 else x.shape[1]
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(int(rate))
+        w.writeframes(np.ascontiguousarray(x).tobytes())
+    return buf.getvalue()
+
+
+def _turn_files(turn: Turn, number: int, colormap: str, opacity: float) -> dict[str, bytes]:
+    folder = f"turn{number:02d}"
+    files: dict[str, bytes] = {}
+    for k, image in enumerate(turn.images):
+        files[f"{folder}/input_image{k + 1}.png"] = _png(image.convert("RGB"))
+    if turn.audio is not None:
+        files[f"{folder}/input_audio.wav"] = _wav(turn.audio.samples, turn.audio.sample_rate)
+    if not turn.has_focus():
+        return files
+    words = turn.words()
+    answer_tokens = [i for i, t in turn.tokens.items() if t.phase == "answer"] or list(turn.tokens)
+    for k, image in enumerate(turn.images):
+        whole = turn.focus_map(answer_tokens, "image", k)
+        if whole is not None:
+            files[f"{folder}/focus_image{k + 1}_answer.png"] = _png(overlay_heatmap(image, whole, colormap, opacity))
+        for m, w in enumerate(words[:MAX_WORD_IMAGES]):
+            heat = turn.focus_map(w.tokens, "image", k)
+            if heat is not None:
+                name = f"{folder}/focus_image{k + 1}_word{m:03d}_{_slug(w.text)}.png"
+                files[name] = _png(overlay_heatmap(image, heat, colormap, opacity))
+    if turn.audio is not None:
+        heat = turn.focus_map(answer_tokens, "audio", 0)
+        if heat is not None:
+            img = audio_focus_image(turn.audio.samples, turn.audio.sample_rate, heat, colormap, opacity,
+                                    "focus of the whole answer over the recording")
+            files[f"{folder}/focus_audio_answer.png"] = _png(img)
+    return files
+
+
+def write_trace_zip(session: Session, info: dict, directory: str | Path) -> Path:
+    """Write the session's QA trace zip into ``directory``; returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"autoglm-trace-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+    trace = build_trace(session, info)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("trace.json", json.dumps(trace, ensure_ascii=False, indent=1))
+        for n, turn in enumerate(session.turns, 1):
+            for name, data in _turn_files(turn, n, session.view.colormap, session.view.opacity).items():
+                zf.writestr(name, data)
+    return path
