@@ -163,3 +163,16 @@ def test_seed_api_multimodal_config_maps_to_autoglm_fields():
     assert len(model.moe_blocks()) == config.num_hidden_layers
     with pytest.raises(ValueError, match="text_decoder"):
         MultiModalConfig(text_decoder="nope").to_autoglm_kwargs()
+
+
+def test_seed_api_from_pretrained_loads_int4_and_prints_summary(tmp_path):
+    from autoglm_app.modeling.small import save_small
+    from autoglm_app.seed import AutoGLMModel
+
+    save_small(str(tmp_path))
+    config = MultiModalConfig(vision_encoder="vit-tiny", audio_encoder="qwenaudio-lite", text_decoder="glm-tiny",
+                              quantize="int4")
+    model = AutoGLMModel.from_pretrained(str(tmp_path), config=config)
+    text = model.summary()
+    assert "nf4" in text and "layers.0.experts" in text
+    assert AutoGLMModel.from_config(config).config.num_experts == 4

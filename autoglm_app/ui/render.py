@@ -172,9 +172,9 @@ def merge_words(tokens: list[tuple[int, str, str]]) -> list[Word]:
 def _continues(before: str, token: str) -> bool:
     if not before or before[-1].isspace() or token[0].isspace():
         return False
-    if _is_cjk(token[0]) or _is_cjk(before[-1]):
-        return not (_is_cjk(token[0]) and _is_cjk(before[-1])) and not token[0].isalnum()
-    return True
+    if unicodedata.category(token[0]).startswith("P"):
+        return True  # punctuation belongs to the word before it
+    return not (_is_cjk(token[0]) or _is_cjk(before[-1]))  # each CJK character is a word
 
 
 def word_chips(words: list[Word], selected: int | None) -> list[tuple[str, str]]:
