@@ -17,7 +17,6 @@ from autoglm_app.engine.events import (
     Answer,
     Done,
     EngineBusy,
-    Focus,
     LayerRoute,
     Queued,
     Reasoning,
@@ -80,9 +79,10 @@ def test_text_turn_returns_an_answer(client):
     assert_answered(history)
 
 
-def test_image_turn_shows_the_image_and_returns_an_answer(live_server):
-    history = chat(Client(live_server, verbose=False), "What is in the image?", images=[EXAMPLES / "scene1.png"])
-    assert any(f.endswith(".png") for m in history if m["role"] == "user" for f in files_of(m))
+def test_image_turn_with_two_images_shows_both_and_returns_an_answer(live_server):
+    history = chat(Client(live_server, verbose=False), "What is in the images?",
+                   images=[EXAMPLES / "scene1.png", EXAMPLES / "scene2.png"])
+    assert len([f for m in history if m["role"] == "user" for f in files_of(m) if f.endswith(".png")]) == 2
     assert_answered(history)
 
 
@@ -263,3 +263,15 @@ def test_export_returns_a_trace_zip(scripted_engine):
     assert trace["model"]["model_id"] == "scripted"
     assert trace["turns"][0]["reasoning"] == "Let me look. Three shapes."
     assert [t["routing"][0]["experts"] for t in trace["turns"][0]["tokens"]] == [[0]] * 4
+
+
+def test_regenerate_replaces_the_last_reply_and_clear_empties_the_history(scripted_engine):
+    engine, url = scripted_engine
+    client = Client(url, verbose=False)
+    chat(client, "Describe it")
+    sent = len(engine.handles)
+    history = client.predict(*SETTINGS.values(), api_name="/regenerate")[0]
+    assert len(engine.handles) == sent + 1
+    assert user_texts(history) == ["Describe it"] and text_of(history[-1]) == "There are three shapes."
+    assert client.predict(api_name="/clear")[0] == []
+    assert user_texts(chat(client, "Fresh start")) == ["Fresh start"]

@@ -354,3 +354,47 @@ def test_sessions_do_not_share_state():
     a, b = copy.deepcopy(template), copy.deepcopy(template)
     a.start(Turn(text="a"))
     assert b.turns == [] and template.turns == []
+
+
+# ----------------------------------------------------------------------------- the page's panel handlers
+
+
+class InfoOnlyEngine:
+    def info(self) -> dict:
+        return {"model_id": "m", "family": "autoglm", "quantize": "fp32", "device_map": None, "summary": "",
+                "attention": "sdpa", "context_limit": 1024}
+
+
+def two_image_turn() -> Turn:
+    turn = Turn(text="Compare", images=[Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), "black")],
+                image_paths=["/tmp/a.png", "/tmp/b.png"])
+    first, second = focus_map((0, 0)), focus_map((3, 3))
+    for i, token in enumerate(["Left", " right"]):
+        turn.apply(Answer(token))
+        turn.apply(Focus(i, token, "answer", images=[first.mean(0), second.mean(0)], audios=[],
+                         per_layer_images=[first, second], per_layer_audios=[]))
+    turn.apply(Done("stop"))
+    return turn
+
+
+def test_panels_pick_the_image_the_word_and_the_layer_aggregation():
+    from autoglm_app.config import Settings
+    from autoglm_app.ui.app import Studio
+
+    studio = Studio(InfoOnlyEngine(), Settings(model="small"))
+    studio.build()
+    session = Session()
+    session.start(two_image_turn())
+
+    def shown(update: dict) -> np.ndarray:
+        return np.asarray(update[studio.focus_image]["value"])
+
+    first = studio.panel_updates(session)
+    assert first[studio.image_pick]["visible"] and first[studio.image_pick]["choices"] == ["image 1", "image 2"]
+    assert first[studio.layer_to]["maximum"] == LAYERS
+    second = studio.change_view(-1, "image 2", "inferno", 0.55, "default", 0, LAYERS, "total", session)
+    assert session.view.image == 1 and not np.array_equal(shown(first), shown(second))
+    studio.select_word(session, type("Evt", (), {"index": 1})())
+    assert session.view.word == 1 and ("right ", "selected") in studio.panel_updates(session)[studio.words]
+    top_layer = studio.change_view(-1, "image 2", "inferno", 0.55, "max", LAYERS - 1, LAYERS, "total", session)
+    assert session.view.layers == (LAYERS - 1, LAYERS) and "Focus of" in top_layer[studio.focus_caption]

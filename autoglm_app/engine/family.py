@@ -33,6 +33,20 @@ class ModelFamily:
     answer_tags: tuple[str, str] = ("<answer>", "</answer>")
     hears_audio: bool = True
 
+    # ------------------------------------------------------------------ forward passes
+    def begin(self, model) -> None:
+        """Reset per-request model state before a prefill (nothing for AutoGLM)."""
+
+    def forward_kwargs(self, memory_state) -> dict:
+        """Extra keyword arguments for model.forward: AutoGLM carries its memory slots across turns."""
+        return {"memory_state": memory_state}
+
+    @staticmethod
+    def read_route(module, args, output) -> tuple:
+        """A router forward -> (experts (N, k), weights (N, k), kept (N, k) bool). AutoGLMRouter returns all four."""
+        _, experts, weights, kept = output
+        return experts, weights, kept
+
     # ------------------------------------------------------------------ model structure
     def attention_modules(self, model) -> list:
         return [layer.self_attn for layer in model.model.layers]
@@ -110,8 +124,15 @@ class ModelFamily:
 AUTOGLM = ModelFamily("autoglm")
 
 
-def family_for(model) -> ModelFamily:
-    model_type = getattr(model.config, "model_type", "")
+def family_for(model_or_config) -> ModelFamily:
+    """The family of a model or a config, chosen by its ``model_type``."""
+    from .families import HF_FAMILIES
+
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", "")
     if model_type == "autoglm":
         return AUTOGLM
-    raise ValueError(f"no model family for model_type {model_type!r}; supported: autoglm")
+    if model_type in HF_FAMILIES:
+        return HF_FAMILIES[model_type]
+    supported = ", ".join(["autoglm", *HF_FAMILIES])
+    raise ValueError(f"no model family for model_type {model_type!r}; supported: {supported}")

@@ -152,7 +152,7 @@ class Generation:
         focus = FocusProbe(family.attention_modules(model), prep.image_spans, prep.audio_spans)
         routers = family.routers(model)
         E, k = family.num_experts(model)
-        routing = RoutingProbe(routers, E, k)
+        routing = RoutingProbe(routers, E, k, family.read_route)
         routing.modality = torch.from_numpy(prep.modality)
         for dev in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(dev)
@@ -169,8 +169,9 @@ class Generation:
                 focus.__enter__()
             if opts.routing and routers:
                 routing.__enter__()
+            family.begin(model)
             out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                        memory_state=self.memory_state)
+                        **family.forward_kwargs(self.memory_state))
             while True:
                 if self.cancelled():
                     finish = "cancelled"
@@ -210,9 +211,10 @@ class Generation:
                 routing.phase = "decode"
                 routing.modality = torch.zeros(1, dtype=torch.long)
                 out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
-                            use_cache=True, logits_to_keep=1, memory_state=out.memory_state)
+                            use_cache=True, logits_to_keep=1,
+                            **family.forward_kwargs(getattr(out, "memory_state", None)))
             self._emit_pieces(splitter.finish())
-            self.memory_state = out.memory_state
+            self.memory_state = getattr(out, "memory_state", None)
         finally:
             focus.__exit__()
             routing.__exit__()

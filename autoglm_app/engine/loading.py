@@ -83,7 +83,7 @@ def compute_dtype(on_gpu: bool | None = None) -> torch.dtype:
     return torch.float16
 
 
-def keep_16bit_patterns() -> list[str]:
+def keep_16bit_patterns(names: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """KEEP_16BIT as transformers 5 skip patterns.
 
     transformers matches ``llm_int8_skip_modules`` from the start of a module's full
@@ -91,10 +91,10 @@ def keep_16bit_patterns() -> list[str]:
     and 'vision_tower' would miss 'model.vision_tower.vit...'. The pattern
     ``(?:.*\\.)?router`` matches the component anywhere, at a module boundary.
     """
-    return [rf"(?:.*\.)?{name}" for name in KEEP_16BIT]
+    return [rf"(?:.*\.)?{name}" for name in (KEEP_16BIT if names is None else names)]
 
 
-def quantization_config(quantize: str, on_gpu: bool | None = None):
+def quantization_config(quantize: str, on_gpu: bool | None = None, keep_16bit: list[str] | tuple | None = None):
     """BitsAndBytesConfig for int4 (NF4, double quantization) or int8 (LLM.int8); None otherwise."""
     from transformers import BitsAndBytesConfig
 
@@ -106,10 +106,10 @@ def quantization_config(quantize: str, on_gpu: bool | None = None):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(on_gpu),
-            llm_int8_skip_modules=keep_16bit_patterns(),
+            llm_int8_skip_modules=keep_16bit_patterns(keep_16bit),
         )
     if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_16bit_patterns())
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_16bit_patterns(keep_16bit))
     return None
 
 
@@ -117,8 +117,12 @@ def model_dtype(quantize: str, on_gpu: bool | None = None) -> torch.dtype:
     return compute_dtype(on_gpu) if quantize in ("int4", "int8") else PLAIN_DTYPES[quantize]
 
 
-def verify_quantized(model: nn.Module, quantize: str) -> int:
+def verify_quantized(model: nn.Module, quantize: str, family=None) -> int:
     """Raise QuantizationError unless every decoder projection and expert projection is quantized.
+
+    For a transformers-native family (``family.layers_path``) every nn.Linear inside the decoder
+    layers outside the family's 16-bit modules must be quantized, and no fused 3-D expert tensor
+    may be left.
 
     Returns the number of quantized layers checked. A full-precision projection here would be a
     silent memory regression (a 9B model would no longer fit its GPUs).
@@ -128,19 +132,30 @@ def verify_quantized(model: nn.Module, quantize: str) -> int:
     import bitsandbytes as bnb
 
     expected = bnb.nn.Linear4bit if quantize == "int4" else bnb.nn.Linear8bitLt
-    wrong, checked = [], 0
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if name.startswith("model.layers.") and leaf in ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS and not is_kept_16bit(name):
-            checked += 1
-            if not isinstance(module, expected):
-                wrong.append(f"{name} ({type(module).__name__})")
+    layers_path = getattr(family, "layers_path", None)
+    targets = _hf_targets(model, family) if layers_path else _autoglm_targets(model)
+    checked = len(targets)
+    wrong = [f"{name} ({type(m).__name__})" for name, m in targets if not isinstance(m, expected)]
     if wrong or not checked:
         raise QuantizationError(
             f"{quantize} load left {len(wrong)} of {checked} decoder projections unquantized "
             f"(expected {expected.__name__}): {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}"
         )
     return checked
+
+
+def _autoglm_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules()
+            if name.startswith("model.layers.") and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS
+            and not is_kept_16bit(name)]
+
+
+def _hf_targets(model: nn.Module, family) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear and every fused 3-D expert module inside the decoder layers, outside the kept modules."""
+    prefix, keep = family.layers_path + ".", set(family.keep_16bit)
+    return [(name, m) for name, m in model.named_modules()
+            if name.startswith(prefix) and not keep & set(name.split("."))
+            and (isinstance(m, nn.Linear) or any(p.dim() == 3 for p in m.parameters(recurse=False)))]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -259,10 +274,9 @@ def load_model(
     offload_cpu: when the plan does not fit the GPUs, put what is left on the CPU.
     """
     import autoglm_app.modeling  # noqa: F401  (registers model_type "autoglm" with the Auto classes)
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
-    from autoglm_app.modeling import AutoGLMProcessor
-
+    from .family import family_for
     from .planning import PlanError
 
     quantize = quantize or default_quantize()
@@ -270,8 +284,11 @@ def load_model(
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
     path = resolve_checkpoint(name_or_path)
     config = AutoConfig.from_pretrained(path)
+    family = family_for(config)  # an unsupported model_type fails here, before any weight is read
     devices = _resolve_devices(gpus)
     on_gpu = any(isinstance(d, int) for d in devices)
+    if family.name != "autoglm":
+        return _load_hf(path, str(name_or_path), family, quantize, devices, gpu_memory, attn_implementation)
     qconfig = quantization_config(quantize, on_gpu)
     dtype = model_dtype(quantize, on_gpu)
 
@@ -293,6 +310,10 @@ def load_model(
         device_map = {"": "cpu"}
         logger.info("loading %s (%s) on the CPU", name_or_path, quantize)
 
+    from transformers import AutoModelForImageTextToText
+
+    from autoglm_app.modeling import AutoGLMProcessor
+
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=dtype,
@@ -312,3 +333,44 @@ def load_model(
         device_map=device_map,
         plan=plan,
     )
+
+
+def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu_memory: str | None,
+             attn_implementation: str) -> LoadedModel:
+    """A transformers-native checkpoint (GLM-4.xV, Qwen-VL, Qwen-Omni): its Auto class and AutoProcessor.
+
+    Placement over several GPUs is accelerate's ``device_map="auto"`` within the per-GPU budget (decoder
+    layers are never split: the model's ``_no_split_modules``); the exact-bytes planner covers AutoGLM only.
+    Fused 3-D experts, which bitsandbytes leaves 16-bit, are split into per-expert 4-bit layers.
+    """
+    import transformers
+    from transformers import AutoProcessor
+
+    on_gpu = any(isinstance(d, int) for d in devices)
+    qconfig = quantization_config(quantize, on_gpu, keep_16bit=family.keep_16bit)
+    gpu_ids = [d for d in devices if isinstance(d, int)]
+    if gpu_ids:
+        device_map: Any = "auto"
+        max_memory = {d: _device_budget(d, gpu_memory) for d in gpu_ids}
+    else:
+        device_map, max_memory = {"": "cpu"}, None
+    logger.info("loading %s (%s, family %s) on %s", model_id, quantize, family.name, gpu_ids or "the CPU")
+    auto_class = getattr(transformers, family.auto_class)
+    model = auto_class.from_pretrained(
+        path,
+        dtype=model_dtype(quantize, on_gpu),
+        quantization_config=qconfig,
+        device_map=device_map,
+        max_memory=max_memory,
+        attn_implementation=attn_implementation,
+    ).eval()
+    if quantize == "int4" and family.fused_experts:
+        from .fused_experts import split_fused_experts
+
+        split_fused_experts(model, compute_dtype(on_gpu))
+    checked = verify_quantized(model, quantize, family)
+    if checked:
+        logger.info("%d decoder projections verified %s", checked, quantize)
+    processor = AutoProcessor.from_pretrained(path)
+    return LoadedModel(model=model, processor=processor, model_id=model_id, quantize=quantize,
+                       device_map=getattr(model, "hf_device_map", device_map), plan=None)

@@ -100,8 +100,12 @@ def aggregate(per_layer: np.ndarray, rule: str = "mean", layers: tuple[int, int]
 class RoutingProbe:
     MODALITIES = ("text", "image", "audio")
 
-    def __init__(self, routers: list[tuple[int, torch.nn.Module]], num_experts: int, top_k: int):
+    def __init__(self, routers: list[tuple[int, torch.nn.Module]], num_experts: int, top_k: int,
+                 read_route=None):
+        """read_route(module, args, output) -> (experts (N, k), weights (N, k), kept (N, k) bool): how to read one
+        router's forward; the default is AutoGLMRouter's ``(probs, experts, weights, kept)`` output."""
         self.routers = routers
+        self.read_route = read_route or _read_autoglm_route
         self.layer_ids = [i for i, _ in routers]
         self.E, self.k = num_experts, top_k
         L = len(routers)
@@ -126,7 +130,7 @@ class RoutingProbe:
 
     def _hook(self, slot: int):
         def hook(module, args, output):
-            _, experts, weights, kept = output
+            experts, weights, kept = self.read_route(module, args, output)
             self._step[slot] = (experts.detach(), weights.detach(), kept.detach())
 
         return hook
@@ -168,6 +172,11 @@ class RoutingProbe:
             "cv": [balance_cv(row) for row in total],
             "entropy": [balance_entropy(row) for row in total],
         }
+
+
+def _read_autoglm_route(module, args, output) -> tuple:
+    _, experts, weights, kept = output
+    return experts, weights, kept
 
 
 def balance_cv(load: np.ndarray) -> float:

@@ -18,6 +18,8 @@ import logging
 import os
 import tempfile
 import wave
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from ..config import ROOT, Settings
 from ..engine.events import Audio, Options
 from . import render
 from .export import write_trace_zip
-from .session import Session, Turn, stream_turn
+from .session import Session, Turn, View, stream_turn
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,11 @@ CSS = """
 """
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange")
+
+
+def hidden() -> dict:
+    """A fresh update that hides a component and drops its value (Gradio consumes update dicts)."""
+    return gr.update(visible=False, value=None)
 
 
 class InputError(Exception):
@@ -287,7 +294,7 @@ class Studio:
             self.opacity = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="Opacity", min_width=140)
         with gr.Row(equal_height=False):
             self.focus_image = gr.Image(type="pil", format="png", label="Focus heatmap", visible=False,
-                                        interactive=False, height=300, buttons=["download", "fullscreen"],
+                                        interactive=False, height="40vh", buttons=["download", "fullscreen"],
                                         scale=3, min_width=240, elem_id="focus-image")
             self.words = gr.HighlightedText(WORDS_PLACEHOLDER, label="Reply word by word: click a word",
                                             color_map=render.WORD_COLORS, show_legend=False,
@@ -374,7 +381,7 @@ class Studio:
             return
         yield from self._run(session, turn, request, clear_inputs=False)
 
-    def _new_turn(self, session: Session, make) -> Turn | None:
+    def _new_turn(self, session: Session, make: Callable[[], Turn]) -> Turn | None:
         if session.busy:
             gr.Warning("A reply is still streaming: wait for it or press Stop.")
             return None
@@ -391,15 +398,16 @@ class Studio:
         if clear_inputs:
             first.update({self.prompt: gr.update(value=None), self.mic: None})
         yield first
-        try:
-            for full in stream_turn(self.engine, session, _session_id(request)):
-                update = {self.chatbot: session.history()}
-                if full:
-                    update.update(self.panel_updates(session))
-                yield update
-        except Exception as e:  # a bug in the page: say so plainly, keep the page usable
-            log.exception("streaming a turn failed")
-            turn.fail(f"The page failed to show this reply ({type(e).__name__}); try again.")
+        with closing(stream_turn(self.engine, session, _session_id(request))) as stream:  # closing cancels
+            try:
+                for full in stream:
+                    update = {self.chatbot: session.history()}
+                    if full:
+                        update.update(self.panel_updates(session))
+                    yield update
+            except Exception as e:  # a bug in the page: say so plainly, keep the page usable
+                log.exception("streaming a turn failed")
+                turn.fail(f"The page failed to show this reply ({type(e).__name__}); try again.")
         if turn.error:
             gr.Warning(turn.error)
         yield {self.chatbot: session.history(), **self.panel_updates(session), self.model_md: self.model_panel(session)}
@@ -416,8 +424,9 @@ class Studio:
             raise gr.Error(str(e)) from e
         session.start(turn)
         yield session.history()
-        for _ in stream_turn(self.engine, session, _session_id(request)):
-            yield session.history()
+        with closing(stream_turn(self.engine, session, _session_id(request))) as stream:
+            for _ in stream:
+                yield session.history()
         yield session.history()
 
     def stop(self, session: Session) -> None:
@@ -492,36 +501,15 @@ class Studio:
 
     def focus_updates(self, session: Session) -> dict:
         turn, view = session.shown_turn(), session.view
-        hidden = gr.update(visible=False, value=None)
         if turn is None:
-            return {self.focus_caption: render.placeholder_html(FOCUS_PLACEHOLDER), self.image_pick: gr.update(visible=False),
-                    self.focus_image: hidden, self.words: WORDS_PLACEHOLDER, self.audio_focus: hidden}
+            return {self.focus_caption: render.placeholder_html(FOCUS_PLACEHOLDER),
+                    self.image_pick: gr.update(visible=False), self.focus_image: hidden(),
+                    self.words: WORDS_PLACEHOLDER, self.audio_focus: hidden()}
         words = turn.words()
         indices, label = session.selection(turn)
-        out: dict = {self.words: render.word_chips(words, view.word) if words else WORDS_PLACEHOLDER}
-        rule, layers = view.aggregation, view.layers
-        captions = []
-        if turn.images:
-            k = min(view.image, len(turn.images) - 1)
-            heat = turn.focus_map(indices, "image", k, rule, layers)
-            shown = turn.images[k] if heat is None else render.overlay_heatmap(turn.images[k], heat, view.colormap,
-                                                                                view.opacity)
-            choices = [f"image {n + 1}" for n in range(len(turn.images))]
-            out[self.image_pick] = gr.update(choices=choices, value=choices[k], visible=len(choices) > 1)
-            out[self.focus_image] = gr.update(value=shown, visible=True)
-            if heat is not None:
-                captions.append(f"{float(np.sum(heat)):.0%} of the attention on image {k + 1}")
-        else:
-            out[self.image_pick] = gr.update(visible=False)
-            out[self.focus_image] = hidden
-        if turn.audio is not None:
-            heat = turn.focus_map(indices, "audio", 0, rule, layers)
-            out[self.audio_focus] = gr.update(visible=True, value=render.audio_focus_image(
-                turn.audio.samples, turn.audio.sample_rate, heat, view.colormap, view.opacity))
-            if heat is not None:
-                captions.append(f"{float(np.sum(heat)):.0%} on the recording")
-        else:
-            out[self.audio_focus] = hidden
+        captions: list[str] = []
+        out = {self.words: render.word_chips(words, view.word) if words else WORDS_PLACEHOLDER,
+               **self._image_focus(turn, view, indices, captions), **self._audio_focus(turn, view, indices, captions)}
         out[self.focus_caption] = render.focus_caption_html(
             label, captions, has_media=bool(turn.images or turn.audio is not None), running=turn.running)
         n_layers = turn.num_focus_layers()
@@ -530,6 +518,29 @@ class Studio:
             out[self.layer_from] = gr.update(maximum=max(n_layers - 1, 1), value=0)
             out[self.layer_to] = gr.update(minimum=1, maximum=n_layers, value=n_layers)
         return out
+
+    def _image_focus(self, turn: Turn, view: View, indices: list[int], captions: list[str]) -> dict:
+        if not turn.images:
+            return {self.image_pick: gr.update(visible=False), self.focus_image: hidden()}
+        k = min(view.image, len(turn.images) - 1)
+        heat = turn.focus_map(indices, "image", k, view.aggregation, view.layers)
+        shown = turn.images[k]
+        if heat is not None:
+            shown = render.overlay_heatmap(shown, heat, view.colormap, view.opacity)
+            captions.append(f"{float(np.sum(heat)):.0%} of the attention on image {k + 1}")
+        choices = [f"image {n + 1}" for n in range(len(turn.images))]
+        return {self.image_pick: gr.update(choices=choices, value=choices[k], visible=len(choices) > 1),
+                self.focus_image: gr.update(value=shown, visible=True)}
+
+    def _audio_focus(self, turn: Turn, view: View, indices: list[int], captions: list[str]) -> dict:
+        if turn.audio is None:
+            return {self.audio_focus: hidden()}
+        heat = turn.focus_map(indices, "audio", 0, view.aggregation, view.layers)
+        if heat is not None:
+            captions.append(f"{float(np.sum(heat)):.0%} on the recording")
+        figure = render.audio_focus_image(turn.audio.samples, turn.audio.sample_rate, heat, view.colormap,
+                                          view.opacity)
+        return {self.audio_focus: gr.update(value=figure, visible=True)}
 
     def routing_updates(self, session: Session) -> dict:
         turn = session.shown_turn()
@@ -541,7 +552,8 @@ class Studio:
         token = turn.tokens[routed[-1] if turn.running else routed[0]] if routed else None
         token_label = f"“{token.text.strip()}” (token {token.index})" if token else ""
         routes = token.routes if token else None
-        return {self.routing_html: render.routing_heatmap_html(turn.load, session.view.load_view, routes, token_label),
+        heatmap = render.routing_heatmap_html(turn.load, session.view.load_view, routes, token_label)
+        return {self.routing_html: heatmap,
                 self.token_html: render.token_routes_html(routes or [], token_label),
                 self.split_html: render.modality_split_html(turn.load)}
 

@@ -58,7 +58,8 @@ def turn_record(turn: Turn, number: int) -> dict:
             "text": t.text,
             "phase": t.phase,
             "focus": {"images": [_round(m) for m in t.images], "audios": [_round(m) for m in t.audios]},
-            "routing": [{"layer": layer, "experts": experts, "weights": weights} for layer, experts, weights in t.routes],
+            "routing": [{"layer": layer, "experts": experts, "weights": weights}
+                        for layer, experts, weights in t.routes],
         } for t in tokens],
         "routing_load": turn.load,
     }

@@ -361,8 +361,9 @@ def model_markdown(info: dict, memory: dict[str, int], stats=None) -> str:
              f"| context | {info.get('context_limit', '–')} tokens |",
              "", "#### Devices", "| device | modules placed | memory in use |", "|---|---|---|"]
     placed = dict(device_map_rows(info.get("device_map")))
+    everything = "all" if not info.get("device_map") else "–"
     for dev, used in memory.items():
-        lines.append(f"| {dev} | {placed.pop(dev, 'all' if not info.get('device_map') else '–')} | {human_bytes(used)} |")
+        lines.append(f"| {dev} | {placed.pop(dev, everything)} | {human_bytes(used)} |")
     for dev, n in placed.items():
         lines.append(f"| {dev} | {n} | – |")
     lines += ["", "#### Last answer"]

@@ -1,0 +1,262 @@
+"""Model families of real transformers checkpoints: GLM-4.1V / AutoGLM-Phone-9B, GLM-4.5V, Qwen2.5-VL,
+Qwen3-VL (dense and MoE), Qwen2.5-Omni and Qwen3-Omni-MoE.
+
+Each ``HFFamily`` says, from data rather than code paths: where the decoder layers sit, which modules
+stay 16-bit under INT4, the special tokens that stop or must never be generated, the think / answer
+tags, how thinking is switched off when a chat template ignores ``enable_thinking``, and whether the
+model hears audio. The shared behaviour is the same for all of them:
+
+- image spans come from the processor's own outputs: each run of the image pad token in
+  ``input_ids`` is one image, on the grid ``image_grid_thw`` / merge size (so the map is on the
+  merged-token grid the LLM actually attends to);
+- focus: the text attention layers dispatch through transformers' ``AttentionInterface``; the family
+  switches the *text* config to ``probe_sdpa`` (or ``probe_eager``), registered here, which runs the
+  real kernel and then hands the post-rotary (M-RoPE included) query and the cached keys to the
+  FocusProbe attached to that module, if any;
+- routing: every MoE gate of these families (``*TopKRouter``) returns ``(logits, weights, indices)``,
+  which ``read_route`` turns into the RoutingProbe's (experts, weights, kept).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..modeling.processing_autoglm import AudioSpan, ImageSpan
+from .events import Message
+from .family import ModelFamily, Prepared
+
+# ----------------------------------------------------------------------------- focus through AttentionInterface
+
+PROBE_PREFIX = "probe_"
+
+
+def _probed(base: str):
+    """An attention function that runs ``base`` (sdpa / eager) and feeds the module's focus probe, if any."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if base == "eager":
+            fn = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            fn = ALL_ATTENTION_FUNCTIONS[base]
+        out, weights = fn(module, query, key, value, attention_mask, **kwargs)
+        probe = getattr(module, "focus_probe", None)
+        if probe is not None:
+            mask = attention_mask
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask == 0  # additive float mask -> allowed positions
+            probe(module.layer_idx, query, key, mask, weights, 0)
+        return out, weights
+
+    return attention
+
+
+def register_probe_attention() -> None:
+    """Register probe_sdpa / probe_eager with transformers' attention and mask interfaces (idempotent)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    for base, mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        AttentionInterface.register(PROBE_PREFIX + base, _probed(base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PROBE_PREFIX + base, mask)
+
+
+def install_probe_attention(attention_modules: list) -> None:
+    """Switch the configs of ``attention_modules`` (the text config only) to the probed kernel."""
+    register_probe_attention()
+    for config in {id(m.config): m.config for m in attention_modules}.values():
+        impl = config._attn_implementation or "sdpa"
+        if not impl.startswith(PROBE_PREFIX):
+            base = "eager" if impl == "eager" else "sdpa"
+            config._attn_implementation_internal = PROBE_PREFIX + base
+
+
+# ----------------------------------------------------------------------------- the family description
+
+
+def _token_id(tok, name: str) -> int | None:
+    i = tok.convert_tokens_to_ids(name)
+    if not isinstance(i, int) or i is None or i == tok.unk_token_id:
+        return None
+    return i
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, length) of each run of True."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(s), int(e - s)) for s, e in zip(edges[::2], edges[1::2])]
+
+
+@dataclass
+class HFFamily(ModelFamily):
+    """A transformers-native multimodal model. Fields are data; the methods are shared."""
+
+    model_types: tuple[str, ...] = ()
+    layers_path: str = "model.language_model.layers"  # the decoder layers
+    rope_owner: str | None = "model"  # the module caching M-RoPE ``rope_deltas``
+    keep_16bit: tuple[str, ...] = ("visual", "audio_tower", "embed_tokens", "lm_head", "gate")
+    image_token: str = "<|image_pad|>"
+    audio_token: str | None = None
+    stop_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
+    media_tokens: tuple[str, ...] = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    thinking_off_suffix: str = "<think>\n\n</think>\n\n"  # appended when a template ignores enable_thinking
+    moe: bool = False
+    fused_experts: bool = False  # experts stored as 3-D tensors (gate_up_proj / down_proj)
+    auto_class: str = "AutoModelForImageTextToText"
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ forward passes
+    def begin(self, model) -> None:
+        # Qwen/GLM VL models cache the M-RoPE offset of the last prompt; a text-only prompt after an image
+        # prompt would otherwise decode with the stale offset.
+        owner = _get(model, self.rope_owner) if self.rope_owner else None
+        if owner is not None and hasattr(owner, "rope_deltas"):
+            owner.rope_deltas = None
+
+    def forward_kwargs(self, memory_state) -> dict:
+        return {}
+
+    @staticmethod
+    def read_route(module, args, output) -> tuple:
+        _, weights, experts = output  # (N, E) logits, (N, k) weights, (N, k) indices
+        return experts, weights, torch.ones_like(experts, dtype=torch.bool)
+
+    # ------------------------------------------------------------------ model structure
+    def layers(self, model) -> list:
+        return list(_get(model, self.layers_path))
+
+    def attention_modules(self, model) -> list:
+        modules = [layer.self_attn for layer in self.layers(model)]
+        install_probe_attention(modules)
+        return modules
+
+    def routers(self, model) -> list:
+        if not self.moe:
+            return []
+        out = []
+        for i, layer in enumerate(self.layers(model)):
+            gate = getattr(getattr(layer, "mlp", None), "gate", None)
+            if gate is not None and hasattr(gate, "top_k"):  # dense layers (GLM's first_k_dense) have none
+                out.append((i, gate))
+        return out
+
+    def num_experts(self, model) -> tuple[int, int]:
+        routers = self.routers(model)
+        if not routers:
+            return 0, 0
+        gate = routers[0][1]
+        E = getattr(gate, "num_experts", None) or getattr(gate, "n_routed_experts", None) or gate.weight.shape[0]
+        return int(E), int(gate.top_k)
+
+    def num_layers(self, model) -> int:
+        return len(self.layers(model))
+
+    def default_focus(self, model) -> tuple[str, tuple[int, int] | None]:
+        return "mean", None
+
+    def stop_ids(self, processor) -> set[int]:
+        tok = processor.tokenizer
+        ids = {tok.eos_token_id, *(_token_id(tok, t) for t in self.stop_tokens)}
+        return {i for i in ids if i is not None}
+
+    def banned_ids(self, processor) -> list[int]:
+        tok = processor.tokenizer
+        names = (*self.media_tokens, *((self.audio_token,) if self.audio_token else ()))
+        return [i for i in (_token_id(tok, n) for n in names) if i is not None and i != tok.eos_token_id]
+
+    # ------------------------------------------------------------------ prompts
+    def render(self, processor, dicts: list[dict], enable_thinking: bool) -> str:
+        text = processor.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=enable_thinking)
+        if not enable_thinking and self.think_close not in text[-len(self.thinking_off_suffix) - 8:]:
+            text += self.thinking_off_suffix  # the template ignored the switch: close an empty think block
+        return text
+
+    def count_tokens(self, processor, messages: list[Message], enable_thinking: bool) -> int:
+        return int(self.prepare(processor, messages, enable_thinking).inputs["input_ids"].shape[1])
+
+    def prepare(self, processor, messages: list[Message], enable_thinking: bool) -> Prepared:
+        dicts, images, audios = self.template_messages(messages)
+        text = self.render(processor, dicts, enable_thinking)
+        kwargs = {"images": images} if images else {}
+        if audios:
+            kwargs["audio"] = audios
+        enc = dict(processor(text=[text], return_tensors="pt", **kwargs))
+        ids = enc["input_ids"][0].numpy()
+        modality = np.zeros(len(ids), np.int64)
+
+        image_spans = []
+        image_id = _token_id(processor.tokenizer, self.image_token)
+        if images:
+            runs = _runs(ids == image_id)
+            merge = processor.image_processor.merge_size
+            grids = enc["image_grid_thw"].tolist()
+            if len(runs) != len(grids):
+                raise RuntimeError(f"{len(grids)} images but {len(runs)} runs of {self.image_token} in the prompt")
+            for (start, n), (t, h, w) in zip(runs, grids):
+                rows, cols = t * h // merge, w // merge
+                if rows * cols != n:
+                    raise RuntimeError(f"image at {start}: {n} tokens, grid {t}x{h}x{w} / merge {merge}")
+                image_spans.append(ImageSpan(start, rows, cols))
+                modality[start : start + n] = 1
+        audio_spans = []
+        if audios and self.audio_token:
+            for start, n in _runs(ids == _token_id(processor.tokenizer, self.audio_token)):
+                audio_spans.append(AudioSpan(start, n))
+                modality[start : start + n] = 2
+        return Prepared(enc, image_spans, audio_spans, modality)
+
+
+def _get(obj, path: str | None):
+    for part in (path or "").split("."):
+        if not part:
+            continue
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# ----------------------------------------------------------------------------- the families
+
+GLM_TOKENS = dict(
+    image_token="<|image|>",
+    stop_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
+    media_tokens=("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                  "<|end_of_video|>"),
+    thinking_off_suffix="<think></think>\n",
+    answer_tags=("<answer>", "</answer>"),
+)
+QWEN_OMNI_TOKENS = dict(
+    audio_token="<|AUDIO|>",
+    image_token="<|IMAGE|>",
+    media_tokens=("<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>", "<|audio_eos|>"),
+)
+QWEN3_OMNI_TOKENS = dict(
+    audio_token="<|audio_pad|>",
+    media_tokens=("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|audio_start|>",
+                  "<|audio_end|>"),
+)
+
+FAMILIES = [
+    # GLM-4.1V-9B-Thinking and AutoGLM-Phone-9B
+    HFFamily("glm4v", model_types=("glm4v",), hears_audio=False, **GLM_TOKENS),
+    # GLM-4.5V: experts fused; the first `first_k_dense_replace` layers are dense
+    HFFamily("glm4v_moe", model_types=("glm4v_moe",), hears_audio=False, moe=True, fused_experts=True, **GLM_TOKENS),
+    HFFamily("qwen2_5_vl", model_types=("qwen2_5_vl",), hears_audio=False),
+    HFFamily("qwen3_vl", model_types=("qwen3_vl",), hears_audio=False),
+    HFFamily("qwen3_vl_moe", model_types=("qwen3_vl_moe",), hears_audio=False, moe=True, fused_experts=True),
+    # the Omni models load as their "thinker" (text output); the talker / speech synthesis is not loaded
+    HFFamily("qwen2_5_omni", model_types=("qwen2_5_omni", "qwen2_5_omni_thinker"), layers_path="model.layers",
+             auto_class="Qwen2_5OmniThinkerForConditionalGeneration", **QWEN_OMNI_TOKENS),
+    HFFamily("qwen3_omni_moe", model_types=("qwen3_omni_moe", "qwen3_omni_moe_thinker"), layers_path="model.layers",
+             moe=True, fused_experts=True, auto_class="Qwen3OmniMoeThinkerForConditionalGeneration",
+             **QWEN3_OMNI_TOKENS),
+]
+HF_FAMILIES: dict[str, HFFamily] = {t: f for f in FAMILIES for t in f.model_types}

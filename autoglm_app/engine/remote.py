@@ -1,0 +1,298 @@
+"""RemoteEngine: the Engine's public surface over an existing OpenAI-compatible server (vLLM, SGLang, ...).
+
+``--backend openai --base-url http://host:port/v1`` scales past one machine: the UI and the API keep
+their event stream, and this class produces it by streaming ``/chat/completions`` with the ``openai``
+SDK. Reasoning comes from ``reasoning_content`` / ``reasoning`` deltas when the server splits it
+(vLLM / SGLang reasoning parsers), otherwise from ``<think>`` tags in the content (ThinkSplitter).
+Focus maps and routing statistics need the model's attention and routers, which only the in-process
+engine has: ``info()`` says so (``"focus": False, "routing": False`` and a reason), and no Focus or
+Routing event is ever emitted.
+
+Each request runs in its own thread (at most ``max_concurrency`` at a time against the server;
+beyond that they wait, and past ``max_queue`` waiting ``submit`` raises EngineBusy), so the remote
+server's own batching does the scheduling.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import logging
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from .core import RequestHandle
+from .events import (
+    Answer,
+    BadRequest,
+    ChatRequest,
+    Done,
+    EngineBusy,
+    Error,
+    Message,
+    Queued,
+    Reasoning,
+    Stats,
+)
+from .inputs import check_image, to_mono_16k
+from .thinksplit import ThinkSplitter
+
+log = logging.getLogger(__name__)
+
+NO_PROBES = ("focus maps and expert routing need the in-process engine (the model's attention and routers); "
+             "this server forwards to a remote OpenAI-compatible server, which does not expose them")
+
+
+def image_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def wav_base64(samples: np.ndarray, rate: int = 16000) -> str:
+    import wave
+
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def to_openai_messages(messages: list[Message]) -> list[dict]:
+    """Engine messages (images as PIL, audio 16 kHz mono float) -> OpenAI chat messages."""
+    out = []
+    for m in messages:
+        if not m.images and not m.audios:
+            out.append({"role": m.role, "content": m.text})
+            continue
+        parts: list[dict] = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in m.images]
+        parts += [{"type": "input_audio", "input_audio": {"data": wav_base64(a.samples), "format": "wav"}}
+                  for a in m.audios]
+        if m.text:
+            parts.append({"type": "text", "text": m.text})
+        out.append({"role": m.role, "content": parts})
+    return out
+
+
+class RemoteEngine:
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, max_queue: int = 16,
+                 context_limit: int = 8192, max_audio_seconds: float = 30.0, max_images: int = 8,
+                 max_concurrency: int = 8, timeout: float = 600.0, asr=None):
+        from openai import OpenAI
+
+        self.base_url = base_url.rstrip("/")
+        self.client = OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+        self._model = model
+        self.max_queue = max_queue
+        self.max_audio_seconds = max_audio_seconds
+        self.max_images = max_images
+        self.rt = SimpleNamespace(context_limit=context_limit)
+        self.asr = asr  # a Transcriber: recordings become text before they are sent
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._max_concurrency = max_concurrency
+        self._running = 0
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._live: set[RequestHandle] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ public
+    @property
+    def ready(self) -> bool:
+        return not self._closed
+
+    @property
+    def model(self) -> str:
+        """The remote model name: as configured, else the first the server lists."""
+        if self._model is None:
+            self._model = self.client.models.list().data[0].id
+        return self._model
+
+    def info(self) -> dict:
+        return {
+            "model_id": self._model or self.base_url,
+            "family": "remote",
+            "backend": "openai",
+            "base_url": self.base_url,
+            "quantize": "remote",
+            "device_map": None,
+            "summary": f"forwarding to {self.base_url}",
+            "attention": "remote",
+            "context_limit": self.rt.context_limit,
+            "focus": False,
+            "routing": False,
+            "reason": NO_PROBES,
+        }
+
+    def transcribe(self, audio) -> str:
+        if self.asr is None:
+            raise BadRequest("no speech-to-text model is configured: start the server with --asr-model")
+        return self.asr.transcribe(audio)
+
+    def submit(self, request: ChatRequest) -> RequestHandle:
+        request = self._validate(request)
+        with self._lock:
+            if self._closed:
+                raise EngineBusy("the engine is shutting down", retry_after=5.0)
+            if self._waiting >= self.max_queue:
+                raise EngineBusy(f"the server is busy ({self._waiting} requests waiting): retry in a few seconds",
+                                 retry_after=max(1.0, 0.5 * self._waiting))
+            self._waiting += 1
+            handle = RequestHandle(request, next(self._ids))
+            self._live.add(handle)
+        threading.Thread(target=self._serve, args=(handle,), name=f"remote-{handle.id}", daemon=True).start()
+        return handle
+
+    def run(self, request: ChatRequest) -> list:
+        return list(self.submit(request).events())
+
+    def queue_length(self) -> int:
+        return self._waiting
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            live = list(self._live)
+        for h in live:
+            h.cancel()
+        self.client.close()
+
+    # ------------------------------------------------------------------ validation (as Engine does)
+    def _validate(self, request: ChatRequest) -> ChatRequest:
+        from dataclasses import replace
+
+        from .events import Audio
+
+        if not request.messages:
+            raise BadRequest("messages is empty: send at least one user message")
+        if request.messages[-1].role != "user":
+            raise BadRequest("the last message must be from the user")
+        o = request.options
+        if not 1 <= o.max_new_tokens <= self.rt.context_limit:
+            raise BadRequest(f"max_new_tokens must be between 1 and {self.rt.context_limit}")
+        messages, n_images = [], 0
+        for m in request.messages:
+            if m.role not in ("system", "user", "assistant"):
+                raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
+            images = [check_image(i) for i in m.images]
+            n_images += len(images)
+            audios = [Audio(to_mono_16k(a, self.max_audio_seconds), 16000) for a in m.audios]
+            text = m.text or ""
+            if audios and self.asr is not None:  # the remote model gets the transcript
+                text = " ".join([*(self.asr.transcribe(a) for a in audios), text]).strip()
+                audios = []
+            messages.append(Message(m.role, text, images, audios))
+        if n_images > self.max_images:
+            raise BadRequest(f"{n_images} images in the conversation; the limit is {self.max_images}")
+        if not (messages[-1].text.strip() or messages[-1].images or messages[-1].audios):
+            raise BadRequest("the last user message is empty: type a question, or attach an image or a recording")
+        return replace(request, messages=messages)
+
+    # ------------------------------------------------------------------ one request
+    def _serve(self, h: RequestHandle) -> None:
+        with self._lock:  # 1 = waiting for a free slot on the remote server
+            h.last_position = 0 if self._running < self._max_concurrency else 1
+        h.put(Queued(h.last_position))
+        with self._slots:
+            with self._lock:
+                self._waiting -= 1
+                self._running += 1
+            try:
+                if h.cancelled:
+                    h.put(Done("cancelled"))
+                    return
+                if h.last_position != 0:
+                    h.last_position = 0
+                    h.put(Queued(0))
+                stats = self._stream(h)
+                h.put(stats)
+                h.put(Done(stats.finish_reason))
+            except Exception as e:  # noqa: BLE001 - every failure becomes the client's Error event
+                h.put(_error_event(e, self.base_url))
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._live.discard(h)
+
+    def _stream(self, h: RequestHandle) -> Stats:
+        req, o = h.request, h.request.options
+        t0 = time.perf_counter()
+        extra = {"chat_template_kwargs": {"enable_thinking": o.enable_thinking}, "skip_special_tokens": False}
+        if o.top_k:
+            extra["top_k"] = o.top_k
+        if o.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = o.repetition_penalty
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=to_openai_messages(req.messages), stream=True,
+            stream_options={"include_usage": True}, temperature=o.temperature, top_p=o.top_p,
+            max_tokens=o.max_new_tokens, seed=o.seed, stop=o.stop or None, user=req.session_id, extra_body=extra,
+        )
+        splitter = ThinkSplitter(o.enable_thinking)
+        counts = {"reasoning": 0, "answer": 0}
+        t_first = t_think = None
+        finish, usage = "length", None
+        try:
+            for chunk in stream:
+                if h.cancelled:
+                    finish = "cancelled"
+                    break
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    d = choice.delta
+                    extra_fields = d.model_extra or {}
+                    reasoning = extra_fields.get("reasoning_content") or extra_fields.get("reasoning")
+                    pieces = [("reasoning", reasoning)] if reasoning else []
+                    pieces += splitter.feed(d.content) if d.content else []
+                    now = time.perf_counter()
+                    for phase, text in pieces:
+                        t_first = t_first or now
+                        counts[phase] += 1
+                        if phase == "answer" and t_think is None and counts["reasoning"]:
+                            t_think = now
+                        h.put(Reasoning(text) if phase == "reasoning" else Answer(text))
+                    if choice.finish_reason:
+                        finish = "stop" if choice.finish_reason == "stop" else choice.finish_reason
+        finally:
+            stream.close()
+        for phase, text in splitter.finish():
+            h.put(Reasoning(text) if phase == "reasoning" else Answer(text))
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        r_n, a_n = counts["reasoning"], counts["answer"]  # chunks, until the final usage says tokens
+        details = getattr(usage, "completion_tokens_details", None) if usage else None
+        reasoning_tokens = getattr(details, "reasoning_tokens", None) or r_n
+        completion = usage.completion_tokens if usage else r_n + a_n
+        answer_tokens = max(completion - reasoning_tokens, 0) if usage else a_n
+        reasoning_end = t_think or t_end
+        return Stats(
+            ttft_s=t_first - t0, think_s=(t_think - t0) if t_think else None,
+            reasoning_tokens=reasoning_tokens, answer_tokens=answer_tokens,
+            reasoning_tps=reasoning_tokens / max(reasoning_end - t_first, 1e-9) if reasoning_tokens > 1 else 0.0,
+            answer_tps=answer_tokens / max(t_end - reasoning_end, 1e-9) if answer_tokens > 1 else 0.0,
+            tokens_per_second=completion / max(t_end - t_first, 1e-9) if completion > 1 else 0.0,
+            prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=completion,
+            queue_s=0.0, total_s=t_end - t0, peak_memory={}, finish_reason=finish, attention="remote",
+        )
+
+
+def _error_event(e: Exception, base_url: str) -> Error:
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        kind = "bad_request" if e.status_code in (400, 404, 413, 422) else "busy" if e.status_code in (429, 503) \
+            else "internal"
+        return Error(f"the remote server at {base_url} answered {e.status_code}: {e.message}", kind=kind)
+    if isinstance(e, openai.APIConnectionError):
+        return Error(f"cannot reach the remote server at {base_url} ({e}): check --base-url and that it is up",
+                     kind="busy")
+    log.exception("remote request failed")
+    return Error(f"internal error while streaming from {base_url} ({type(e).__name__}: {e})", kind="internal")

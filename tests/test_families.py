@@ -1,0 +1,146 @@
+"""Real architectures end to end on the CPU: tiny random checkpoints of each family are saved, loaded by
+the app's own loader in int4, and served by the Engine (reasoning, answer, focus on the merged-token
+grid, routing from the MoE layers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_families as tiny
+from autoglm_app.engine.core import Engine
+from autoglm_app.engine.events import Answer, ChatRequest, Focus, Message, Options, Reasoning, Routing, Stats
+from autoglm_app.engine.family import family_for
+from autoglm_app.engine.loading import load_model
+
+# family -> (builder, image size (w, h), routed layers)
+CASES = {
+    "glm4v": (tiny.build_glm4v, (84, 56), []),
+    "qwen2_5_vl": (tiny.build_qwen2_5_vl, (84, 56), []),
+    "qwen3_vl_moe": (tiny.build_qwen3_vl_moe, (96, 64), [0, 1]),
+}
+
+
+def merged_grid(processor, image) -> tuple[int, int]:
+    """The (rows, cols) of LLM tokens an image becomes: the image processor's patch grid / merge size."""
+    out = processor.image_processor(images=[image], return_tensors="pt")
+    t, h, w = out["image_grid_thw"][0].tolist()
+    merge = processor.image_processor.merge_size
+    return t * h // merge, w // merge
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def served(request, tmp_path_factory):
+    name = request.param
+    build, size, routed = CASES[name]
+    path = build(tmp_path_factory.mktemp(name))
+    loaded = load_model(path, quantize="int4")
+    engine = Engine(loaded, context_limit=512)
+    yield name, loaded, engine, size, routed
+    engine.close()
+
+
+def _script(processor, name: str) -> list[int]:
+    """A think block, then an answer, in the family's tag format, then end of text."""
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids("<think>"), *tok.encode("I think", add_special_tokens=False),
+           tok.convert_tokens_to_ids("</think>")]
+    if name.startswith("glm"):
+        ids += [tok.convert_tokens_to_ids("<answer>"), *tok.encode("yes", add_special_tokens=False),
+                tok.convert_tokens_to_ids("</answer>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    else:
+        ids += [*tok.encode("yes", add_special_tokens=False), tok.convert_tokens_to_ids("<|im_end|>")]
+    return ids
+
+
+def _ask(engine, image, thinking=True, text="what is here?"):
+    images = [image] if image is not None else []
+    req = ChatRequest([Message("user", text, images)], Options(max_new_tokens=12, temperature=0,
+                                                               enable_thinking=thinking))
+    return engine.run(req)
+
+
+def test_loads_int4_with_vision_router_and_head_kept_16bit(served):
+    import bitsandbytes as bnb
+
+    name, loaded, engine, *_ = served
+    model = loaded.model
+    assert engine.family.name == name and family_for(model).name == name
+    layers = engine.family.layers(model)
+    assert isinstance(layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual.modules())
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert model.lm_head.weight.dtype == torch.float16
+    for _, gate in engine.family.routers(model):
+        assert gate.weight.dtype == torch.float16
+
+
+def test_streams_reasoning_then_answer_with_focus_on_the_merged_grid(served):
+    name, loaded, engine, size, routed = served
+    image = Image.new("RGB", size, "red")
+    grid = merged_grid(loaded.processor, image)
+    assert grid[0] * grid[1] > 1
+    state = tiny.script_logits(loaded.model, _script(loaded.processor, name))
+    try:
+        events = _ask(engine, image)
+    finally:
+        state["step"] = 10**9  # later requests: the hook stays but keeps emitting the stop token
+    reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+    answer = "".join(e.text for e in events if isinstance(e, Answer))
+    assert reasoning.strip() == "I think"
+    assert answer.strip() == "yes"
+    focus = [e for e in events if isinstance(e, Focus)]
+    assert focus, "no focus maps"
+    L = engine.family.num_layers(loaded.model)
+    for f in focus:
+        assert f.images[0].shape == grid
+        assert f.per_layer_images[0].shape == (L, *grid)
+        assert (f.images[0] >= 0).all() and 0 < f.images[0].sum() <= 1 + 1e-3
+    routes = [e for e in events if isinstance(e, Routing)]
+    if routed:
+        assert routes and all([r.layer for r in e.layers] == routed for e in routes)
+        E, k = engine.family.num_experts(loaded.model)
+        assert all(len(r.experts) == k and all(0 <= x < E for x in r.experts) for e in routes for r in e.layers)
+        assert sum(routes[-1].load["prefill"][0]) == k * next(e for e in events if isinstance(e, Stats)).prompt_tokens
+    else:
+        assert not routes
+    assert events[-1].finish_reason == "stop"
+
+
+def test_thinking_off_closes_the_think_block_in_the_prompt(served):
+    name, loaded, engine, *_ = served
+    prep = engine.family.prepare(loaded.processor, [Message("user", "hi")], enable_thinking=False)
+    text = loaded.processor.tokenizer.decode(prep.inputs["input_ids"][0])
+    assert text.rstrip().endswith("</think>")
+    prep_on = engine.family.prepare(loaded.processor, [Message("user", "hi")], enable_thinking=True)
+    assert "</think>" not in loaded.processor.tokenizer.decode(prep_on.inputs["input_ids"][0])
+
+
+def test_a_text_only_prompt_does_not_reuse_the_last_images_rope_offset(served):
+    """M-RoPE models cache the prompt's position offset; a text-only prompt must decode from its own (none)."""
+    name, loaded, engine, size, *_ = served
+    _ask(engine, Image.new("RGB", size, "blue"))
+    assert loaded.model.model.rope_deltas is not None  # the image prompt set an offset
+    events = _ask(engine, None, thinking=False, text="and now?")
+    assert events[-1].__class__.__name__ == "Done", events[-1]
+    assert not any(isinstance(e, Focus) for e in events)
+    assert loaded.model.model.rope_deltas is None
+
+
+def test_focus_probe_matches_eager_attention_probabilities(tmp_path):
+    """The probed SDPA path computes the same rows as eager attention's own probabilities (M-RoPE applied)."""
+    path = tiny.build_qwen2_5_vl(tmp_path / "q")
+    image = Image.new("RGB", (84, 56), "green")
+    maps = {}
+    for impl in ("sdpa", "eager"):
+        loaded = load_model(path, quantize="fp32", attn_implementation=impl)
+        engine = Engine(loaded)
+        try:
+            events = _ask(engine, image)
+        finally:
+            engine.close()
+        maps[impl] = np.stack([e.per_layer_images[0] for e in events if isinstance(e, Focus)])
+        assert next(e for e in events if isinstance(e, Stats)).attention == ("eager" if impl == "eager" else "sdpa+probe")
+    np.testing.assert_allclose(maps["sdpa"], maps["eager"], atol=1e-5)

@@ -1,0 +1,157 @@
+"""Tiny random-weight checkpoints of real architectures, built locally (no downloads).
+
+Each builder saves a model from its real config class, with its real processor classes and a
+byte-level BPE tokenizer trained here that holds the family's special tokens and a chat
+template with an ``enable_thinking`` switch, to a directory the app's loader can read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+                 "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|IMAGE|>", "<|VIDEO|>", "<think>", "</think>"]
+GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+                "<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                "<|video|>", "<think>", "</think>", "<answer>", "</answer>"]
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c.type == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+GLM_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"  # GLM-4.1V-Thinking ignores enable_thinking
+)
+
+
+def build_tokenizer(specials: list[str], eos: str, pad: str, template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["a red circle left of a blue square", "the answer is yes", "what is in the image?",
+              "I think the shape is round", "hello world"] * 4
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+    fast.chat_template = template
+    return fast
+
+
+def _save(model, processor, path):
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def qwen_image_processor(cls=None):
+    from transformers import Qwen2VLImageProcessor
+
+    cls = cls or Qwen2VLImageProcessor
+    # 14-px patches, merge 2: a 56x84 image -> grid 4x6 patches -> 2x3 merged tokens
+    return cls(min_pixels=28 * 28, max_pixels=56 * 84, patch_size=14, merge_size=2, temporal_patch_size=2)
+
+
+def build_qwen2_5_vl(path, seed: int = 0) -> str:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import Qwen2VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                max_position_embeddings=512)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=28, fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"])
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    processor = Qwen2_5_VLProcessor(image_processor=qwen_image_processor(), tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    return _save(model, processor, path)
+
+
+def build_glm4v(path, seed: int = 0) -> str:
+    """GLM-4.1V-Thinking / AutoGLM-Phone-9B architecture, tiny."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessor, Glm4vProcessor
+    from transformers import Glm4vVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(GLM_SPECIALS, "<|endoftext|>", "<|endoftext|>", GLM_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GLM_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                 "partial_rotary_factor": 0.5},
+                eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=28)
+    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
+                         video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+                         image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+                         video_end_token_id=ids["<|end_of_video|>"])
+    model = Glm4vForConditionalGeneration(config)
+    processor = Glm4vProcessor(image_processor=qwen_image_processor(Glm4vImageProcessor), tokenizer=tok,
+                               video_processor=Glm4vVideoProcessor(), chat_template=GLM_TEMPLATE)
+    return _save(model, processor, path)
+
+
+def build_qwen3_vl_moe(path, seed: int = 0, layers: int = 2, experts: int = 4) -> str:
+    from transformers import Qwen2VLImageProcessor, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    improc = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=64 * 96, patch_size=16, merge_size=2,
+                                   temporal_patch_size=2)
+    processor = Qwen3VLProcessor(image_processor=improc, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                                 chat_template=QWEN_TEMPLATE)
+    return _save(model, processor, path)
+
+
+def script_logits(model, token_ids: list[int]) -> None:
+    """Steer a random model's output head so it emits ``token_ids`` in order (then keeps the last one).
+
+    The whole forward still runs (int4 layers, probes); only the final logits are biased, so a test can
+    check what the engine makes of a known stream: a think block, then an answer.
+    """
+    head = model.get_output_embeddings()
+    state = {"step": 0}
+
+    def hook(module, args, out):
+        i = min(state["step"], len(token_ids) - 1)
+        state["step"] += 1
+        out = out.clone()
+        out[..., token_ids[i]] += 3e4
+        return out
+
+    head.register_forward_hook(hook)
+    return state
