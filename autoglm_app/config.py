@@ -37,6 +37,10 @@ class Settings:
     max_audio_seconds: float = 30.0
     plan: bool = False
     model_config: str | None = None
+    backend: str = "local"  # "local": the in-process engine; "openai": forward to --base-url
+    base_url: str | None = None  # an OpenAI-compatible server (vLLM, SGLang), e.g. http://gpu-host:8000/v1
+    remote_api_key: str | None = None  # the key that server wants
+    asr_model: str | None = None  # Whisper hub id or directory: speech -> text for models that do not hear
 
 
 def _env(name: str, default=None):
@@ -80,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "16")))
     p.add_argument("--context-limit", type=int, default=int(_env("CONTEXT_LIMIT", "8192")))
     p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", "30")))
+    p.add_argument("--backend", default=_env("BACKEND", "local"), choices=["local", "openai"],
+                   help="local: load --model in this process; openai: forward to the server at --base-url "
+                        "(focus and routing panels need local)")
+    p.add_argument("--base-url", default=_env("BASE_URL"), help="OpenAI-compatible server for --backend openai")
+    p.add_argument("--remote-api-key", default=_env("REMOTE_API_KEY"), help="API key for --base-url")
+    p.add_argument("--asr-model", default=_env("ASR_MODEL"),
+                   help="Whisper hub id or directory: transcribes recordings for models that do not hear audio")
     p.add_argument("--plan", action="store_true", help="print the device plan for --model-config and exit")
     p.add_argument("--model-config", default=None, help="config JSON for --plan (built on the meta device)")
     return p
@@ -104,6 +115,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         max_audio_seconds=a.max_audio_seconds,
         plan=a.plan,
         model_config=a.model_config,
+        backend=a.backend,
+        base_url=a.base_url,
+        remote_api_key=a.remote_api_key,
+        asr_model=a.asr_model,
     )
 
 

@@ -13,16 +13,32 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .config import SMALL_MODEL, Settings
+from .config import SMALL_MODEL, Settings, default_model
 
 log = logging.getLogger(__name__)
 
 
 def load_engine(settings: Settings):
-    """Load the model the settings name and start an Engine on it."""
+    """Load the model the settings name and start an Engine on it, or a RemoteEngine for --backend openai."""
     from .engine.core import Engine
     from .engine.loading import LoadedModel, load_model
 
+    asr = None
+    if settings.asr_model:
+        from .engine.asr import Transcriber
+
+        asr = Transcriber(settings.asr_model)
+    if settings.backend == "openai":
+        from .engine.remote import RemoteEngine
+
+        if not settings.base_url:
+            raise SystemExit("--backend openai needs --base-url (e.g. http://gpu-host:8000/v1)")
+        model = settings.model if settings.model not in (SMALL_MODEL, default_model()) else None
+        return RemoteEngine(settings.base_url, model=model, api_key=settings.remote_api_key,
+                            max_queue=settings.max_queue, context_limit=settings.context_limit,
+                            max_audio_seconds=settings.max_audio_seconds, asr=asr)
+    if settings.backend != "local":
+        raise SystemExit(f"unknown --backend {settings.backend!r}: use local or openai")
     if settings.model == SMALL_MODEL:
         from .modeling.small import build_small
 
@@ -33,8 +49,11 @@ def load_engine(settings: Settings):
     else:
         loaded = load_model(settings.model, quantize=settings.quantize, gpus=settings.gpus,
                             gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation)
-    return Engine(loaded, max_queue=settings.max_queue, context_limit=settings.context_limit,
-                  max_audio_seconds=settings.max_audio_seconds)
+    engine = Engine(loaded, max_queue=settings.max_queue, context_limit=settings.context_limit,
+                    max_audio_seconds=settings.max_audio_seconds)
+    if asr is not None:
+        engine.transcribe = asr.transcribe  # for the UI: recording -> editable transcript
+    return engine
 
 
 def create_app(engine, settings: Settings, ui: bool = True):

@@ -387,3 +387,18 @@ def test_media_placeholders_are_never_sampled(engine, small, monkeypatch):
                             max_new_tokens=30))
     assert isinstance(events[-1], Done)
     assert seen and all(seen)
+
+
+def test_model_that_does_not_hear_gets_the_transcript(small, monkeypatch):
+    eng = make_engine(*small)
+    try:
+        monkeypatch.setattr(eng.family, "hears_audio", False)
+        with pytest.raises(BadRequest, match="asr-model"):
+            eng.submit(ask(audios=[tone()]))
+        eng.transcribe = lambda audio: f"heard {len(audio.samples) // 16000} s"
+        handle = eng.submit(ask(text="and?", audios=[tone()]))
+        assert handle.request.messages[-1].text == "heard 1 s and?"
+        assert handle.request.messages[-1].audios == []
+        assert isinstance(list(handle.events())[-1], Done)
+    finally:
+        eng.close()

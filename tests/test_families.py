@@ -19,7 +19,9 @@ from autoglm_app.engine.loading import load_model
 CASES = {
     "glm4v": (tiny.build_glm4v, (84, 56), []),
     "qwen2_5_vl": (tiny.build_qwen2_5_vl, (84, 56), []),
+    "qwen3_vl": (tiny.build_qwen3_vl, (96, 64), []),
     "qwen3_vl_moe": (tiny.build_qwen3_vl_moe, (96, 64), [0, 1]),
+    "glm4v_moe": (tiny.build_glm4v_moe, (84, 56), [1, 2]),  # layer 0 is dense (first_k_dense_replace)
 }
 
 
@@ -75,6 +77,8 @@ def test_loads_int4_with_vision_router_and_head_kept_16bit(served):
     assert model.lm_head.weight.dtype == torch.float16
     for _, gate in engine.family.routers(model):
         assert gate.weight.dtype == torch.float16
+    if engine.family.fused_experts:  # no 16-bit fused 3-D expert tensor left anywhere in the decoder
+        assert not any(p.dim() == 3 for layer in layers for p in layer.parameters())
 
 
 def test_streams_reasoning_then_answer_with_focus_on_the_merged_grid(served):
@@ -144,3 +148,10 @@ def test_focus_probe_matches_eager_attention_probabilities(tmp_path):
         maps[impl] = np.stack([e.per_layer_images[0] for e in events if isinstance(e, Focus)])
         assert next(e for e in events if isinstance(e, Stats)).attention == ("eager" if impl == "eager" else "sdpa+probe")
     np.testing.assert_allclose(maps["sdpa"], maps["eager"], atol=1e-5)
+
+
+def test_an_undescribed_model_type_is_refused_with_the_supported_list():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="qwen2_5_omni.*supported: autoglm, glm4v"):
+        family_for(SimpleNamespace(model_type="qwen2_5_omni"))

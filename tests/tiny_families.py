@@ -155,3 +155,84 @@ def script_logits(model, token_ids: list[int]) -> None:
 
     head.register_forward_hook(hook)
     return state
+
+
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>",
+                    "<|notimestamps|>", "<|nocaptions|>", "<|startoflm|>", "<|startofprev|>"]
+
+
+def build_whisper(path, seed: int = 0) -> str:
+    """A tiny random Whisper (speech-to-text plumbing only: its transcript is arbitrary text)."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import WhisperProcessor, WhisperTokenizerFast
+
+    torch.manual_seed(seed)
+    fast = build_tokenizer(WHISPER_SPECIALS, "<|endoftext|>", "<|endoftext|>", QWEN_TEMPLATE)
+    fast.save_pretrained(path)
+    tok = WhisperTokenizerFast.from_pretrained(path, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                               unk_token="<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in WHISPER_SPECIALS}
+    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                           decoder_ffn_dim=32, max_source_positions=1500, max_target_positions=64,
+                           decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
+                           pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
+                           begin_suppress_tokens=None, suppress_tokens=None)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config.decoder_start_token_id = ids["<|startoftranscript|>"]
+    model.generation_config.forced_decoder_ids = None
+    model.generation_config.no_timestamps_token_id = ids["<|notimestamps|>"]
+    processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
+    return _save(model, processor, path)
+
+
+def build_qwen3_vl(path, seed: int = 0) -> str:
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen3VLForConditionalGeneration(config)
+    improc = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=64 * 96, patch_size=16, merge_size=2,
+                                   temporal_patch_size=2)
+    processor = Qwen3VLProcessor(image_processor=improc, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                                 chat_template=QWEN_TEMPLATE)
+    return _save(model, processor, path)
+
+
+def build_glm4v_moe(path, seed: int = 0) -> str:
+    """GLM-4.5V architecture, tiny: layer 0 dense (first_k_dense_replace=1), layers 1-2 MoE with fused experts."""
+    from transformers import Glm4vImageProcessor, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+    from transformers import Glm4vProcessor, Glm4vVideoProcessor
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(GLM_SPECIALS, "<|endoftext|>", "<|endoftext|>", GLM_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GLM_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                n_group=1, topk_group=1, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                 "partial_rotary_factor": 0.5},
+                eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=28)
+    config = Glm4vMoeConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image|>"],
+                            video_token_id=ids["<|video|>"], image_start_token_id=ids["<|begin_of_image|>"],
+                            image_end_token_id=ids["<|end_of_image|>"], video_start_token_id=ids["<|begin_of_video|>"],
+                            video_end_token_id=ids["<|end_of_video|>"])
+    model = Glm4vMoeForConditionalGeneration(config)
+    processor = Glm4vProcessor(image_processor=qwen_image_processor(Glm4vImageProcessor), tokenizer=tok,
+                               video_processor=Glm4vVideoProcessor(), chat_template=GLM_TEMPLATE)
+    return _save(model, processor, path)

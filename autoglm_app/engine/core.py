@@ -100,6 +100,7 @@ class Engine:
         self._memory: dict[str, list] = {}
         self._lock = threading.Condition()
         self._closed = False
+        self.transcribe = None  # set by load_engine when --asr-model is given: Audio -> str
         self._worker = threading.Thread(target=self._work, name="autoglm-engine", daemon=True)
         self._worker.start()
 
@@ -179,10 +180,16 @@ class Engine:
                 raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
             images = [check_image(img) for img in m.images]
             n_images += len(images)
-            if m.audios and not self.family.hears_audio:
-                raise BadRequest("this model does not hear audio: send a transcript instead")
             audios = [Audio(to_mono_16k(a, self.max_audio_seconds), 16000) for a in m.audios]
-            messages.append(Message(m.role, m.text or "", images, audios))
+            text = m.text or ""
+            if audios and not self.family.hears_audio:
+                # a model that does not hear gets the speech-to-text transcript in place of the recording
+                if self.transcribe is None:
+                    raise BadRequest("this model does not hear audio: start the server with --asr-model "
+                                     "(a Whisper checkpoint) or send a transcript as text")
+                text = " ".join([*(self.transcribe(a) for a in audios), text]).strip()
+                audios = []
+            messages.append(Message(m.role, text, images, audios))
         if n_images > self.max_images:
             raise BadRequest(f"{n_images} images in the conversation; the limit is {self.max_images}")
         if not (messages[-1].text.strip() or messages[-1].images or messages[-1].audios):
