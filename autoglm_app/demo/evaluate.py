@@ -223,6 +223,52 @@ def table(s: dict) -> str:
     return "\n".join(lines)
 
 
+def model_card(summary: dict, config: dict, n_params: int, size_bytes: int) -> str:
+    """The checkpoint's README: architecture, recipe, evaluation, limits."""
+    c = config
+    return f"""# AutoGLM-Phone-Tiny
+
+A {n_params / 1e6:.2f}M-parameter AutoGLM-Phone model trained by the AutoGLM Studio project on
+generated ShapesWorld scenes, so the app runs and shows true things with no download and no GPU.
+Weights: fp16 safetensors, {size_bytes / 2**20:.1f} MiB, with tokenizer, chat template and processor config.
+
+## Architecture
+- vision: timm `{c["vision_model"]}` family, {c["image_size"]} px input, {c["patch_size"]} px patches
+  ({c["image_size"] // c["patch_size"]}x{c["image_size"] // c["patch_size"]} grid), depth {c["vision_depth"]},
+  width {c["vision_embed_dim"]}
+- speech: log-mel ({c["num_mel_bins"]} bins, 25 ms window, 10 ms hop), two stride-2 convolutions and
+  {c["audio_layers"]} transformer layers of width {c["audio_hidden_size"]} (40 ms per audio token)
+- adapter: rank-{c["adapter_rank"]} projections into the decoder
+- decoder: {c["num_hidden_layers"]} GLM-style layers, width {c["hidden_size"]}, {c["num_attention_heads"]} query /
+  {c["num_key_value_heads"]} KV heads; every feed-forward a top-{c["num_experts_per_tok"]} of {c["num_experts"]}
+  experts MoE (width {c["moe_intermediate_size"]}, capacity factor {c["capacity_factor"]}, load-balancing loss
+  coefficient {c["router_aux_loss_coef"]}); byte-level BPE vocabulary of {c["vocab_size"]}
+- caption-focus default: {c.get("focus_aggregation")} over layers {c.get("focus_layers") or "all"}
+  (the rule that pointed best on validation scenes)
+
+## Training
+`python -m autoglm_app.demo.train` (resumable; the learning-rate schedule follows a time budget).
+Every step draws 24 fresh samples: a scene (128-256 px, 1-3 shapes), one task (describe, colour,
+where, count, existence, identity in English or Chinese), thinking on for 60% of samples
+(`<think>` trace, then the answer) and off for the rest, and a spoken question (espeak-ng, 8
+training voices, random speed, pitch, level and noise) for a quarter of the English questions.
+AdamW (peak LR 2e-3, betas 0.9/0.95, weight decay 0.01), warm-up then cosine, gradient clip 1.0,
+loss on the assistant tokens only, on the CPU.
+
+## Evaluation
+`python -m autoglm_app.demo.evaluate` on {summary["scenes"]} held-out scenes (random streams the training never
+draws), spoken questions in 3 held-out voices, greedy decoding through the app's engine:
+
+{table(summary)}
+
+## Limits
+It knows only ShapesWorld: flat coloured circles, squares and triangles on a light background,
+the question templates it was trained on, and espeak-ng voices. Real photos, other objects,
+free-form questions and human voices are outside its world, and it will answer them with
+ShapesWorld sentences. It is a demonstration of the app, not a general model.
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEMO_MODEL))
@@ -232,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results") / "demo-eval.json")
     p.add_argument("--set-default", action="store_true",
                    help="write the best pointing rule into the checkpoint's config as its focus default")
+    p.add_argument("--card", action="store_true", help="write the model card (README.md) beside the checkpoint")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     loaded = load_model(args.model, quantize="fp32")
@@ -251,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg["focus_aggregation"], cfg["focus_layers"] = rule, layers
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         log.info("focus default set to %s %s in %s", rule, layers, cfg_path)
+    if args.card:
+        model_dir = Path(args.model)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        size = (model_dir / "model.safetensors").stat().st_size
+        n_params = sum(p.numel() for p in loaded.model.parameters())
+        (model_dir / "README.md").write_text(model_card(summary, cfg, n_params, size))
+        log.info("model card written to %s", model_dir / "README.md")
 
 
 if __name__ == "__main__":
