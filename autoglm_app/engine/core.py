@@ -16,25 +16,23 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from .events import (
-    Audio,
     BadRequest,
     ChatRequest,
     Done,
     EngineBusy,
     Error,
     Event,
-    Message,
     Queued,
     Stats,
 )
 from .family import ModelFamily, family_for
 from .generation import Generation, Runtime
-from .inputs import check_image, to_mono_16k
+from .inputs import validate_request
 
 log = logging.getLogger(__name__)
 
@@ -158,43 +156,8 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
     def _validate(self, request: ChatRequest) -> ChatRequest:
-        if not request.messages:
-            raise BadRequest("messages is empty: send at least one user message")
-        if request.messages[-1].role != "user":
-            raise BadRequest("the last message must be from the user")
-        o = request.options
-        if not 1 <= o.max_new_tokens <= self.rt.context_limit:
-            raise BadRequest(f"max_new_tokens must be between 1 and {self.rt.context_limit}")
-        if o.temperature < 0 or o.temperature > 5:
-            raise BadRequest("temperature must be between 0 and 5")
-        if not 0 < o.top_p <= 1:
-            raise BadRequest("top_p must be in (0, 1]")
-        if o.top_k < 0:
-            raise BadRequest("top_k must be 0 (off) or positive")
-        if not 0 < o.repetition_penalty <= 10:
-            raise BadRequest("repetition_penalty must be in (0, 10]")
-        messages = []
-        n_images = 0
-        for m in request.messages:
-            if m.role not in ("system", "user", "assistant"):
-                raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
-            images = [check_image(img) for img in m.images]
-            n_images += len(images)
-            audios = [Audio(to_mono_16k(a, self.max_audio_seconds), 16000) for a in m.audios]
-            text = m.text or ""
-            if audios and not self.family.hears_audio:
-                # a model that does not hear gets the speech-to-text transcript in place of the recording
-                if self.transcribe is None:
-                    raise BadRequest("this model does not hear audio: start the server with --asr-model "
-                                     "(a Whisper checkpoint) or send a transcript as text")
-                text = " ".join([*(self.transcribe(a) for a in audios), text]).strip()
-                audios = []
-            messages.append(Message(m.role, text, images, audios))
-        if n_images > self.max_images:
-            raise BadRequest(f"{n_images} images in the conversation; the limit is {self.max_images}")
-        if not (messages[-1].text.strip() or messages[-1].images or messages[-1].audios):
-            raise BadRequest("the last user message is empty: type a question, or attach an image or a recording")
-        return replace(request, messages=messages)
+        return validate_request(request, self.rt.context_limit, self.max_audio_seconds, self.max_images,
+                                self.family.hears_audio, self.transcribe)
 
     # ------------------------------------------------------------------ scheduling
     def _order(self) -> list[RequestHandle]:

@@ -7,7 +7,10 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image
 
-from .events import Audio, BadRequest
+from dataclasses import replace
+from typing import Callable
+
+from .events import Audio, BadRequest, ChatRequest, Message
 
 TARGET_RATE = 16000
 MAX_IMAGE_PIXELS = 40_000_000
@@ -49,3 +52,44 @@ def check_image(image) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise BadRequest("the image is empty")
     return image
+
+
+def validate_request(request: ChatRequest, context_limit: int, max_audio_seconds: float, max_images: int,
+                     hears_audio: bool = True, transcribe: Callable[[Audio], str] | None = None) -> ChatRequest:
+    """Check a request and convert its media (16 kHz mono audio; a transcript for a model that does
+    not hear). Everything a client can get wrong is a BadRequest that says what to change."""
+    if not request.messages:
+        raise BadRequest("messages is empty: send at least one user message")
+    if request.messages[-1].role != "user":
+        raise BadRequest("the last message must be from the user")
+    o = request.options
+    if not 1 <= o.max_new_tokens <= context_limit:
+        raise BadRequest(f"max_new_tokens must be between 1 and {context_limit}")
+    if o.temperature < 0 or o.temperature > 5:
+        raise BadRequest("temperature must be between 0 and 5")
+    if not 0 < o.top_p <= 1:
+        raise BadRequest("top_p must be in (0, 1]")
+    if o.top_k < 0:
+        raise BadRequest("top_k must be 0 (off) or positive")
+    if not 0 < o.repetition_penalty <= 10:
+        raise BadRequest("repetition_penalty must be in (0, 10]")
+    messages, n_images = [], 0
+    for m in request.messages:
+        if m.role not in ("system", "user", "assistant"):
+            raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
+        images = [check_image(img) for img in m.images]
+        n_images += len(images)
+        audios = [Audio(to_mono_16k(a, max_audio_seconds), TARGET_RATE) for a in m.audios]
+        text = m.text or ""
+        if audios and not hears_audio:
+            if transcribe is None:
+                raise BadRequest("this model does not hear audio: start the server with --asr-model "
+                                 "(a Whisper checkpoint) or send a transcript as text")
+            text = " ".join([*(transcribe(a) for a in audios), text]).strip()
+            audios = []
+        messages.append(Message(m.role, text, images, audios))
+    if n_images > max_images:
+        raise BadRequest(f"{n_images} images in the conversation; the limit is {max_images}")
+    if not (messages[-1].text.strip() or messages[-1].images or messages[-1].audios):
+        raise BadRequest("the last user message is empty: type a question, or attach an image or a recording")
+    return replace(request, messages=messages)

@@ -38,7 +38,7 @@ from .events import (
     Reasoning,
     Stats,
 )
-from .inputs import check_image, to_mono_16k
+from .inputs import validate_request
 from .thinksplit import ThinkSplitter
 
 log = logging.getLogger(__name__)
@@ -168,34 +168,10 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ validation (as Engine does)
     def _validate(self, request: ChatRequest) -> ChatRequest:
-        from dataclasses import replace
-
-        from .events import Audio
-
-        if not request.messages:
-            raise BadRequest("messages is empty: send at least one user message")
-        if request.messages[-1].role != "user":
-            raise BadRequest("the last message must be from the user")
-        o = request.options
-        if not 1 <= o.max_new_tokens <= self.rt.context_limit:
-            raise BadRequest(f"max_new_tokens must be between 1 and {self.rt.context_limit}")
-        messages, n_images = [], 0
-        for m in request.messages:
-            if m.role not in ("system", "user", "assistant"):
-                raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
-            images = [check_image(i) for i in m.images]
-            n_images += len(images)
-            audios = [Audio(to_mono_16k(a, self.max_audio_seconds), 16000) for a in m.audios]
-            text = m.text or ""
-            if audios and self.asr is not None:  # the remote model gets the transcript
-                text = " ".join([*(self.asr.transcribe(a) for a in audios), text]).strip()
-                audios = []
-            messages.append(Message(m.role, text, images, audios))
-        if n_images > self.max_images:
-            raise BadRequest(f"{n_images} images in the conversation; the limit is {self.max_images}")
-        if not (messages[-1].text.strip() or messages[-1].images or messages[-1].audios):
-            raise BadRequest("the last user message is empty: type a question, or attach an image or a recording")
-        return replace(request, messages=messages)
+        # the remote model gets a transcript when an ASR model is configured, the recording otherwise
+        return validate_request(request, self.rt.context_limit, self.max_audio_seconds, self.max_images,
+                                hears_audio=self.asr is None,
+                                transcribe=self.asr.transcribe if self.asr is not None else None)
 
     # ------------------------------------------------------------------ one request
     def _serve(self, h: RequestHandle) -> None:
