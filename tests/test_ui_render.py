@@ -244,6 +244,19 @@ def test_model_markdown_lists_devices_memory_and_last_speed():
     assert "No answer yet" in render.model_markdown(info, {"cpu": 1}, None)
 
 
+def test_model_markdown_for_a_remote_backend_shows_backend_and_base_url_not_devices():
+    info = {"model_id": "glm-4.5v", "backend": "openai", "base_url": "http://gpu-box:8000/v1", "context_limit": 8192,
+            "summary": "forwarding to http://gpu-box:8000/v1", "focus": False, "routing": False,
+            "reason": "focus maps and expert routing need the in-process engine", "hears_audio": False,
+            "can_transcribe": True}
+    md = render.model_markdown(info, {}, stats())
+    assert "| backend | openai" in md and "`http://gpu-box:8000/v1`" in md and "transcribed to text" in md
+    assert "need the in-process engine" in md and "| time to first token | 0.10 s |" in md
+    assert "Devices" not in md and "Modules" not in md
+    note = render.unavailable_html("Expert routing", info["reason"])
+    assert "Expert routing needs the in-process engine" in note and "Focus maps and expert routing need" in note
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -152,6 +152,8 @@ class Engine:
             "summary": model.summary() if hasattr(model, "summary") else "",
             "attention": getattr(model.config, "_attn_implementation", "sdpa"),
             "context_limit": self.rt.context_limit,
+            "hears_audio": self.family.hears_audio,
+            "can_transcribe": self.transcribe is not None,
         }
 
     # ------------------------------------------------------------------ validation

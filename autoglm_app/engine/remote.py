@@ -131,6 +131,8 @@ class RemoteEngine:
             "focus": False,
             "routing": False,
             "reason": NO_PROBES,
+            "hears_audio": self.asr is None,
+            "can_transcribe": self.asr is not None,
         }
 
     def transcribe(self, audio) -> str:
@@ -248,7 +250,7 @@ class RemoteEngine:
         reasoning_tokens = getattr(details, "reasoning_tokens", None) or r_n
         completion = usage.completion_tokens if usage else r_n + a_n
         answer_tokens = max(completion - reasoning_tokens, 0) if usage else a_n
-        reasoning_end = t_think or t_end
+        reasoning_end = t_think or (t_end if r_n else t_first)  # no reasoning: the answer ran from the first token
         return Stats(
             ttft_s=t_first - t0, think_s=(t_think - t0) if t_think else None,
             reasoning_tokens=reasoning_tokens, answer_tokens=answer_tokens,

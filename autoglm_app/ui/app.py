@@ -8,11 +8,19 @@ only ever talks to the engine (``submit``, ``info``), never to the model.
 
 Named API endpoints (gradio_client): ``/chat`` (text, images, audio, settings ->
 history), ``/stop``, ``/regenerate``, ``/clear``, ``/export``; ``/send`` is the page's
-own multimodal-box endpoint.
+own multimodal-box endpoint; ``/transcribe`` exists for a model that does not hear but
+has a speech-to-text model (recording -> editable text in the box).
+
+What the engine can do comes from ``engine.info()``: ``"focus"`` / ``"routing"`` False (a
+remote backend) turn those panels into a plain "needs the in-process engine" note and the
+Model panel shows the backend and base URL; ``"hears_audio"`` False with ``"can_transcribe"``
+puts a recording's transcript in the text box for editing, and the turn then sends that text
+(the recording stays in the history, not sent as audio).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,10 +37,10 @@ import numpy as np
 from PIL import Image
 
 from ..config import ROOT, Settings
-from ..engine.events import Audio, Options
+from ..engine.events import Audio, BadRequest, Options
 from . import render
 from .export import write_trace_zip
-from .session import Session, Turn, View, stream_turn
+from .session import Session, Turn, View, _sentence, stream_turn
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ WORDS_PLACEHOLDER = [("The reply appears here word by word once the model answer
 ROUTING_PLACEHOLDER = ("Expert routing appears here while the model answers: how many tokens each expert took "
                        "per layer (prefill, decode, by modality), balance figures, and the experts the selected "
                        "word used with their gate weights.")
+NO_EARS = ("This model does not hear recordings, and no speech-to-text model is set up: type your question "
+           "instead.")
 EXPORT_HELP = ("**QA trace.** Download the whole conversation as a zip: `trace.json` with the prompts, reasoning, "
                "answers, settings, model id, speed, per-token focus maps and expert routing, plus the input images, "
                "the recording, and a heatmap PNG for every word of each reply.")
@@ -144,6 +154,26 @@ def make_turn(text: str, files: list, recording: str | None, options: Options) -
     return turn
 
 
+def fingerprint(path: str | None) -> str | None:
+    """The recording's content hash: the same recording whichever component or copy it comes from."""
+    if not path:
+        return None
+    try:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def recording_of(prompt: dict | None, recording: str | None) -> str | None:
+    """The recording in the inputs: the microphone's, else the first audio file attached to the box."""
+    if recording:
+        return recording
+    for item in (prompt or {}).get("files") or []:
+        if Path(_path(item)).suffix.lower() in AUDIO_SUFFIXES:
+            return _path(item)
+    return None
+
+
 def make_options(thinking: bool, temperature: float, top_p: float, max_new_tokens: float,
                  seed: float | None) -> Options:
     return Options(enable_thinking=bool(thinking), temperature=float(temperature), top_p=float(top_p),
@@ -207,6 +237,13 @@ class Studio:
 
     def build(self) -> gr.Blocks:
         self.info = self.engine.info()
+        self.remote = render.is_remote(self.info)
+        self.focus_ok = self.info.get("focus", True) is not False  # a local Engine has no "focus" key
+        self.routing_ok = self.info.get("routing", True) is not False
+        self.hears = self.info.get("hears_audio", True) is not False
+        self.can_transcribe = bool(self.info.get("can_transcribe")) and callable(
+            getattr(self.engine, "transcribe", None))
+        self.transcribing = not self.hears and self.can_transcribe  # recordings become editable text
         self.examples = load_examples()
         self.export_dir = Path(tempfile.mkdtemp(prefix="autoglm-export-"))
         with gr.Blocks(title="AutoGLM Studio") as demo:
@@ -218,8 +255,10 @@ class Studio:
     def _layout(self) -> None:
         limit = int(self.info.get("context_limit") or 8192)
         self.state = gr.State(Session())  # deep-copied for each browser session
+        watch = ("watch its reasoning, where it looked, and which experts it used" if self.focus_ok
+                 else "watch its reasoning")
         gr.Markdown(f"## AutoGLM Studio\n`{self.info.get('model_id', 'model')}` · ask about an image or a "
-                    "recording; watch its reasoning, where it looked, and which experts it used.", elem_id="title")
+                    f"recording; {watch}.", elem_id="title")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=420):
                 self.chatbot = gr.Chatbot(
@@ -234,7 +273,7 @@ class Studio:
                     submit_btn=False, show_label=False, elem_id="prompt")
                 with gr.Row(equal_height=True):
                     self.mic = gr.Audio(sources=["microphone", "upload"], type="filepath",
-                                        label="Spoken question (sent with the turn)", scale=3, elem_id="mic")
+                                        label=self.mic_label(), scale=3, elem_id="mic")
                     with gr.Column(scale=2, min_width=200):
                         with gr.Row():
                             self.send_btn = gr.Button("Send", variant="primary", min_width=80, elem_id="send")
@@ -242,6 +281,8 @@ class Studio:
                         with gr.Row():
                             self.regen_btn = gr.Button("Regenerate", min_width=80, elem_id="regenerate")
                             self.clear_btn = gr.Button("Clear", min_width=80, elem_id="clear")
+                        self.transcribe_btn = gr.Button("Transcribe", min_width=80, visible=self.transcribing,
+                                                        elem_id="transcribe")
                 with gr.Accordion("Generation settings", open=False):
                     with gr.Row():
                         self.thinking = gr.Checkbox(value=True, label="Thinking (reasoning before the answer)",
@@ -266,14 +307,14 @@ class Studio:
                         self.load_view = gr.Radio(list(render.LOAD_VIEWS), value="total", label="Expert load",
                                                   info="all tokens, prompt (prefill) or generated (decode) "
                                                        "tokens, or by the modality of the token",
-                                                  elem_id="load-view")
-                        self.routing_html = gr.HTML(render.placeholder_html(ROUTING_PLACEHOLDER), elem_id="routing")
+                                                  visible=self.routing_ok, elem_id="load-view")
+                        self.routing_html = gr.HTML(self.routing_placeholder(), elem_id="routing")
                         with gr.Row(equal_height=False):
                             self.token_html = gr.HTML("", elem_id="token-routes")
                             self.split_html = gr.HTML("", elem_id="modality-split")
                     with gr.Tab("Model", id="model", elem_id="tab-model"):
                         self.model_md = gr.Markdown(self.model_panel(Session()), elem_id="model-panel")
-                        self.refresh_btn = gr.Button("Refresh memory figures", size="sm")
+                        self.refresh_btn = gr.Button("Refresh memory figures", size="sm", visible=not self.remote)
                     with gr.Tab("Export", id="export", elem_id="tab-export"):
                         gr.Markdown(EXPORT_HELP)
                         self.export_btn = gr.Button("Build QA trace (.zip)", variant="primary", elem_id="export")
@@ -286,12 +327,14 @@ class Studio:
             self.api_btn = gr.Button("chat")
 
     def _focus_tab(self) -> None:
-        self.focus_caption = gr.HTML(render.placeholder_html(FOCUS_PLACEHOLDER), elem_id="focus-caption")
-        with gr.Row(equal_height=False):
+        self.focus_caption = gr.HTML(self.focus_placeholder(), elem_id="focus-caption")
+        shown = self.focus_ok  # without focus (remote backend) the controls have nothing to act on
+        with gr.Row(equal_height=False, visible=shown or self.routing_ok):
             self.turn_pick = gr.Dropdown([("latest", -1)], value=-1, label="Turn", min_width=140, elem_id="turn-pick")
             self.image_pick = gr.Radio([], label="Image", visible=False, min_width=140, elem_id="image-pick")
-            self.colormap = gr.Dropdown(list(render.COLORMAPS), value="inferno", label="Colour map", min_width=120)
-            self.opacity = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="Opacity", min_width=140)
+            self.colormap = gr.Dropdown(list(render.COLORMAPS), value="inferno", label="Colour map", min_width=120,
+                                        visible=shown)
+            self.opacity = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="Opacity", min_width=140, visible=shown)
         with gr.Row(equal_height=False):
             self.focus_image = gr.Image(type="pil", format="png", label="Focus heatmap", visible=False,
                                         interactive=False, height="40vh", buttons=["download", "fullscreen"],
@@ -299,10 +342,10 @@ class Studio:
             self.words = gr.HighlightedText(WORDS_PLACEHOLDER, label="Reply word by word: click a word",
                                             color_map=render.WORD_COLORS, show_legend=False,
                                             show_inline_category=False, interactive=False, scale=2, min_width=200,
-                                            elem_id="words")
+                                            visible=shown, elem_id="words")
         self.audio_focus = gr.Image(type="pil", format="png", label="Focus over the recording", visible=False,
                                     interactive=False, height=190, buttons=["download"], elem_id="audio-focus")
-        with gr.Accordion("Layers: aggregate the focus maps again", open=False):
+        with gr.Accordion("Layers: aggregate the focus maps again", open=False, visible=shown):
             with gr.Row(equal_height=False):
                 self.aggregation = gr.Radio(list(render.AGGREGATIONS), value="default", label="Aggregation",
                                             info="default = the model's own choice; mean / max use the range")
@@ -332,6 +375,12 @@ class Studio:
         for control in view:
             control.input(self.change_view, [*view, self.state], self.panel_outputs(), api_visibility="private")
 
+        if self.transcribing:  # a model that does not hear: recording -> editable text in the box
+            transcribe = dict(fn=self.transcribe, inputs=[self.prompt, self.mic, self.state], outputs=[self.prompt])
+            self.transcribe_btn.click(**transcribe, api_name="transcribe")
+            self.mic.stop_recording(**transcribe, api_visibility="private")
+            self.mic.upload(**transcribe, api_visibility="private")
+
         self.refresh_btn.click(self.model_panel, [self.state], [self.model_md], api_visibility="private")
         demo.load(self.model_panel, [self.state], [self.model_md], api_visibility="private")
         self.export_btn.click(self.export, [self.state], [self.export_file], api_name="export")
@@ -357,8 +406,8 @@ class Studio:
         """Send what is in the inputs as a new turn and stream the reply into the page."""
         prompt = prompt or {}
         options = make_options(thinking, temperature, top_p, max_new_tokens, seed)
-        turn = self._new_turn(session, lambda: make_turn(prompt.get("text", ""), prompt.get("files", []),
-                                                         recording, options))
+        turn = self._new_turn(session, lambda: self.speech(make_turn(prompt.get("text", ""), prompt.get("files", []),
+                                                                     recording, options), session))
         if turn is None:
             yield {self.chatbot: gr.skip()}
             return
@@ -372,7 +421,7 @@ class Studio:
                 raise InputError("Nothing to regenerate yet: send a message first.")
             last = session.turns.pop()
             return Turn(text=last.text, images=last.images, image_paths=last.image_paths, audio=last.audio,
-                        audio_path=last.audio_path,
+                        audio_path=last.audio_path, transcribed=last.transcribed,
                         options=make_options(thinking, temperature, top_p, max_new_tokens, seed))
 
         turn = self._new_turn(session, again)
@@ -418,8 +467,8 @@ class Studio:
         if session.busy:
             raise gr.Error("A reply is still streaming in this session: wait for it or call /stop.")
         try:
-            turn = make_turn(text, images or [], audio,
-                             make_options(thinking, temperature, top_p, max_new_tokens, seed))
+            turn = self.speech(make_turn(text, images or [], audio,
+                                         make_options(thinking, temperature, top_p, max_new_tokens, seed)))
         except InputError as e:
             raise gr.Error(str(e)) from e
         session.start(turn)
@@ -428,6 +477,46 @@ class Studio:
             for _ in stream:
                 yield session.history()
         yield session.history()
+
+    def speech(self, turn: Turn, session: Session | None = None) -> Turn:
+        """A recording for a model that does not hear: refused plainly when nothing can transcribe it; kept
+        out of the request when its transcript is already in the (edited) text, else the engine transcribes."""
+        if turn.audio is None or self.hears:
+            return turn
+        if not self.can_transcribe:
+            raise InputError(NO_EARS)
+        if session is not None and session.transcribed and turn.text \
+                and session.transcribed == fingerprint(turn.audio_path):
+            turn.transcribed = True
+            session.transcribed = None
+        return turn
+
+    def transcribe(self, prompt: dict | None, recording: str | None, session: Session):
+        """The recording's transcript into the text box (before what was typed), for editing before Send."""
+        prompt = prompt or {}
+        path = recording_of(prompt, recording)
+        if path is None:
+            gr.Warning("Record or attach a recording first, then press Transcribe.")
+            return gr.skip()
+        try:
+            spoken = (self.engine.transcribe(read_audio(path)) or "").strip()
+        except InputError as e:
+            gr.Warning(str(e))
+            return gr.skip()
+        except BadRequest as e:
+            gr.Warning(_sentence(str(e)))
+            return gr.skip()
+        except Exception as e:  # the speech model failed: the user can still type
+            log.exception("transcription failed")
+            gr.Warning(f"Could not transcribe the recording ({type(e).__name__}): type the question instead.")
+            return gr.skip()
+        if not spoken:
+            gr.Warning("No speech was recognised in the recording: type the question instead.")
+            return gr.skip()
+        session.transcribed = fingerprint(path)
+        typed = (prompt.get("text") or "").strip()
+        text = typed if spoken in typed else f"{spoken} {typed}".strip()
+        return {"text": text, "files": [_path(f) for f in prompt.get("files") or []]}
 
     def stop(self, session: Session) -> None:
         """Stop the running reply: the engine stops within one token."""
@@ -477,9 +566,26 @@ class Studio:
         view.layers = (int(layer_from), max(int(layer_to), int(layer_from) + 1))
         return self.panel_updates(session)
 
+    def mic_label(self) -> str:
+        if self.hears:
+            return "Spoken question (sent with the turn)"
+        if self.can_transcribe:
+            return "Spoken question (transcribed into the text box: edit it, then Send)"
+        return "Recording (this model does not hear: type your question)"
+
+    def focus_placeholder(self) -> str:
+        if not self.focus_ok:
+            return render.unavailable_html("Caption focus", self.info.get("reason"))
+        return render.placeholder_html(FOCUS_PLACEHOLDER)
+
+    def routing_placeholder(self) -> str:
+        if not self.routing_ok:
+            return render.unavailable_html("Expert routing", self.info.get("reason"))
+        return render.placeholder_html(ROUTING_PLACEHOLDER)
+
     def model_panel(self, session: Session) -> str:
         stats = next((t.stats for t in reversed(session.turns) if t.stats is not None), None)
-        return render.model_markdown(self.info, device_memory(), stats)
+        return render.model_markdown(self.info, {} if self.remote else device_memory(), stats)
 
     def export(self, session: Session):
         if not session.turns:
@@ -501,8 +607,12 @@ class Studio:
 
     def focus_updates(self, session: Session) -> dict:
         turn, view = session.shown_turn(), session.view
+        if not self.focus_ok:
+            return {self.focus_caption: self.focus_placeholder(), self.image_pick: gr.update(visible=False),
+                    self.focus_image: hidden(), self.words: gr.update(visible=False, value=[]),
+                    self.audio_focus: hidden()}
         if turn is None:
-            return {self.focus_caption: render.placeholder_html(FOCUS_PLACEHOLDER),
+            return {self.focus_caption: self.focus_placeholder(),
                     self.image_pick: gr.update(visible=False), self.focus_image: hidden(),
                     self.words: WORDS_PLACEHOLDER, self.audio_focus: hidden()}
         words = turn.words()
@@ -511,7 +621,7 @@ class Studio:
         out = {self.words: render.word_chips(words, view.word) if words else WORDS_PLACEHOLDER,
                **self._image_focus(turn, view, indices, captions), **self._audio_focus(turn, view, indices, captions)}
         out[self.focus_caption] = render.focus_caption_html(
-            label, captions, has_media=bool(turn.images or turn.audio is not None), running=turn.running)
+            label, captions, has_media=bool(turn.images or turn.sends_audio), running=turn.running)
         n_layers = turn.num_focus_layers()
         if n_layers and n_layers != view.known_layers:  # first focus of this model: fit the layer sliders
             view.known_layers, view.layers = n_layers, (0, n_layers)
@@ -533,7 +643,7 @@ class Studio:
                 self.focus_image: gr.update(value=shown, visible=True)}
 
     def _audio_focus(self, turn: Turn, view: View, indices: list[int], captions: list[str]) -> dict:
-        if turn.audio is None:
+        if not turn.sends_audio:  # none, or transcribed into the text: the model never saw it
             return {self.audio_focus: hidden()}
         heat = turn.focus_map(indices, "audio", 0, view.aggregation, view.layers)
         if heat is not None:
@@ -544,8 +654,8 @@ class Studio:
 
     def routing_updates(self, session: Session) -> dict:
         turn = session.shown_turn()
-        if turn is None or not turn.load:
-            return {self.routing_html: render.placeholder_html(ROUTING_PLACEHOLDER), self.token_html: "",
+        if not self.routing_ok or turn is None or not turn.load:
+            return {self.routing_html: self.routing_placeholder(), self.token_html: "",
                     self.split_html: ""}
         indices, label = session.selection(turn)
         routed = [i for i in indices if turn.tokens.get(i) and turn.tokens[i].routes]

@@ -44,6 +44,7 @@ def turn_record(turn: Turn, number: int) -> dict:
             "text": turn.text,
             "images": [f"turn{number:02d}/input_image{k + 1}.png" for k in range(len(turn.images))],
             "audio": f"turn{number:02d}/input_audio.wav" if turn.audio is not None else None,
+            "audio_transcribed": turn.transcribed,  # the recording became the text; not sent as audio
         },
         "settings": asdict(turn.options),
         "reasoning": turn.reasoning,

@@ -320,6 +320,16 @@ def placeholder_html(text: str) -> str:
     return f'<div class="placeholder">{html.escape(text)}</div>'
 
 
+def unavailable_html(what: str, reason: str | None) -> str:
+    """A panel the backend cannot fill (a remote server exposes no attention or routers): say why."""
+    text = f"{what} needs the in-process engine, and this server forwards to a remote model."
+    reason = (reason or "").strip()
+    if reason:
+        text += f" ({reason[:1].upper()}{reason[1:]}.)"
+    text += " Start AutoGLM Studio without --backend openai to see it; chat works as usual."
+    return placeholder_html(text)
+
+
 # ----------------------------------------------------------------------------- model panel
 
 
@@ -351,14 +361,37 @@ def device_map_rows(device_map) -> list[tuple[str, int]]:
     return sorted(counts.items())
 
 
+def is_remote(info: dict) -> bool:
+    """The engine forwards to another server (``--backend openai``): no local weights, devices or probes."""
+    return info.get("backend") not in (None, "local", "in-process")
+
+
 def model_markdown(info: dict, memory: dict[str, int], stats=None) -> str:
-    """The Model panel: identity, quantization, devices with memory, last answer's speed, module table."""
+    """The Model panel: identity, quantization, devices with memory, last answer's speed, module table.
+
+    For a remote backend: the backend, its base URL and what is not available instead of devices / modules.
+    """
+    if is_remote(info):
+        name = info.get("model_id")
+        lines = [f"### {'`' + name + '`' if name and name != info.get('base_url') else 'Remote model'}",
+                 "| property | value |", "|---|---|",
+                 f"| backend | {info.get('backend')} (remote OpenAI-compatible server) |",
+                 f"| base URL | `{info.get('base_url', '–')}` |",
+                 f"| context | {info.get('context_limit', '–')} tokens |",
+                 f"| speech | {_speech(info)} |"]
+        if info.get("focus") is False or info.get("routing") is False:
+            reason = (info.get("reason") or "they need the in-process engine").strip().rstrip(".")
+            lines += ["", f"*Focus and routing are not available: {reason}.*"]
+        lines.append("")
+        lines += _last_answer(stats)
+        return "\n".join(lines)
     lines = [f"### {info.get('model_id', 'model')}",
              "| property | value |", "|---|---|",
              f"| family | {info.get('family', '–')} |",
              f"| weights | {info.get('quantize') or '–'} |",
              f"| attention | {info.get('attention', '–')} |",
              f"| context | {info.get('context_limit', '–')} tokens |",
+             f"| speech | {_speech(info)} |",
              "", "#### Devices", "| device | modules placed | memory in use |", "|---|---|---|"]
     placed = dict(device_map_rows(info.get("device_map")))
     everything = "all" if not info.get("device_map") else "–"
@@ -366,7 +399,24 @@ def model_markdown(info: dict, memory: dict[str, int], stats=None) -> str:
         lines.append(f"| {dev} | {placed.pop(dev, everything)} | {human_bytes(used)} |")
     for dev, n in placed.items():
         lines.append(f"| {dev} | {n} | – |")
-    lines += ["", "#### Last answer"]
+    lines.append("")
+    lines += _last_answer(stats)
+    summary = (info.get("summary") or "").strip()
+    if summary:
+        lines += ["", "#### Modules", "```text", summary, "```"]
+    return "\n".join(lines)
+
+
+def _speech(info: dict) -> str:
+    if info.get("hears_audio", True):
+        return "the model hears recordings"
+    if info.get("can_transcribe"):
+        return "recordings are transcribed to text (speech-to-text model)"
+    return "not supported: type the question"
+
+
+def _last_answer(stats) -> list[str]:
+    lines = ["#### Last answer"]
     if stats is None:
         lines.append("*No answer yet: send a message and its speed shows here.*")
     else:
@@ -384,7 +434,4 @@ def model_markdown(info: dict, memory: dict[str, int], stats=None) -> str:
         if stats.peak_memory:
             lines.append("| peak memory | " + ", ".join(f"{d}: {human_bytes(b)}" for d, b in stats.peak_memory.items())
                          + " |")
-    summary = (info.get("summary") or "").strip()
-    if summary:
-        lines += ["", "#### Modules", "```text", summary, "```"]
-    return "\n".join(lines)
+    return lines

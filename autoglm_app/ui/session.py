@@ -65,6 +65,7 @@ class Turn:
     image_paths: list[str] = field(default_factory=list)
     audio: Audio | None = None
     audio_path: str | None = None
+    transcribed: bool = False  # the recording became the text (model does not hear): shown, not sent
     options: Options = field(default_factory=Options)
     reasoning: str = ""
     answer: str = ""
@@ -181,8 +182,13 @@ class Turn:
                 maps.append(aggregated[i])
         return np.mean(maps, axis=0) if maps else None
 
+    @property
+    def sends_audio(self) -> bool:
+        """The recording goes to the model (not when it was transcribed into the text instead)."""
+        return self.audio is not None and not self.transcribed
+
     def user_message(self) -> Message:
-        return Message("user", self.text, list(self.images), [self.audio] if self.audio is not None else [])
+        return Message("user", self.text, list(self.images), [self.audio] if self.sends_audio else [])
 
     # ------------------------------------------------------------------ chat history
     def chat_messages(self) -> list[dict]:
@@ -243,6 +249,7 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
     view: View = field(default_factory=View)
     handle: Any = None  # the engine's RequestHandle of the running turn
+    transcribed: str | None = None  # fingerprint of the recording last transcribed into the text box
 
     def history(self) -> list[dict]:
         return [m for turn in self.turns for m in turn.chat_messages()]
@@ -274,6 +281,7 @@ class Session:
     def clear(self) -> None:
         self.cancel()
         self.turns.clear()
+        self.transcribed = None
         v = self.view
         self.view = View(colormap=v.colormap, opacity=v.opacity, aggregation=v.aggregation, layers=v.layers,
                          known_layers=v.known_layers, load_view=v.load_view)

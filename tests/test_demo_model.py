@@ -1,0 +1,47 @@
+"""The shipped AutoGLM-Phone-Tiny checkpoint, through the app's engine: a fast subset of its evaluation.
+
+50 held-out scenes, text questions and captions, greedy; thresholds sit a little below what the full
+evaluation measured (docs/PERFORMANCE.md), so a broken checkpoint, processor or engine cannot land.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autoglm_app.config import DEMO_MODEL
+from autoglm_app.demo.evaluate import evaluate
+from autoglm_app.engine.core import Engine
+from autoglm_app.engine.loading import load_model
+
+THRESHOLDS = json.loads((DEMO_MODEL / "ci_thresholds.json").read_text()) if (DEMO_MODEL / "ci_thresholds.json").exists() else {}
+
+
+@pytest.fixture(scope="module")
+def demo_summary():
+    engine = Engine(load_model(str(DEMO_MODEL), quantize="fp32"))
+    try:
+        return evaluate(engine, scenes=50, speech_on=False, identity=2)
+    finally:
+        engine.close()
+
+
+def test_checkpoint_is_small_fp16_safetensors_with_processor():
+    weights = DEMO_MODEL / "model.safetensors"
+    assert weights.stat().st_size <= 20 * 2**20
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    assert config["model_type"] == "autoglm" and config["dtype"] == "float16"
+    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja", "README.md"):
+        assert (DEMO_MODEL / name).exists(), name
+
+
+@pytest.mark.parametrize("metric", ["questions", "captions", "identity_en", "identity_zh",
+                                    "format_thinking_on", "format_thinking_off", "pointing"])
+def test_demo_model_quality_on_held_out_scenes(demo_summary, metric):
+    assert demo_summary[metric] is not None
+    assert demo_summary[metric] >= THRESHOLDS[metric], (metric, demo_summary[metric], demo_summary["errors"][:5])
+
+
+def test_demo_model_experts_share_the_load(demo_summary):
+    assert max(demo_summary["expert_cv_per_layer"]) <= THRESHOLDS["expert_cv_max"]
