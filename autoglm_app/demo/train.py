@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="time budget: the LR schedule follows time used and training stops when it is spent")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-export", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this run's checkpoint weights (a new schedule and data stream; "
+                        "use with a new --out and --seed to continue training in a second stage)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -119,7 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = args.out / "checkpoint.pt"
 
     torch.manual_seed(args.seed)
-    if (args.out / "processor").exists() and ckpt.exists():
+    if args.init_from and not ckpt.exists():
+        # second stage: the first stage's tokenizer, config and weights, a fresh optimiser and schedule
+        processor = AutoGLMProcessor.from_pretrained(str(args.init_from / "processor"))
+        processor.save_pretrained(str(args.out / "processor"))
+        config = AutoGLMConfig.from_json_file(str(args.init_from / "config.json"))
+        config.to_json_file(str(args.out / "config.json"))
+        model = AutoGLMForConditionalGeneration(config)
+        model.load_state_dict(torch.load(args.init_from / "checkpoint.pt", map_location="cpu")["model"])
+        log.info("initialised from %s", args.init_from)
+    elif (args.out / "processor").exists() and ckpt.exists():
         processor = AutoGLMProcessor.from_pretrained(str(args.out / "processor"))
         config_path = args.out / "config.json"
         model = AutoGLMForConditionalGeneration(AutoGLMConfig.from_json_file(str(config_path)))
