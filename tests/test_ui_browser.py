@@ -7,6 +7,7 @@ clicking a word must change the heatmap; screenshots at 1366x768 and 1920x1080 l
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,39 @@ def test_thinking_message_then_answer_and_stop_in_the_browser(browser, artifacts
         page.close()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """The full app on the shipped AutoGLM-Phone-Tiny, as `python app.py` serves it."""
+    from autoglm_app.config import DEMO_MODEL, Settings
+    from autoglm_app.server import create_app, load_engine, serve_in_thread
+
+    settings = Settings(model=str(DEMO_MODEL))
+    engine = load_engine(settings)
+    running = serve_in_thread(create_app(engine, settings))
+    yield running.url
+    running.stop()
+    engine.close()
+
+
+def test_demo_model_example_shows_thinking_answer_and_focus_on_the_named_shape(browser, demo_server, artifacts):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, demo_server)
+    chat = page.locator("#chat")
+    chat.get_by_text("What is in the image?").first.click()
+    expect(chat).to_contain_text("Thinking")
+    # a full reasoning trace and caption: allow a slow, busy CI machine
+    expect(page.locator("#focus-caption")).to_contain_text("whole", timeout=180_000)  # the turn has finished
+    expect(chat).to_contain_text("shape")
+    heatmap = page.locator("#focus-image img")
+    before = heatmap.get_attribute("src")
+    shape_words = page.locator("#words span.token[role=button]").filter(has_text=re.compile("circle|square|triangle"))
+    assert shape_words.count() >= 1
+    shape_words.last.click()
+    expect(heatmap).not_to_have_attribute("src", before)
+    shoot(page, artifacts, "demo-1366x768-focus.png")
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    shoot(page, artifacts, "demo-1920x1080-focus.png")
+    page.close()

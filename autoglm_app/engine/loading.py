@@ -288,7 +288,7 @@ def load_model(
     devices = _resolve_devices(gpus)
     on_gpu = any(isinstance(d, int) for d in devices)
     if family.name != "autoglm":
-        return _load_hf(path, str(name_or_path), family, quantize, devices, gpu_memory, attn_implementation)
+        return _load_hf(path, model_id_of(name_or_path), family, quantize, devices, gpu_memory, attn_implementation)
     qconfig = quantization_config(quantize, on_gpu)
     dtype = model_dtype(quantize, on_gpu)
 
@@ -328,11 +328,16 @@ def load_model(
     return LoadedModel(
         model=model,
         processor=processor,
-        model_id=str(name_or_path),
+        model_id=model_id_of(name_or_path),
         quantize=quantize,
         device_map=device_map,
         plan=plan,
     )
+
+
+def model_id_of(name_or_path: str) -> str:
+    """The id clients see: a hub id as given, a local checkpoint by its folder name."""
+    return os.path.basename(os.path.normpath(name_or_path)) if os.path.isdir(name_or_path) else str(name_or_path)
 
 
 def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu_memory: str | None,
