@@ -15,7 +15,17 @@ from autoglm_app.demo.evaluate import evaluate
 from autoglm_app.engine.core import Engine
 from autoglm_app.engine.loading import load_model
 
-THRESHOLDS = json.loads((DEMO_MODEL / "ci_thresholds.json").read_text()) if (DEMO_MODEL / "ci_thresholds.json").exists() else {}
+# a little below the full evaluation's figures for the shipped checkpoint (docs/PERFORMANCE.md)
+THRESHOLDS = {
+    "questions": 0.30,
+    "captions": 0.10,
+    "identity_en": 0.5,
+    "identity_zh": 0.5,
+    "format_thinking_on": 0.95,
+    "format_thinking_off": 0.95,
+    "pointing": 0.40,
+    "expert_cv_max": 0.8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +42,7 @@ def test_checkpoint_is_small_fp16_safetensors_with_processor():
     assert weights.stat().st_size <= 20 * 2**20
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     assert config["model_type"] == "autoglm" and config["dtype"] == "float16"
-    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja", "README.md"):
+    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja"):
         assert (DEMO_MODEL / name).exists(), name
 
 
