@@ -17,14 +17,14 @@ from autoglm_app.engine.loading import load_model
 
 # a little below the full evaluation's figures for the shipped checkpoint (docs/PERFORMANCE.md)
 THRESHOLDS = {
-    "questions": 0.30,
-    "captions": 0.10,
-    "identity_en": 0.5,
-    "identity_zh": 0.5,
-    "format_thinking_on": 0.95,
-    "format_thinking_off": 0.95,
-    "pointing": 0.40,
-    "expert_cv_max": 0.8,
+    "questions": 0.38,  # full evaluation: 0.51
+    "captions": 0.38,  # 0.504
+    "identity_en": 1.0,  # 1.0
+    "identity_zh": 1.0,  # 1.0
+    "format_thinking_on": 1.0,  # 1.0
+    "format_thinking_off": 1.0,  # 1.0
+    "pointing": 0.25,  # 0.535 (few pointing questions in 50 scenes: a wide margin)
+    "expert_cv_max": 0.55,  # max 0.41
 }
 
 
@@ -42,7 +42,7 @@ def test_checkpoint_is_small_fp16_safetensors_with_processor():
     assert weights.stat().st_size <= 20 * 2**20
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     assert config["model_type"] == "autoglm" and config["dtype"] == "float16"
-    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "processor_config.json", "chat_template.jinja", "README.md"):
         assert (DEMO_MODEL / name).exists(), name
 
 

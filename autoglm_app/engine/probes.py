@@ -63,7 +63,7 @@ class FocusProbe:
     def take(self) -> np.ndarray:
         """(layers, K) rows recorded during the last forward, then cleared."""
         layers = sorted(self.rows)
-        out = torch.stack([self.rows[i].cpu() for i in layers]).numpy() if layers else np.zeros((0, 0))
+        out = RoutingProbe._stack([self.rows[i] for i in layers]).numpy() if layers else np.zeros((0, 0))
         self.rows.clear()
         return out
 
@@ -137,25 +137,37 @@ class RoutingProbe:
 
     def collect(self) -> list[tuple[int, list[int], list[float]]]:
         """Fold the last forward into the running counts; return the newest token's route per layer."""
-        newest = []
-        for slot in sorted(self._step):
-            experts, weights, kept = (t.cpu() for t in self._step[slot])
-            n = experts.shape[0]
-            e = experts.numpy()
-            kept_np = kept.numpy()
-            counts = np.bincount(e[kept_np], minlength=self.E)
-            self.load[self.phase][slot] += counts
-            self.dropped[slot] += int((~kept_np).sum())
-            mod = self.modality.numpy() if self.modality is not None and self.modality.numel() == n else np.zeros(n, int)
-            for m, name in enumerate(self.MODALITIES):
-                sel = (mod == m)[:, None] & kept_np
-                if sel.any():
-                    self.by_modality[name][slot] += np.bincount(e[sel], minlength=self.E)
-            newest.append((self.layer_ids[slot], e[-1].tolist(), [round(float(w), 5) for w in weights[-1]]))
-            if slot == 0:
-                self.tokens[self.phase] += n
+        if not self._step:
+            return []
+        slots = sorted(self._step)
+        experts, weights, kept = (self._stack([self._step[s][i] for s in slots]) for i in range(3))  # (L, N, k)
+        weights = weights.float()
         self._step.clear()
-        return newest
+        L, n, _ = experts.shape
+        e = experts.numpy()
+        kept_np = kept.numpy().astype(bool)
+        flat = e + (np.asarray(slots)[:, None, None] * self.E)  # expert id per (layer, token, choice)
+        counts = np.bincount(flat[kept_np], minlength=self.E * len(self.routers)).reshape(-1, self.E)
+        self.load[self.phase] += counts
+        self.dropped[slots] += (~kept_np).sum(axis=(1, 2))
+        mod = self.modality.numpy() if self.modality is not None and self.modality.numel() == n else None
+        if mod is None or not mod.any():
+            self.by_modality["text"] += counts
+        else:
+            for m, name in enumerate(self.MODALITIES):
+                sel = (mod == m)[None, :, None] & kept_np
+                if sel.any():
+                    self.by_modality[name] += np.bincount(flat[sel], minlength=counts.size).reshape(counts.shape)
+        self.tokens[self.phase] += n
+        last_w = weights[:, -1].numpy().round(5)
+        return [(self.layer_ids[s], e[i, -1].tolist(), last_w[i].tolist()) for i, s in enumerate(slots)]
+
+    @staticmethod
+    def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One host copy for all layers when they share a device (one copy per layer otherwise)."""
+        if all(t.device == tensors[0].device for t in tensors):
+            return torch.stack(tensors).cpu()
+        return torch.stack([t.cpu() for t in tensors])
 
     def snapshot(self) -> dict:
         total = self.load["prefill"] + self.load["decode"]
@@ -169,14 +181,30 @@ class RoutingProbe:
             "total": total.tolist(),
             "by_modality": {m: v.tolist() for m, v in self.by_modality.items()},
             "dropped": self.dropped.tolist(),
-            "cv": [balance_cv(row) for row in total],
-            "entropy": [balance_entropy(row) for row in total],
+            "cv": balance_cv_rows(total),
+            "entropy": balance_entropy_rows(total),
         }
 
 
 def _read_autoglm_route(module, args, output) -> tuple:
     _, experts, weights, kept = output
     return experts, weights, kept
+
+
+def balance_cv_rows(load: np.ndarray) -> list[float]:
+    """balance_cv of each row of a (layers, experts) load, vectorised."""
+    mean = load.mean(axis=1)
+    return np.where(mean > 0, load.std(axis=1) / np.maximum(mean, 1e-12), 0.0).tolist()
+
+
+def balance_entropy_rows(load: np.ndarray) -> list[float]:
+    """balance_entropy of each row of a (layers, experts) load, vectorised."""
+    if load.shape[1] < 2:
+        return [0.0] * load.shape[0]
+    total = load.sum(axis=1, keepdims=True)
+    p = load / np.maximum(total, 1)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return np.where(total[:, 0] > 0, -plogp.sum(axis=1) / math.log(load.shape[1]), 0.0).tolist()
 
 
 def balance_cv(load: np.ndarray) -> float:
