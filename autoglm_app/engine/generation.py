@@ -187,7 +187,8 @@ class Generation:
                     finish = "stop"
                     break
                 generated.append(token)
-                seen = torch.cat([seen, torch.tensor([token])])
+                if opts.repetition_penalty != 1.0:  # only the penalty reads what was seen
+                    seen = torch.cat([seen, torch.tensor([token])])
                 delta = decoder.push(token)
                 pieces = splitter.feed(delta)
                 phase = pieces[-1][0] if pieces else splitter.phase

@@ -32,6 +32,7 @@ class FocusProbe:
         positions += [torch.arange(s.start, s.start + s.frames) for s in audio_spans]
         self.positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (K,) head-mean attention of the newest query
+        self._keys: dict[tuple, torch.Tensor] = {}  # (device, memory slots) -> key indices, built once
         self.mode = "sdpa+probe"
 
     def __enter__(self) -> "FocusProbe":
@@ -46,7 +47,9 @@ class FocusProbe:
     def __call__(self, layer: int, q, k, mask, probs, n_mem: int) -> None:
         if self.positions.numel() == 0:
             return
-        keys = self.positions.to(k.device) + n_mem
+        keys = self._keys.get((k.device, n_mem))
+        if keys is None:
+            keys = self._keys[(k.device, n_mem)] = self.positions.to(k.device) + n_mem
         if probs is not None:  # eager attention computed the full rows already
             self.mode = "eager"
             row = probs[0, :, -1, :].float()  # (H, S)
