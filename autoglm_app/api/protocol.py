@@ -345,7 +345,7 @@ def image_focus(event: Focus) -> list[ImageFocus]:
 
 def token_routing(event: Routing) -> TokenRouting:
     return TokenRouting(token=event.token, index=event.index,
-                        layers=[LayerRouting(layer=r.layer, experts=list(r.experts), weights=list(r.weights))
+                        layers=[LayerRouting(layer=r.layer, experts=list(r.experts), weights=[round(float(w), 5) for w in r.weights])
                                 for r in event.layers])
 
 

@@ -12,7 +12,7 @@ The UI and the API are two renderers of this stream; neither touches the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from PIL import Image
@@ -111,13 +111,24 @@ class LayerRoute:
 
 @dataclass
 class Routing:
-    """Experts chosen for one generated token, plus the running load so far."""
+    """Experts chosen for one generated token, plus the running load so far.
+
+    ``load`` (see probes.RoutingProbe.snapshot(): per-layer counts and balance figures) may be
+    handed over as a zero-argument function that builds it: most consumers read only the newest
+    record's load, so the engine does not spend time building every token's dict.
+    """
 
     index: int
     token: str
     phase: Literal["reasoning", "answer"]
     layers: list[LayerRoute]
-    load: dict  # see probes.RoutingProbe.snapshot(): per-layer counts and balance figures
+    load_source: dict | Callable[[], dict] = field(default_factory=dict, repr=False)
+
+    @property
+    def load(self) -> dict:
+        if callable(self.load_source):
+            self.load_source = self.load_source()
+        return self.load_source
 
 
 @dataclass

@@ -202,7 +202,7 @@ class Generation:
                     self._emit_focus(focus, idx, delta, phase, rule, layers)
                 if routing._handles:
                     route = routing.collect()
-                    self.emit(Routing(idx, delta, phase, [LayerRoute(*r) for r in route], routing.snapshot()))
+                    self.emit(Routing(idx, delta, phase, [LayerRoute(*r) for r in route], routing.frozen()))
                 if any(s and s in text_answer for s in opts.stop):
                     finish = "stop"
                     break
@@ -210,7 +210,7 @@ class Generation:
                     finish = "length"
                     break
                 routing.phase = "decode"
-                routing.modality = torch.zeros(1, dtype=torch.long)
+                routing.modality = None  # decode tokens are text
                 out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
                             use_cache=True, logits_to_keep=1,
                             **family.forward_kwargs(getattr(out, "memory_state", None)))

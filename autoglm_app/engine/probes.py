@@ -31,6 +31,9 @@ class FocusProbe:
         positions = [torch.arange(s.start, s.start + s.rows * s.cols) for s in image_spans]
         positions += [torch.arange(s.start, s.start + s.frames) for s in audio_spans]
         self.positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
+        # when the spans are back to back (one image, or media placed together) a slice replaces the gather
+        n = self.positions.numel()
+        self._contiguous = bool(n) and int(self.positions[-1] - self.positions[0]) == n - 1
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (K,) head-mean attention of the newest query
         self._keys: dict[tuple, torch.Tensor] = {}  # (device, memory slots) -> key indices, built once
         self.mode = "sdpa+probe"
@@ -45,30 +48,72 @@ class FocusProbe:
             m.focus_probe = None
 
     def __call__(self, layer: int, q, k, mask, probs, n_mem: int) -> None:
+        """Called inside each attention layer: keep references only; ``take`` does the arithmetic
+        for all layers at once after the forward (one batched computation per token instead of
+        one per layer)."""
         if self.positions.numel() == 0:
             return
-        keys = self._keys.get((k.device, n_mem))
-        if keys is None:
-            keys = self._keys[(k.device, n_mem)] = self.positions.to(k.device) + n_mem
         if probs is not None:  # eager attention computed the full rows already
             self.mode = "eager"
-            row = probs[0, :, -1, :].float()  # (H, S)
+            self.rows[layer] = ("probs", probs[0, :, -1, :], n_mem)
         else:
-            B, H, T, D = q.shape
-            g = H // k.shape[1]
-            ql = q[0, :, -1, :].float().view(k.shape[1], g, D)  # (Hkv, g, D)
-            scores = torch.einsum("kgd,ksd->kgs", ql, k[0].float()) * (D**-0.5)
-            if mask is not None:
-                scores = scores.masked_fill(~mask[0, 0, -1].to(scores.device), float("-inf"))
-            row = scores.softmax(-1).reshape(H, -1)
-        self.rows[layer] = row.index_select(1, keys).mean(0)
+            m = mask[0, 0, -1] if mask is not None else None
+            self.rows[layer] = ("qk", q[0, :, -1, :], k[0], m, n_mem)
+
+    def _key_index(self, device, n_mem: int) -> torch.Tensor:
+        keys = self._keys.get((device, n_mem))
+        if keys is None:
+            keys = self._keys[(device, n_mem)] = self.positions.to(device) + n_mem
+        return keys
 
     def take(self) -> np.ndarray:
-        """(layers, K) rows recorded during the last forward, then cleared."""
+        """(layers, K) head-mean attention of the newest query on the image/audio keys, for the
+        layers recorded during the last forward, then cleared."""
+        if not self.rows:
+            return np.zeros((0, 0))
         layers = sorted(self.rows)
-        out = RoutingProbe._stack([self.rows[i] for i in layers]).numpy() if layers else np.zeros((0, 0))
+        # layers that share device, key length and head layout are computed as one batch
+        groups: dict[tuple, list[int]] = {}
+        for i in layers:
+            r = self.rows[i]
+            if r[0] == "probs":
+                key = ("probs", r[1].device, tuple(r[1].shape), r[2])
+            else:
+                key = ("qk", r[2].device, tuple(r[1].shape), tuple(r[2].shape), r[3] is None, r[4])
+            groups.setdefault(key, []).append(i)
+        out: dict[int, torch.Tensor] = {}
+        for key, ids in groups.items():
+            recs = [self.rows[i] for i in ids]
+            if key[0] == "probs":
+                row = torch.stack([r[1] for r in recs]).float()  # (L, H, S)
+                n_mem = key[3]
+            else:
+                q = torch.stack([r[1] for r in recs]).float()  # (L, H, D)
+                k = torch.stack([r[2] for r in recs]).float()  # (L, Hkv, S, D)
+                L, H, D = q.shape
+                hkv = k.shape[1]
+                S = k.shape[2]
+                scores = torch.baddbmm(q.new_empty(()), q.view(L * hkv, H // hkv, D),
+                                       k.view(L * hkv, S, D).transpose(1, 2), beta=0.0, alpha=D**-0.5)
+                scores = scores.view(L, hkv, H // hkv, S)
+                if recs[0][3] is not None:
+                    allowed = torch.stack([r[3] for r in recs]).to(scores.device)  # (L, S)
+                    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+                row = scores.softmax(-1).view(L, H, -1)
+                n_mem = key[5]
+            head_mean = row.mean(1)  # (L, S)
+            if self._contiguous:
+                start = int(self.positions[0]) + n_mem
+                picked = head_mean[:, start : start + self.positions.numel()]  # (L, K)
+            else:
+                picked = head_mean.index_select(1, self._key_index(row.device, n_mem))
+            if len(groups) == 1:  # the usual case: one batch, already in layer order
+                self.rows.clear()
+                return picked.cpu().numpy()
+            for j, i in enumerate(ids):
+                out[i] = picked[j]
         self.rows.clear()
-        return out
+        return RoutingProbe._stack([out[i] for i in layers]).numpy()
 
     def split(self, per_layer: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(layers, K) -> per image (layers, rows, cols) and per recording (layers, frames)."""
@@ -91,9 +136,9 @@ def aggregate(per_layer: np.ndarray, rule: str = "mean", layers: tuple[int, int]
             raise ValueError(f"focus layer range {layers} is outside 0..{per_layer.shape[0]}")
         per_layer = per_layer[start:end]
     if rule == "max":
-        return per_layer.max(0)
-    if rule == "mean":
-        return per_layer.mean(0)
+        return np.maximum.reduce(per_layer, axis=0)
+    if rule == "mean":  # add.reduce: the same mean without np.mean's per-call overhead (a hot path)
+        return np.add.reduce(per_layer, axis=0) * (1.0 / per_layer.shape[0])
     raise ValueError(f"unknown focus aggregation {rule!r}: use 'mean' or 'max'")
 
 
@@ -119,6 +164,7 @@ class RoutingProbe:
         self.phase = "prefill"
         self.modality: torch.Tensor | None = None  # (N,) 0 text, 1 image, 2 audio for the current forward
         self._step: dict[int, tuple] = {}
+        self._offsets = (np.arange(L) * num_experts)[:, None, None]
         self._handles: list = []
 
     def __enter__(self) -> "RoutingProbe":
@@ -133,8 +179,7 @@ class RoutingProbe:
 
     def _hook(self, slot: int):
         def hook(module, args, output):
-            experts, weights, kept = self.read_route(module, args, output)
-            self._step[slot] = (experts.detach(), weights.detach(), kept.detach())
+            self._step[slot] = self.read_route(module, args, output)  # (runs under inference_mode: no graph)
 
         return hook
 
@@ -144,26 +189,34 @@ class RoutingProbe:
             return []
         slots = sorted(self._step)
         experts, weights, kept = (self._stack([self._step[s][i] for s in slots]) for i in range(3))  # (L, N, k)
-        weights = weights.float()
         self._step.clear()
         L, n, _ = experts.shape
         e = experts.numpy()
-        kept_np = kept.numpy().astype(bool)
-        flat = e + (np.asarray(slots)[:, None, None] * self.E)  # expert id per (layer, token, choice)
-        counts = np.bincount(flat[kept_np], minlength=self.E * len(self.routers)).reshape(-1, self.E)
+        kept_np = kept.numpy().astype(bool, copy=False)
+        if len(slots) == len(self.routers):  # every router ran (always, for a full forward)
+            offsets = self._offsets
+        else:
+            offsets = np.asarray(slots)[:, None, None] * self.E
+        flat = e + offsets  # expert id per (layer, token, choice)
+        all_kept = kept_np.all()
+        counts = np.bincount(flat.ravel() if all_kept else flat[kept_np],
+                             minlength=self.E * len(self.routers)).reshape(-1, self.E)
         self.load[self.phase] += counts
-        self.dropped[slots] += (~kept_np).sum(axis=(1, 2))
-        mod = self.modality.numpy() if self.modality is not None and self.modality.numel() == n else None
-        if mod is None or not mod.any():
+        if not all_kept:
+            self.dropped[slots] += (~kept_np).sum(axis=(1, 2))
+        mod = self.modality  # None: every token is text (decode steps)
+        if mod is None or mod.numel() != n or not bool(mod.any()):
             self.by_modality["text"] += counts
         else:
+            mod = mod.numpy()
             for m, name in enumerate(self.MODALITIES):
                 sel = (mod == m)[None, :, None] & kept_np
                 if sel.any():
                     self.by_modality[name] += np.bincount(flat[sel], minlength=counts.size).reshape(counts.shape)
         self.tokens[self.phase] += n
-        last_w = weights[:, -1].numpy().round(5)
-        return [(self.layer_ids[s], e[i, -1].tolist(), last_w[i].tolist()) for i, s in enumerate(slots)]
+        last_e = e[:, -1].tolist()
+        last_w = weights[:, -1].float().tolist()
+        return [(self.layer_ids[s], last_e[i], last_w[i]) for i, s in enumerate(slots)]
 
     @staticmethod
     def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -173,20 +226,32 @@ class RoutingProbe:
         return torch.stack([t.cpu() for t in tensors])
 
     def snapshot(self) -> dict:
-        total = self.load["prefill"] + self.load["decode"]
-        return {
-            "layers": self.layer_ids,
-            "experts": self.E,
-            "top_k": self.k,
-            "tokens": dict(self.tokens),
-            "prefill": self.load["prefill"].tolist(),
-            "decode": self.load["decode"].tolist(),
-            "total": total.tolist(),
-            "by_modality": {m: v.tolist() for m, v in self.by_modality.items()},
-            "dropped": self.dropped.tolist(),
-            "cv": balance_cv_rows(total),
-            "entropy": balance_entropy_rows(total),
-        }
+        return self.frozen()()
+
+    def frozen(self):
+        """A function that builds ``snapshot()`` as of now, later: copies of the counts are all
+        that is taken on the hot path."""
+        pre, dec = self.load["prefill"].copy(), self.load["decode"].copy()
+        mods = {m: v.copy() for m, v in self.by_modality.items()}
+        dropped, tokens = self.dropped.copy(), dict(self.tokens)
+
+        def build() -> dict:
+            total = pre + dec
+            return {
+                "layers": self.layer_ids,
+                "experts": self.E,
+                "top_k": self.k,
+                "tokens": tokens,
+                "prefill": pre.tolist(),
+                "decode": dec.tolist(),
+                "total": total.tolist(),
+                "by_modality": {m: v.tolist() for m, v in mods.items()},
+                "dropped": dropped.tolist(),
+                "cv": balance_cv_rows(total),
+                "entropy": balance_entropy_rows(total),
+            }
+
+        return build
 
 
 def _read_autoglm_route(module, args, output) -> tuple:
@@ -195,19 +260,24 @@ def _read_autoglm_route(module, args, output) -> tuple:
 
 
 def balance_cv_rows(load: np.ndarray) -> list[float]:
-    """balance_cv of each row of a (layers, experts) load, vectorised."""
-    mean = load.mean(axis=1)
-    return np.where(mean > 0, load.std(axis=1) / np.maximum(mean, 1e-12), 0.0).tolist()
+    """balance_cv of each row of a (layers, experts) load, vectorised (runs once per token, so
+    written with bare ufunc reductions rather than np.mean / np.std)."""
+    x = load.astype(np.float64)
+    E = x.shape[1]
+    mean = np.add.reduce(x, axis=1) / E
+    var = np.add.reduce(x * x, axis=1) / E - mean * mean
+    std = np.sqrt(np.maximum(var, 0.0))
+    return (std / np.maximum(mean, 1e-12) * (mean > 0)).tolist()
 
 
 def balance_entropy_rows(load: np.ndarray) -> list[float]:
     """balance_entropy of each row of a (layers, experts) load, vectorised."""
     if load.shape[1] < 2:
         return [0.0] * load.shape[0]
-    total = load.sum(axis=1, keepdims=True)
-    p = load / np.maximum(total, 1)
-    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    return np.where(total[:, 0] > 0, -plogp.sum(axis=1) / math.log(load.shape[1]), 0.0).tolist()
+    total = np.add.reduce(load, axis=1)
+    p = load / np.maximum(total, 1)[:, None]
+    plogp = p * np.log(p + (p == 0))  # 0 log 0 = 0
+    return (0.0 - np.add.reduce(plogp, axis=1) / math.log(load.shape[1])).tolist()
 
 
 def balance_cv(load: np.ndarray) -> float:
