@@ -24,6 +24,7 @@ import torch
 
 from ..config import DEMO_MODEL, ROOT
 from ..modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMProcessor, build_tokenizer
+from .aux import AuxHeads, cell_labels, question_labels
 from .data import collate, corpus, encode, make_sample
 
 log = logging.getLogger("autoglm.train")
@@ -82,9 +83,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100, time_progress: 
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(path: Path, model, opt, step: int, elapsed: float = 0.0) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, elapsed: float = 0.0, aux=None) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, tmp)
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
+    if aux is not None:
+        state["aux"] = aux.state_dict()
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="time budget: the LR schedule follows time used and training stops when it is spent")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-export", action="store_true")
+    p.add_argument("--aux", type=float, default=0.5,
+                   help="weight of the auxiliary encoder losses (per-cell shape/colour from the image "
+                        "features, question slots from the speech features); 0 turns them off")
+    p.add_argument("--spoken-p", type=float, default=0.25, help="share of English questions given as speech")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from this run's checkpoint weights (a new schedule and data stream; "
                         "use with a new --out and --seed to continue training in a second stage)")
@@ -139,11 +147,17 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = build(args.out)
         model.config.to_json_file(str(args.out / "config.json"))
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    aux = AuxHeads(model.config.hidden_size, model.config.image_size // model.config.patch_size).to(device)
+    if args.aux > 0:
+        aux.attach(model)
+    params = list(model.parameters()) + (list(aux.parameters()) if args.aux > 0 else [])
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start, spent = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device)
         model.load_state_dict(state["model"])
+        if "aux" in state:
+            aux.load_state_dict(state["aux"])
         opt.load_state_dict(state["opt"])
         start, spent = state["step"], state.get("elapsed", 0.0)
         log.info("resumed at step %d after %.1f min", start, spent / 60)
@@ -158,30 +172,38 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.time() - t0
         lr = lr_at(step, args.steps, args.lr, time_progress=elapsed / budget if budget else 0.0)
         rng = random.Random(args.seed * 1_000_003 + step)
-        samples = [make_sample(rng) for _ in range(args.batch)]
+        samples = [make_sample(rng, spoken_p=args.spoken_p) for _ in range(args.batch)]
         batch = collate([encode(processor, s) for s in samples], processor.tokenizer.pad_token_id,
                         processor.num_mel_bins)
         batch = {k: v.to(device) for k, v in batch.items()}
         for group in opt.param_groups:
             group["lr"] = lr
         out = model(**batch, use_cache=False)
+        loss, parts = out.loss, {}
+        if args.aux > 0:
+            cells = [cell_labels(s.scene) for s in samples if s.images]
+            questions = [question_labels(s.qa) for s in samples if s.audios]
+            aux_loss, parts = aux.loss(torch.tensor(cells, device=device) if cells else None,
+                                       torch.tensor(questions, device=device) if questions else None)
+            loss = loss + args.aux * aux_loss
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         tokens += int(batch["attention_mask"].sum())
         if step % 20 == 0 or step == args.steps - 1:
-            log.info("step %5d  loss %.4f  aux %.3f  lr %.2e  %.0f tok/s  %.1f min",
-                     step, out.loss.item(), out.aux_loss.item(), lr, tokens / max(time.time() - t0 - spent, 1e-9),
-                     (time.time() - t0) / 60)
+            extra = "  ".join(f"{k} {float(v.detach()):.3f}" for k, v in parts.items())
+            log.info("step %5d  loss %.4f  balance %.3f  %s  lr %.2e  %.0f tok/s  %.1f min",
+                     step, out.loss.item(), out.aux_loss.item(), extra, lr,
+                     tokens / max(time.time() - t0 - spent, 1e-9), (time.time() - t0) / 60)
         if (step + 1) % 50 == 0:
-            save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0)
+            save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0, aux)
         if budget and time.time() - t0 > budget:
-            save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0)
+            save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0, aux)
             log.info("time budget used at step %d; the schedule has finished", step + 1)
             break
     else:
-        save_checkpoint(ckpt, model, opt, args.steps, time.time() - t0)
+        save_checkpoint(ckpt, model, opt, args.steps, time.time() - t0, aux)
     if not args.no_export:
         export(model.cpu(), processor, args.export)
 
