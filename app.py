@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from autoglm_app.server import create_app, load_engine
+    from autoglm_app.server import create_app, load_engine, startup_warnings
 
+    for warning in startup_warnings(settings):
+        log.warning("%s", warning)
     log.info("loading %s", settings.model)
     engine = load_engine(settings)
     app = create_app(engine, settings)

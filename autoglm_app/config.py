@@ -35,12 +35,27 @@ class Settings:
     max_queue: int = 16
     context_limit: int = 8192
     max_audio_seconds: float = 30.0
+    # limits on what one request may carry (see README "Limits")
+    max_upload_mb: float = 16.0  # one image or recording (decoded bytes; also the page's upload limit)
+    max_body_mb: float = 25.0  # one API request body
+    max_image_pixels: int = 40_000_000  # width x height of one image, checked before decoding the pixels
+    max_images_per_turn: int = 8  # images in one user message
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call /v1; none by default
+    trust_remote_code: bool = False  # let transformers run a checkpoint's own Python code (off unless asked)
     plan: bool = False
     model_config: str | None = None
     backend: str = "local"  # "local": the in-process engine; "openai": forward to --base-url
     base_url: str | None = None  # an OpenAI-compatible server (vLLM, SGLang), e.g. http://gpu-host:8000/v1
     remote_api_key: str | None = None  # the key that server wants
     asr_model: str | None = None  # Whisper hub id or directory: speech -> text for models that do not hear
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
 
 def _env(name: str, default=None):
@@ -83,7 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the API fetch http(s) image URLs")
     p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "16")))
     p.add_argument("--context-limit", type=int, default=int(_env("CONTEXT_LIMIT", "8192")))
-    p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", "30")))
+    p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", "30")),
+                   help="longest recording accepted, in seconds")
+    p.add_argument("--max-upload-mb", type=float, default=float(_env("MAX_UPLOAD_MB", "16")),
+                   help="largest image or recording accepted, in MiB")
+    p.add_argument("--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", "25")),
+                   help="largest API request body accepted, in MiB")
+    p.add_argument("--max-image-pixels", type=int, default=int(_env("MAX_IMAGE_PIXELS", "40000000")),
+                   help="most pixels (width x height) in one image")
+    p.add_argument("--max-images-per-turn", type=int, default=int(_env("MAX_IMAGES_PER_TURN", "8")),
+                   help="most images in one user message")
+    p.add_argument("--cors-origins", default=_env("CORS_ORIGINS", ""),
+                   help="comma-separated browser origins allowed to call the API cross-origin (default: none)")
+    p.add_argument("--trust-remote-code", action="store_true", default=_bool(_env("TRUST_REMOTE_CODE", "0")),
+                   help="let transformers run Python code shipped with a hub checkpoint (off by default)")
     p.add_argument("--backend", default=_env("BACKEND", "local"), choices=["local", "openai"],
                    help="local: load --model in this process; openai: forward to the server at --base-url "
                         "(focus and routing panels need local)")
@@ -97,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    for name in ("max_queue", "context_limit", "max_image_pixels", "max_images_per_turn"):
+        if getattr(a, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_audio_seconds", "max_upload_mb", "max_body_mb"):
+        if not getattr(a, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     return Settings(
         model=a.model,
         quantize=a.quantize,
@@ -113,6 +148,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         max_queue=a.max_queue,
         context_limit=a.context_limit,
         max_audio_seconds=a.max_audio_seconds,
+        max_upload_mb=a.max_upload_mb,
+        max_body_mb=a.max_body_mb,
+        max_image_pixels=a.max_image_pixels,
+        max_images_per_turn=a.max_images_per_turn,
+        cors_origins=[o.strip() for o in (a.cors_origins or "").split(",") if o.strip()],
+        trust_remote_code=a.trust_remote_code,
         plan=a.plan,
         model_config=a.model_config,
         backend=a.backend,

@@ -7,6 +7,8 @@ runs it with uvicorn in the background (tests, notebooks).
 
 from __future__ import annotations
 
+import inspect
+import ipaddress
 import logging
 import socket
 import threading
@@ -36,7 +38,8 @@ def load_engine(settings: Settings):
         model = settings.model if settings.model not in (SMALL_MODEL, default_model()) else None
         return RemoteEngine(settings.base_url, model=model, api_key=settings.remote_api_key,
                             max_queue=settings.max_queue, context_limit=settings.context_limit,
-                            max_audio_seconds=settings.max_audio_seconds, asr=asr)
+                            max_audio_seconds=settings.max_audio_seconds, max_images=settings.max_images_per_turn,
+                            asr=asr)
     if settings.backend != "local":
         raise SystemExit(f"unknown --backend {settings.backend!r}: use local or openai")
     if settings.model == SMALL_MODEL:
@@ -47,13 +50,46 @@ def load_engine(settings: Settings):
         loaded = LoadedModel(model=model, processor=processor, model_id="autoglm-small-random",
                              quantize="fp32", device_map=None, plan=None)
     else:
+        extra = {}
+        if "trust_remote_code" in inspect.signature(load_model).parameters:
+            extra["trust_remote_code"] = settings.trust_remote_code
+        elif settings.trust_remote_code:
+            log.warning("--trust-remote-code is not supported by this loader: ignored")
         loaded = load_model(settings.model, quantize=settings.quantize, gpus=settings.gpus,
-                            gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation)
+                            gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation, **extra)
     engine = Engine(loaded, max_queue=settings.max_queue, context_limit=settings.context_limit,
-                    max_audio_seconds=settings.max_audio_seconds)
+                    max_audio_seconds=settings.max_audio_seconds, max_images=settings.max_images_per_turn,
+                    max_image_pixels=settings.max_image_pixels)
     if asr is not None:
         engine.transcribe = asr.transcribe  # for the UI: recording -> editable transcript
     return engine
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.1, ::1, localhost: reachable from this machine only."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What an operator should hear before the server opens: exposure without a key, open CORS, remote code."""
+    out = []
+    exposed = not is_loopback(settings.host) or settings.share
+    if exposed and not settings.api_key:
+        where = "a public share link" if settings.share else f"{settings.host}:{settings.port}"
+        out.append(f"listening on {where} (beyond loopback) without --api-key: anyone who can reach it can use "
+                   "the API and the page; set --api-key (AUTOGLM_API_KEY) or --host 127.0.0.1")
+    if "*" in settings.cors_origins:
+        out.append("--cors-origins '*': any web page a visitor opens can call this API from their browser")
+    if exposed and settings.allow_remote_images:
+        out.append("--allow-remote-images on a reachable server: clients can make it fetch URLs on its network")
+    if settings.trust_remote_code:
+        out.append("--trust-remote-code: Python code shipped with the checkpoint will run in this process")
+    return out
 
 
 def create_app(engine, settings: Settings, ui: bool = True):
@@ -62,6 +98,12 @@ def create_app(engine, settings: Settings, ui: bool = True):
     from .api.routes import mount_api
 
     app = FastAPI(title="AutoGLM Studio", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    if settings.cors_origins:  # closed by default: browsers on other origins get no CORS headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     mount_api(app, engine, settings)
     if ui:
         from .ui.app import mount_ui

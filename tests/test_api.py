@@ -533,15 +533,18 @@ def test_declared_body_over_the_limit_gets_413_before_it_is_sent(api_url):
     assert_serves(api_url)
 
 
-def test_actual_body_over_the_limit_gets_413_without_content_length(api_url, monkeypatch):
-    monkeypatch.setattr(routes, "MAX_BODY_BYTES", 64 * 1024)
+def test_actual_body_over_the_limit_gets_413_without_content_length(engine):
+    running = serve(engine, max_body_mb=1 / 16)  # --max-body-mb: 64 KiB
 
     def chunked():  # no Content-Length: only the bytes read can tell
         yield json.dumps(body(messages=[{"role": "user", "content": "x" * 100_000}])).encode()
 
-    r = httpx.post(api_url + "/v1/chat/completions", content=chunked(), timeout=10)
-    assert_error(r, 413, "request_too_large")
-    assert_serves(api_url)
+    try:
+        r = httpx.post(running.url + "/v1/chat/completions", content=chunked(), timeout=10)
+        assert_error(r, 413, "request_too_large")
+        assert_serves(running.url)
+    finally:
+        running.stop()
 
 
 def test_an_image_with_too_many_pixels_gets_413(api_url):
@@ -551,11 +554,14 @@ def test_an_image_with_too_many_pixels_gets_413(api_url):
     assert_serves(api_url)
 
 
-def test_a_recording_over_the_media_limit_gets_413(api_url, monkeypatch):
-    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 4096)
+def test_a_recording_over_the_media_limit_gets_413(engine):
+    running = serve(engine, max_upload_mb=4096 / 2**20)  # --max-upload-mb: 4 KiB
     part = {"type": "input_audio", "input_audio": {"data": audio_b64(seconds=1.0), "format": "wav"}}
-    assert_error(post(api_url, body(messages=[user(part)])), 413, "media_too_large")
-    assert_serves(api_url)
+    try:
+        assert_error(post(running.url, body(messages=[user(part)])), 413, "media_too_large")
+        assert_serves(running.url)
+    finally:
+        running.stop()
 
 
 def test_a_full_queue_gets_429_with_retry_after():

@@ -371,6 +371,25 @@ def test_round_robin_across_sessions_and_interactive_before_batch(small):
     assert order[-1] == "batch"
 
 
+def test_new_sessions_do_not_overtake_a_returning_session(small):
+    """Anonymous API calls each get a fresh session; they must queue behind a returning user
+    (a UI tab on its second turn) who was already waiting, not jump ahead of them."""
+    eng = make_engine(*small, max_queue=10)
+    try:
+        assert isinstance(eng.run(ask(session="tab", max_new_tokens=1))[-1], Done)  # the tab's first turn
+        blocker = eng.submit(ask(max_new_tokens=4000, min_new_tokens=4000, session="blocker"))
+        next(e for e in blocker.events() if isinstance(e, Routing))
+        handles = [("tab", eng.submit(ask(session="tab", max_new_tokens=1)))]
+        handles += [(f"anon{i}", eng.submit(ask(session=f"anon-{i}", max_new_tokens=1))) for i in range(3)]
+        positions = {name: next(e.position for e in h.events() if isinstance(e, Queued)) for name, h in handles}
+        blocker.cancel()
+        for _, h in handles:
+            assert isinstance(list(h.events())[-1], Done)
+    finally:
+        eng.close()
+    assert positions["tab"] == 1 and sorted(positions.values()) == [1, 2, 3, 4], positions
+
+
 def test_media_placeholders_are_never_sampled(engine, small, monkeypatch):
     processor = small[1]
     banned = [processor.image_token_id, processor.audio_token_id, processor.boi, processor.eoa,

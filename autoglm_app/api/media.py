@@ -14,42 +14,78 @@ import base64
 import binascii
 import io
 import logging
-import warnings
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy as np
 import soundfile as sf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..engine.events import Audio
+from ..engine.events import Audio, BadRequest
+from ..engine.inputs import ImageTooLarge
+from ..engine.inputs import open_image as read_image_bytes
 
 log = logging.getLogger(__name__)
 
-MAX_MEDIA_BYTES = 16 * 2**20  # one decoded image or recording
-MAX_IMAGE_PIXELS = 40_000_000  # the engine's limit too (engine/inputs.py)
+MAX_MEDIA_BYTES = 16 * 2**20  # default for one decoded image or recording (--max-upload-mb)
+MAX_IMAGE_PIXELS = 40_000_000  # default (--max-image-pixels); the engine checks it too (engine/inputs.py)
+MAX_AUDIO_SECONDS = 30.0  # default (--max-audio-seconds)
 REMOTE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What one image or recording may be (the server builds this from its settings).
+
+    ``None`` fields fall back to the module defaults above, read at call time."""
+
+    max_bytes: int | None = None
+    max_pixels: int | None = None
+    max_audio_seconds: float | None = None
+
+    @property
+    def bytes(self) -> int:
+        return self.max_bytes if self.max_bytes is not None else MAX_MEDIA_BYTES
+
+    @property
+    def pixels(self) -> int:
+        return self.max_pixels if self.max_pixels is not None else MAX_IMAGE_PIXELS
+
+    @property
+    def seconds(self) -> float:
+        return self.max_audio_seconds if self.max_audio_seconds is not None else MAX_AUDIO_SECONDS
+
+    @classmethod
+    def from_settings(cls, settings) -> MediaLimits:
+        return cls(settings.max_upload_bytes, settings.max_image_pixels, settings.max_audio_seconds)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB"
 
 
 class MediaError(ValueError):
     """An image or recording that cannot be used as sent."""
 
-    def __init__(self, message: str, too_large: bool = False):
+    def __init__(self, message: str, too_large: bool = False, code: str | None = None):
         super().__init__(message)
         self.too_large = too_large
+        self.code = code
 
 
-def decode_base64(data: str, what: str) -> bytes:
-    """Strict base64 (whitespace ignored), refusing anything over MAX_MEDIA_BYTES before decoding it."""
+def decode_base64(data: str, what: str, max_bytes: int | None = None) -> bytes:
+    """Strict base64 (whitespace ignored), refusing anything over the byte limit before decoding it."""
+    max_bytes = MediaLimits(max_bytes).bytes
     data = "".join(data.split())
-    if len(data) // 4 * 3 > MAX_MEDIA_BYTES + 2:
-        raise MediaError(f"the {what} is over {MAX_MEDIA_BYTES // 2**20} MiB: send a smaller one", too_large=True)
+    if len(data) // 4 * 3 > max_bytes + 2:
+        raise MediaError(f"the {what} is over {_mib(max_bytes)}: send a smaller one", too_large=True)
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise MediaError(f"the {what} is not valid base64") from None
 
 
-def split_data_url(url: str) -> tuple[str, bytes]:
+def split_data_url(url: str, max_bytes: int | None = None) -> tuple[str, bytes]:
     """'data:image/png;base64,AAAA' -> ('image/png', raw bytes)."""
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:"):
@@ -57,13 +93,14 @@ def split_data_url(url: str) -> tuple[str, bytes]:
     mime, *params = header[len("data:"):].split(";")
     if "base64" not in params:
         raise MediaError("only base64 data URLs are supported: data:<mime type>;base64,<data>")
-    return mime, decode_base64(payload, "image")
+    return mime, decode_base64(payload, "image", max_bytes)
 
 
-def fetch_remote(url: str) -> bytes:
-    """GET an http(s) URL, refusing bodies over MAX_MEDIA_BYTES."""
+def fetch_remote(url: str, max_bytes: int | None = None) -> bytes:
+    """GET an http(s) URL, refusing bodies over the byte limit."""
     import httpx
 
+    max_bytes = MediaLimits(max_bytes).bytes
     try:
         with httpx.stream("GET", url, timeout=REMOTE_TIMEOUT_S, follow_redirects=True) as r:
             if r.status_code != 200:
@@ -71,64 +108,75 @@ def fetch_remote(url: str) -> bytes:
             body = bytearray()
             for chunk in r.iter_bytes():
                 body += chunk
-                if len(body) > MAX_MEDIA_BYTES:
-                    raise MediaError(f"the image at the URL is over {MAX_MEDIA_BYTES // 2**20} MiB", too_large=True)
+                if len(body) > max_bytes:
+                    raise MediaError(f"the image at the URL is over {_mib(max_bytes)}", too_large=True)
             return bytes(body)
     except httpx.HTTPError as e:
         raise MediaError(f"the image URL could not be fetched ({type(e).__name__}): "
                          "check the URL, or send the image as a data URL") from None
 
 
-def open_image(raw: bytes) -> Image.Image:
-    """Image bytes -> a loaded PIL image, checking the pixel count before decoding the pixels."""
-    if len(raw) > MAX_MEDIA_BYTES:
-        raise MediaError(f"the image is over {MAX_MEDIA_BYTES // 2**20} MiB: send a smaller one", too_large=True)
-    undecodable = MediaError("the image could not be decoded: send PNG, JPEG, WebP, GIF or BMP data")
-    bomb = MediaError("the image has too many pixels: scale it down", too_large=True)
+def open_image(raw: bytes, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Image bytes -> a loaded single-frame PIL image, checking the pixel count before decoding the pixels
+    (an animation gives its first frame)."""
+    limits = MediaLimits(max_bytes, max_pixels)
+    if len(raw) > limits.bytes:
+        raise MediaError(f"the image is over {_mib(limits.bytes)}: send a smaller one", too_large=True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
-            image = Image.open(io.BytesIO(raw))
-    except Image.DecompressionBombError:
-        raise bomb from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise undecodable from None
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise MediaError(f"the image is {image.width}x{image.height} pixels; the limit is "
-                         f"{MAX_IMAGE_PIXELS:,}: scale it down", too_large=True)
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError):
-        raise undecodable from None
-    return image
+        return read_image_bytes(raw, limits.pixels)
+    except ImageTooLarge as e:
+        raise MediaError(str(e), too_large=True) from None
+    except BadRequest as e:
+        raise MediaError(str(e)) from None
 
 
-def load_image_url(url: str, allow_remote: bool) -> Image.Image:
-    """An OpenAI ``image_url.url`` -> PIL image."""
+def load_image_url(url: str, allow_remote: bool, limits: MediaLimits | None = None) -> Image.Image:
+    """An OpenAI ``image_url.url`` -> PIL image. Only data URLs (and http(s) when allowed) are read:
+    ``file:`` URLs and local paths never are."""
+    limits = limits or MediaLimits()
     scheme = urlsplit(url.strip()[:16]).scheme.lower()
     if scheme == "data":
-        mime, raw = split_data_url(url.strip())
+        mime, raw = split_data_url(url.strip(), limits.bytes)
         if mime and not mime.startswith("image/"):
             raise MediaError(f"the data URL holds {mime!r}, not an image")
-        return open_image(raw)
+        return open_image(raw, limits.bytes, limits.pixels)
     if scheme in ("http", "https"):
         if not allow_remote:
             raise MediaError("remote image URLs are turned off on this server: send the image inline as a "
-                             "data URL (data:image/png;base64,...), or start the server with --allow-remote-images")
+                             "data URL (data:image/png;base64,...), or start the server with --allow-remote-images",
+                             code="remote_url_disabled")
         log.info("fetching remote image %s", url[:200])
-        return open_image(fetch_remote(url))
+        return open_image(fetch_remote(url, limits.bytes), limits.bytes, limits.pixels)
     if scheme == "file":
-        raise MediaError("file: URLs are never read: send the image inline as a data URL (data:image/png;base64,...)")
-    raise MediaError(f"unsupported image URL scheme {scheme or '(none)'!r}: "
-                     "send a data URL (data:image/png;base64,...)")
+        raise MediaError("file: URLs are never read: send the image inline as a data URL (data:image/png;base64,...)",
+                         code="local_file_refused")
+    if not scheme or len(scheme) == 1:  # /etc/x.png, ../x.png, C:\\x.png, \\\\server\\share\\x.png
+        raise MediaError("local file paths are never read: send the image inline as a data URL "
+                         "(data:image/png;base64,...)", code="local_file_refused")
+    raise MediaError(f"unsupported image URL scheme {scheme!r}: send a data URL (data:image/png;base64,...)")
 
 
-def load_input_audio(data: str, fmt: str | None) -> Audio:
-    """An OpenAI ``input_audio`` ({"data": base64, "format": "wav"}) -> Audio at its own rate."""
-    raw = decode_base64(data, "recording")
+def load_input_audio(data: str, fmt: str | None, limits: MediaLimits | None = None) -> Audio:
+    """An OpenAI ``input_audio`` ({"data": base64, "format": "wav"}) -> Audio at its own rate.
+
+    The length is read from the header first: an over-long recording is refused before decoding."""
+    limits = limits or MediaLimits()
+    raw = decode_base64(data, "recording", limits.bytes)
+    undecodable = MediaError(f"the input_audio could not be decoded as {fmt or 'audio'}: "
+                             "send base64 WAV or FLAC data with the matching format")
+    if not raw:
+        raise MediaError("the recording is empty: send a few seconds of WAV or FLAC audio")
+    try:
+        info = sf.info(io.BytesIO(raw))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        raise undecodable from None
+    if info.frames <= 0:
+        raise MediaError("the recording is empty (no samples): send a few seconds of audio")
+    if info.samplerate > 0 and info.frames / info.samplerate > limits.seconds:
+        raise MediaError(f"the recording is {info.frames / info.samplerate:.1f} s long; the limit is "
+                         f"{limits.seconds:g} s: send a shorter clip", code="audio_too_long")
     try:
         samples, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        raise MediaError(f"the input_audio could not be decoded as {fmt or 'audio'}: "
-                         "send base64 WAV or FLAC data with the matching format") from None
+        raise undecodable from None
     return Audio(np.asarray(samples), int(rate))

@@ -35,7 +35,8 @@ from ..engine.events import (
     Routing,
     Stats,
 )
-from .media import MediaError, load_image_url, load_input_audio
+from ..engine.inputs import MAX_IMAGES_PER_TURN, clean_text
+from .media import MediaError, MediaLimits, load_image_url, load_input_audio
 
 # ----------------------------------------------------------------------------- errors
 
@@ -67,12 +68,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 ENGINE_ERROR_STATUS = {"bad_request": (400, "invalid_request_error"), "busy": (503, "server_busy"),
-                       "cancelled": (499, "cancelled"), "internal": (500, "server_error")}
+                       "cancelled": (499, "cancelled"), "internal": (500, "server_error"),
+                       "out_of_memory": (503, "server_error")}
+RETRY_AFTER = {"busy": "5", "out_of_memory": "1"}  # seconds, for the errors worth retrying
 
 
 def engine_error(event: Error) -> APIError:
     status, type_ = ENGINE_ERROR_STATUS.get(event.kind, (500, "server_error"))
-    return APIError(status, event.message, type=type_, code=event.kind)
+    headers = {"Retry-After": RETRY_AFTER[event.kind]} if event.kind in RETRY_AFTER else None
+    return APIError(status, event.message, type=type_, code=event.kind, headers=headers)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -161,8 +165,8 @@ class ChatCompletionRequest(_Lenient):
 
     def options(self) -> Options:
         if self.n not in (None, 1):
-            raise bad_request("n > 1 is not supported: leave n out (or send n=1) and repeat the request "
-                              "for more choices", param="n")
+            what = "n > 1 is not supported" if self.n > 1 else f"n must be 1, got {self.n}"
+            raise bad_request(f"{what}: leave n out (or send n=1) and repeat the request for more choices", param="n")
         o = Options(enable_thinking=self.thinking, focus=self.return_focus, routing=self.return_routing)
         for name, value in (("temperature", self.temperature), ("top_p", self.top_p), ("top_k", self.top_k),
                             ("repetition_penalty", self.repetition_penalty), ("seed", self.seed)):
@@ -176,11 +180,17 @@ class ChatCompletionRequest(_Lenient):
         return o
 
 
-def to_message(index: int, m: ChatMessage, allow_remote_images: bool) -> Message:
+def to_message(index: int, m: ChatMessage, allow_remote_images: bool, limits: MediaLimits | None = None,
+               max_images: int = MAX_IMAGES_PER_TURN) -> Message:
     """One wire message -> the engine's Message, decoding its images and recordings."""
     role = "system" if m.role == "developer" else m.role
     if m.content is None or isinstance(m.content, str):
         return Message(role, m.content or "")
+    n_images = sum(isinstance(part, ImagePart) for part in m.content)
+    if n_images > max_images:  # refused before decoding any of them
+        raise bad_request(f"{n_images} images in one turn (message {index}); the limit is {max_images}: "
+                          "send fewer images per message", param=f"messages[{index}].content",
+                          code="too_many_images")
     texts, images, audios = [], [], []
     for j, part in enumerate(m.content):
         param = f"messages[{index}].content[{j}]"
@@ -189,26 +199,29 @@ def to_message(index: int, m: ChatMessage, allow_remote_images: bool) -> Message
                 texts.append(part.text)
             elif isinstance(part, ImagePart):
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                images.append(load_image_url(url, allow_remote_images))
+                images.append(load_image_url(url, allow_remote_images, limits))
             else:
-                audios.append(load_input_audio(part.input_audio.data, part.input_audio.format))
+                audios.append(load_input_audio(part.input_audio.data, part.input_audio.format, limits))
         except MediaError as e:
             if e.too_large:
                 raise APIError(413, str(e), param=param, code="media_too_large") from None
-            raise bad_request(str(e), param=param, code="invalid_media") from None
+            raise bad_request(str(e), param=param, code=e.code or "invalid_media") from None
     if role != "user" and (images or audios):
         raise bad_request(f"only user messages may carry images or audio (message {index} is {m.role})",
                           param=f"messages[{index}].content")
     return Message(role, "\n".join(texts), images, audios)
 
 
-def to_chat_request(req: ChatCompletionRequest, allow_remote_images: bool) -> ChatRequest:
+def to_chat_request(req: ChatCompletionRequest, allow_remote_images: bool, limits: MediaLimits | None = None,
+                    max_images: int = MAX_IMAGES_PER_TURN) -> ChatRequest:
     """The engine request for a wire request; raises APIError for what the client must fix."""
     if not req.messages:
         raise bad_request("messages is empty: send at least one user message", param="messages")
     options = req.options()
-    messages = [to_message(i, m, allow_remote_images) for i, m in enumerate(req.messages)]
-    session = req.user or f"api-{uuid.uuid4().hex[:12]}"
+    messages = [to_message(i, m, allow_remote_images, limits, max_images) for i, m in enumerate(req.messages)]
+    # the session id is logged: printable characters only (no newlines to forge log lines), 128 at most
+    user = "".join(ch for ch in clean_text(req.user) if ch.isprintable()).strip()[:128] if req.user else ""
+    session = user or f"api-{uuid.uuid4().hex[:12]}"
     return ChatRequest(messages=messages, options=options, session_id=session)
 
 

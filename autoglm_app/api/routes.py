@@ -28,7 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
-from ..engine.events import BadRequest, EngineBusy, Event
+from ..engine.events import BadRequest, EngineBusy, Error, Event, Notice, Queued
+from .media import MediaLimits
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -37,12 +38,13 @@ from .protocol import (
     ModelCard,
     ModelList,
     bad_request,
+    engine_error,
     to_chat_request,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 25 * 2**20
+MAX_BODY_BYTES = 25 * 2**20  # default; the server passes --max-body-mb
 DEFAULT_MODEL_NAME = "autoglm-phone-9b"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -106,24 +108,35 @@ def describe_validation(errors: list[dict]) -> str:
 # ----------------------------------------------------------------------------- request helpers
 
 
-def too_large(what: str) -> APIError:
-    return APIError(413, f"the {what} is over {MAX_BODY_BYTES // 2**20} MB: send smaller images or recordings",
+def too_large(what: str, limit: int) -> APIError:
+    return APIError(413, f"the {what} is over {limit / 2**20:g} MiB: send smaller images or recordings",
                     code="request_too_large", headers={"Connection": "close"})
 
 
-async def read_json(request: Request) -> Any:
-    """The request body as JSON, refusing bodies over MAX_BODY_BYTES (declared or actual)."""
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON: send numbers as finite values")
+
+
+async def read_json(request: Request, max_bytes: int | None = None) -> Any:
+    """The request body as strict JSON (UTF-8, no NaN / Infinity), refusing bodies over ``max_bytes``
+    (declared or actual)."""
+    limit = MAX_BODY_BYTES if max_bytes is None else max_bytes
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large("request body (Content-Length)")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large("request body (Content-Length)", limit)
     body = bytearray()
     async for piece in request.stream():
         body += piece
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large("request body")
+        if len(body) > limit:
+            raise too_large("request body", limit)
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the request body is not valid UTF-8 (byte {e.start}): send JSON encoded as UTF-8",
+                          code="invalid_json") from None
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except ValueError as e:
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
 
 
@@ -160,6 +173,21 @@ async def engine_events(handle, request: Request) -> AsyncIterator[Event]:
             handle.cancel()
 
 
+async def first_events(events: AsyncIterator[Event]) -> list[Event]:
+    """Read until the first event that is not Queued / Notice (or the end): what decides the status.
+
+    An engine Error there (the prompt over the context, out of memory, shutting down) raises the
+    APIError, so a stream that could not start is an HTTP error, not a 200 with an error event."""
+    head: list[Event] = []
+    async for event in events:
+        head.append(event)
+        if isinstance(event, Error):
+            raise engine_error(event)
+        if not isinstance(event, (Queued, Notice)):
+            break
+    return head
+
+
 def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
@@ -173,6 +201,7 @@ class OpenAIRoutes:
         self.settings = settings
         self.model_names = served_model_names(engine, settings)
         self.created = int(time.time())
+        self.limits = MediaLimits.from_settings(settings)
         self.router = APIRouter()
         self.router.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         auth = [Depends(self.check_key)]
@@ -223,16 +252,25 @@ class OpenAIRoutes:
         return self.card(self.resolve_model(model_name)).model_dump()
 
     async def chat_completions(self, request: Request) -> Response:
-        req = parse_request(await read_json(request))
+        req = parse_request(await read_json(request, self.settings.max_body_bytes))
         model = self.resolve_model(req.model)
         self.check_ready()
-        chat = await run_in_threadpool(to_chat_request, req, self.settings.allow_remote_images)
+        chat = await run_in_threadpool(to_chat_request, req, self.settings.allow_remote_images, self.limits,
+                                       self.settings.max_images_per_turn)
         handle = await self.submit(chat)
-        log.info("request %s: model=%s stream=%s messages=%d session=%s", handle.id, model, req.stream,
-                 len(chat.messages), chat.session_id)
+        # never the messages themselves: no text, image or audio bytes in the logs
+        log.info("request %s: model=%s stream=%s messages=%d images=%d recordings=%d session=%s", handle.id, model,
+                 req.stream, len(chat.messages), sum(len(m.images) for m in chat.messages),
+                 sum(len(m.audios) for m in chat.messages), chat.session_id)
         if req.stream:
             builder = ChunkBuilder(model=model, extras=req.extras(), include_usage=req.include_usage)
-            return StreamingResponse(self.stream(handle, builder, request), media_type="text/event-stream",
+            events = engine_events(handle, request)
+            try:
+                head = await first_events(events)
+            except BaseException:
+                await events.aclose()
+                raise
+            return StreamingResponse(self.stream(head, events, builder, handle), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         builder = CompletionBuilder(model=model, extras=req.extras())
         async with aclosing(engine_events(handle, request)) as events:
@@ -251,14 +289,19 @@ class OpenAIRoutes:
             raise APIError(status, str(e), type=type_, code=code,
                            headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from None
 
-    async def stream(self, handle, builder: ChunkBuilder, request: Request) -> AsyncIterator[str]:
+    async def stream(self, head: list[Event], events: AsyncIterator[Event], builder: ChunkBuilder,
+                     handle) -> AsyncIterator[str]:
         """SSE lines: the role chunk, content / telemetry chunks, the final chunk(s), then [DONE].
 
-        An engine error mid-stream goes out as an OpenAI error object in its own event.
+        ``head`` holds the events already read (see ``first_events``). An engine error mid-stream
+        goes out as an OpenAI error object in its own event.
         """
-        yield sse(builder.first())
         try:
-            async with aclosing(engine_events(handle, request)) as events:
+            yield sse(builder.first())
+            async with aclosing(events):
+                for event in head:
+                    for chunk in builder.add(event):
+                        yield sse(chunk)
                 async for event in events:
                     for chunk in builder.add(event):
                         yield sse(chunk)

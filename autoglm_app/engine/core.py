@@ -6,16 +6,23 @@ request's own event stream. Scheduling: interactive before batch; within a prior
 the session served least recently goes first (round robin across sessions), so one
 busy client cannot starve the others. Past ``max_queue`` waiting requests, submit
 raises ``EngineBusy``.
+
+Failures stay with their request: a bad request is a ``bad_request`` Error, a CUDA
+out-of-memory error fails only that request (kind ``out_of_memory``, cached memory freed),
+any other exception is an ``internal`` Error; the worker keeps serving. Per-session state
+(recurrent memory, round-robin bookkeeping) is kept for at most ``max_sessions`` sessions.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Iterator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +39,30 @@ from .events import (
 )
 from .family import ModelFamily, family_for
 from .generation import Generation, Runtime
-from .inputs import validate_request
+from .inputs import MAX_IMAGE_PIXELS, MAX_IMAGES_PER_TURN, validate_request
 
 log = logging.getLogger(__name__)
 
 TERMINAL = (Done, Error)
+MAX_SESSIONS = 1024  # sessions whose memory state / round-robin turn are remembered (least recent dropped)
+OOM_MESSAGE = ("the GPU ran out of memory on this request: send a shorter prompt, fewer or smaller images, "
+               "or a lower max_new_tokens (max_tokens); the server is still running")
+
+
+def release_memory() -> None:
+    """Free what a failed request left behind: Python garbage, then the CUDA caching allocator's blocks."""
+    gc.collect()
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # a broken device must not take the worker down with it
+        log.exception("freeing the CUDA cache failed")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+                                  and "cuda" in str(e).lower())
 
 
 class RequestHandle:
@@ -49,6 +75,7 @@ class RequestHandle:
         self._cancel = threading.Event()
         self.submitted = time.perf_counter()
         self.last_position: int | None = None
+        self.arrival_tick: float = -1.0  # set by Engine.submit (see Engine._order)
 
     def put(self, event: Event) -> None:
         self._events.put(event)
@@ -83,19 +110,23 @@ class _Slot:
 
 class Engine:
     def __init__(self, loaded, max_queue: int = 16, context_limit: int = 8192,
-                 max_audio_seconds: float = 30.0, max_images: int = 8, family: ModelFamily | None = None):
+                 max_audio_seconds: float = 30.0, max_images: int = MAX_IMAGES_PER_TURN,
+                 family: ModelFamily | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 max_sessions: int = MAX_SESSIONS):
         self.loaded = loaded
         self.family = family or family_for(loaded.model)
         self.rt = Runtime(loaded.model, loaded.processor, self.family, context_limit)
         self.max_queue = max_queue
         self.max_audio_seconds = max_audio_seconds
-        self.max_images = max_images
+        self.max_images = max_images  # per turn (one user message)
+        self.max_image_pixels = max_image_pixels
+        self.max_sessions = max_sessions
         self._waiting: list[RequestHandle] = []
-        self._last_served: dict[str, int] = {}
-        self._served = itertools.count()
+        self._last_served: OrderedDict[str, int] = OrderedDict()
+        self._serve_tick = 0  # how many requests the worker has started
         self._ids = itertools.count(1)
         self._running: RequestHandle | None = None
-        self._memory: dict[str, list] = {}
+        self._memory: OrderedDict[str, list] = OrderedDict()
         self._lock = threading.Condition()
         self._closed = False
         self.transcribe = None  # set by load_engine when --asr-model is given: Audio -> str
@@ -118,6 +149,10 @@ class Engine:
                     retry_after=max(1.0, 0.5 * len(self._waiting)),
                 )
             handle = RequestHandle(request, next(self._ids))
+            # a session never served ranks as if served just before it arrived: it waits behind the
+            # sessions that have waited longer, so a stream of new sessions (anonymous API calls)
+            # cannot keep returning users (every UI tab after its first turn) waiting
+            handle.arrival_tick = self._serve_tick - 0.5
             self._waiting.append(handle)
             self._announce_positions()
             self._lock.notify_all()
@@ -159,7 +194,7 @@ class Engine:
     # ------------------------------------------------------------------ validation
     def _validate(self, request: ChatRequest) -> ChatRequest:
         return validate_request(request, self.rt.context_limit, self.max_audio_seconds, self.max_images,
-                                self.family.hears_audio, self.transcribe)
+                                self.family.hears_audio, self.transcribe, max_image_pixels=self.max_image_pixels)
 
     # ------------------------------------------------------------------ scheduling
     def _order(self) -> list[RequestHandle]:
@@ -170,7 +205,7 @@ class Engine:
         tick = itertools.count(10**12)
         while pending:
             nxt = min(pending, key=lambda h: (h.request.priority != "interactive",
-                                              served.get(h.request.session_id, -1), h.id))
+                                              served.get(h.request.session_id, h.arrival_tick), h.id))
             order.append(nxt)
             pending.remove(nxt)
             served[nxt.request.session_id] = next(tick)
@@ -192,7 +227,14 @@ class Engine:
                     h = self._order()[0]
                     self._waiting.remove(h)
                     self._running = h
-                    self._last_served[h.request.session_id] = next(self._served)
+                    self._serve_tick += 1
+                    self._last_served[h.request.session_id] = self._serve_tick
+                    self._last_served.move_to_end(h.request.session_id)
+                    waiting = {w.request.session_id for w in self._waiting}
+                    for old in [s for s in self._last_served if s not in waiting]:
+                        if len(self._last_served) <= self.max_sessions:
+                            break
+                        del self._last_served[old]  # the least recently served first
                     if h.last_position != 0:
                         h.last_position = 0
                         h.put(Queued(0))
@@ -214,20 +256,31 @@ class Engine:
             h = self._next()
             if h is None:
                 return
+            error = None
             try:
                 self._serve(h)
             except BadRequest as e:
-                h.put(Error(str(e), kind="bad_request"))
-            except Exception as e:  # a bug: keep serving, tell the client plainly
-                log.exception("request %s failed", h.id)
-                h.put(Error(f"internal error while generating ({type(e).__name__}: {e}); "
-                            "the server is still running, try again", kind="internal"))
+                error = Error(str(e), kind="bad_request")
+            except Exception as e:
+                if is_out_of_memory(e):  # this request was too big for the device: fail it alone
+                    log.warning("request %s ran out of device memory: %s", h.id, str(e).splitlines()[0][:300])
+                    error = Error(OOM_MESSAGE, kind="out_of_memory")
+                else:  # a bug: keep serving, tell the client plainly
+                    log.exception("request %s failed", h.id)
+                    error = Error(f"internal error while generating ({type(e).__name__}: {e}); "
+                                  "the server is still running, try again", kind="internal")
             finally:
+                # the exception (and the tensors its traceback holds) is gone here: free the memory
+                # before the client hears of the failure, so its retry finds it free
+                if error is not None and error.kind != "bad_request":
+                    release_memory()
+                elif torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if error is not None:
+                    h.put(error)
                 with self._lock:
                     self._running = None
                     self._announce_positions()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
 
     def _serve(self, h: RequestHandle) -> None:
         req = h.request
@@ -240,5 +293,8 @@ class Engine:
         stats.queue_s = queue_s
         if gen.memory_state is not None:
             self._memory[session] = gen.memory_state
+            self._memory.move_to_end(session)
+            while len(self._memory) > self.max_sessions:
+                self._memory.popitem(last=False)  # the least recently used session's memory
         h.put(stats)
         h.put(Done(stats.finish_reason))

@@ -157,7 +157,7 @@ class Done:
 @dataclass
 class Error:
     message: str
-    kind: Literal["busy", "bad_request", "internal", "cancelled"] = "internal"
+    kind: Literal["busy", "bad_request", "internal", "cancelled", "out_of_memory"] = "internal"
 
 
 Event = Queued | Notice | Reasoning | Answer | Focus | Routing | Stats | Done | Error

@@ -1,28 +1,102 @@
-"""Turn what clients send into what the processor wants: RGB-able images, 16 kHz mono float audio."""
+"""Turn what clients send into what the processor wants: RGB-able images, 16 kHz mono float audio.
+
+Shared by every way in (the API, the page, a remote backend): ``open_image`` reads image bytes
+checking the pixel count before decoding any pixel (decompression bombs) and keeps the first frame
+of an animation; ``clean_text`` drops control characters; ``validate_request`` checks options,
+limits and media. The limits are arguments (the server passes its settings); the constants here
+are only the defaults.
+"""
 
 from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+from dataclasses import replace
+from typing import IO, Callable
 
 import numpy as np
 import torch
 import torchaudio.functional as AF
-from PIL import Image
-
-from dataclasses import replace
-from typing import Callable
+from PIL import Image, UnidentifiedImageError
 
 from .events import Audio, BadRequest, ChatRequest, Message
 
 TARGET_RATE = 16000
-MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_PIXELS = 40_000_000  # default; the server passes --max-image-pixels
+MAX_IMAGES_PER_TURN = 8  # default; the server passes --max-images-per-turn
+MAX_STOP_STRINGS = 16
+MIN_TEMPERATURE = 1e-3  # below this (and above 0) sampling is numerically greedy: treated as 0
+
+# C0 and C1 control characters except tab, newline and carriage return; lone UTF-16 surrogates
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class ImageTooLarge(BadRequest):
+    """An image over the pixel limit (the API answers 413)."""
+
+
+def clean_text(text: str | None) -> str:
+    """Text as the model gets it: control characters (NUL, ESC, ...) and lone surrogates removed;
+    tab, newline and carriage return kept."""
+    return _CONTROL.sub("", text or "")
+
+
+def open_image(source: bytes | IO[bytes] | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Image bytes, a file object or a path -> a loaded single-frame PIL image.
+
+    The header's size is checked against ``max_pixels`` before any pixel is decoded; an animated
+    image (GIF, APNG, WebP) gives its first frame. Any mode is kept (the processor converts).
+    """
+    undecodable = BadRequest("the image could not be decoded: send PNG, JPEG, WebP, GIF or BMP data")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            image = Image.open(source)
+    except Image.DecompressionBombError as e:  # PIL's own guard (far over ours) fired on the header
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageTooLarge(f"the image has {size}; the limit is {max_pixels:,}: scale it down") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise undecodable from None
+    try:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise BadRequest("the image is empty (0 pixels)")
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"the image is {width}x{height} pixels; the limit is {max_pixels:,}: scale it down")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if getattr(image, "is_animated", False):
+                    image.seek(0)  # an animation: its first frame (the others are never decoded)
+                image.load()
+                return image.copy()  # a plain single-frame image, detached from the file
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            raise undecodable from None
+    finally:
+        image.close()
 
 
 def to_mono_16k(audio: Audio, max_seconds: float) -> np.ndarray:
-    """Any rate, mono or stereo (frames, channels) or (channels, frames), int or float -> float32 16 kHz mono."""
+    """Any rate, mono or stereo (frames, channels) or (channels, frames), int or float -> float32 16 kHz mono.
+
+    The length is checked before any sample is converted, so an over-long recording costs nothing."""
     x = np.asarray(audio.samples)
     if x.size == 0:
         raise BadRequest("the recording is empty: record or upload a few seconds of audio")
     if audio.sample_rate is None or not 1000 <= int(audio.sample_rate) <= 384000:
         raise BadRequest(f"unsupported sample rate {audio.sample_rate}: send audio between 1 kHz and 384 kHz")
+    if x.ndim not in (1, 2):
+        raise BadRequest(f"audio must be 1-D (mono) or 2-D (multi-channel), got shape {x.shape}")
+    frames = x.shape[0] if x.ndim == 1 else max(x.shape)  # channels are the short axis
+    seconds = frames / audio.sample_rate
+    if seconds > max_seconds:
+        raise BadRequest(f"the recording is {seconds:.1f} s long; the limit is {max_seconds:g} s: "
+                         "send a shorter clip")
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
     elif np.issubdtype(x.dtype, np.floating):
@@ -32,11 +106,6 @@ def to_mono_16k(audio: Audio, max_seconds: float) -> np.ndarray:
     if x.ndim == 2:
         # channels are the short axis: (frames, channels) from browsers and soundfile
         x = x.mean(axis=1) if x.shape[1] <= x.shape[0] else x.mean(axis=0)
-    elif x.ndim != 1:
-        raise BadRequest(f"audio must be 1-D (mono) or 2-D (multi-channel), got shape {x.shape}")
-    seconds = x.shape[0] / audio.sample_rate
-    if seconds > max_seconds:
-        raise BadRequest(f"the recording is {seconds:.1f} s long; the limit is {max_seconds:.0f} s: send a shorter clip")
     if not np.isfinite(x).all():
         raise BadRequest("the recording holds NaN or infinite samples")
     if audio.sample_rate != TARGET_RATE:
@@ -44,43 +113,72 @@ def to_mono_16k(audio: Audio, max_seconds: float) -> np.ndarray:
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
-def check_image(image) -> Image.Image:
+def check_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise BadRequest("an image could not be read: send PNG, JPEG, WebP, GIF or BMP data")
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise BadRequest(f"the image is {image.width}x{image.height}; the limit is {MAX_IMAGE_PIXELS:,} pixels")
     if image.width < 1 or image.height < 1:
-        raise BadRequest("the image is empty")
+        raise BadRequest("the image is empty (0 pixels)")
+    if image.width * image.height > max_pixels:
+        raise ImageTooLarge(f"the image is {image.width}x{image.height} pixels; the limit is {max_pixels:,}: "
+                            "scale it down")
     return image
 
 
-def validate_request(request: ChatRequest, context_limit: int, max_audio_seconds: float, max_images: int,
-                     hears_audio: bool = True, transcribe: Callable[[Audio], str] | None = None) -> ChatRequest:
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_options(o, context_limit: int):
+    """Sampling options in range (a BadRequest naming the field otherwise); returns them normalised."""
+    if isinstance(o.max_new_tokens, bool) or not isinstance(o.max_new_tokens, int) \
+            or not 1 <= o.max_new_tokens <= context_limit:
+        raise BadRequest(f"max_new_tokens (max_tokens) must be an integer between 1 and {context_limit}, "
+                         f"got {o.max_new_tokens!r}")
+    temperature = _number(o.temperature, "temperature")
+    if not 0 <= temperature <= 5:
+        raise BadRequest(f"temperature must be between 0 and 5, got {o.temperature!r}")
+    if not 0 < _number(o.top_p, "top_p") <= 1:
+        raise BadRequest(f"top_p must be in (0, 1], got {o.top_p!r}")
+    if isinstance(o.top_k, bool) or not isinstance(o.top_k, int) or o.top_k < 0:
+        raise BadRequest(f"top_k must be 0 (off) or a positive integer, got {o.top_k!r}")
+    if not 0 < _number(o.repetition_penalty, "repetition_penalty") <= 10:
+        raise BadRequest(f"repetition_penalty must be in (0, 10], got {o.repetition_penalty!r}")
+    if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int)
+                               or not -2**63 <= o.seed < 2**64):
+        raise BadRequest(f"seed must be an integer between -2**63 and 2**64 - 1, got {o.seed!r}")
+    stop = [clean_text(s) for s in o.stop or []]
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > 1000 for s in stop):
+        raise BadRequest(f"stop takes at most {MAX_STOP_STRINGS} strings of at most 1000 characters")
+    if 0 < temperature < MIN_TEMPERATURE:
+        temperature = 0.0  # numerically greedy anyway; dividing the logits by it would overflow
+    return replace(o, temperature=temperature, stop=stop)
+
+
+def validate_request(request: ChatRequest, context_limit: int, max_audio_seconds: float,
+                     max_images: int = MAX_IMAGES_PER_TURN, hears_audio: bool = True,
+                     transcribe: Callable[[Audio], str] | None = None,
+                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> ChatRequest:
     """Check a request and convert its media (16 kHz mono audio; a transcript for a model that does
-    not hear). Everything a client can get wrong is a BadRequest that says what to change."""
+    not hear). Everything a client can get wrong is a BadRequest that says what to change.
+
+    ``max_images`` is per turn (one user message); text loses its control characters."""
     if not request.messages:
         raise BadRequest("messages is empty: send at least one user message")
     if request.messages[-1].role != "user":
         raise BadRequest("the last message must be from the user")
-    o = request.options
-    if not 1 <= o.max_new_tokens <= context_limit:
-        raise BadRequest(f"max_new_tokens must be between 1 and {context_limit}")
-    if o.temperature < 0 or o.temperature > 5:
-        raise BadRequest("temperature must be between 0 and 5")
-    if not 0 < o.top_p <= 1:
-        raise BadRequest("top_p must be in (0, 1]")
-    if o.top_k < 0:
-        raise BadRequest("top_k must be 0 (off) or positive")
-    if not 0 < o.repetition_penalty <= 10:
-        raise BadRequest("repetition_penalty must be in (0, 10]")
-    messages, n_images = [], 0
-    for m in request.messages:
+    options = check_options(request.options, context_limit)
+    messages = []
+    for i, m in enumerate(request.messages):
         if m.role not in ("system", "user", "assistant"):
             raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
-        images = [check_image(img) for img in m.images]
-        n_images += len(images)
+        if len(m.images) > max_images:
+            raise BadRequest(f"{len(m.images)} images in one turn (message {i}); the limit is {max_images}: "
+                             "send fewer images per message")
+        images = [check_image(img, max_image_pixels) for img in m.images]
         audios = [Audio(to_mono_16k(a, max_audio_seconds), TARGET_RATE) for a in m.audios]
-        text = m.text or ""
+        text = clean_text(m.text)
         if audios and not hears_audio:
             if transcribe is None:
                 raise BadRequest("this model does not hear audio: start the server with --asr-model "
@@ -88,8 +186,6 @@ def validate_request(request: ChatRequest, context_limit: int, max_audio_seconds
             text = " ".join([*(transcribe(a) for a in audios), text]).strip()
             audios = []
         messages.append(Message(m.role, text, images, audios))
-    if n_images > max_images:
-        raise BadRequest(f"{n_images} images in the conversation; the limit is {max_images}")
     if not (messages[-1].text.strip() or messages[-1].images or messages[-1].audios):
         raise BadRequest("the last user message is empty: type a question, or attach an image or a recording")
-    return replace(request, messages=messages)
+    return replace(request, messages=messages, options=options)

@@ -38,6 +38,7 @@ from PIL import Image
 
 from ..config import ROOT, Settings
 from ..engine.events import Audio, BadRequest, Options
+from ..engine.inputs import ImageTooLarge, clean_text, open_image
 from . import render
 from .export import write_trace_zip
 from .session import Session, Turn, View, _sentence, stream_turn
@@ -99,14 +100,32 @@ class InputError(Exception):
 # ----------------------------------------------------------------------------- inputs
 
 
-def read_audio(path: str) -> Audio:
-    """A recording file -> Audio. WAV is read directly; other formats need ffmpeg (via gradio)."""
+def _check_size(path: str, what: str, max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    try:
+        size = Path(path).stat().st_size
+    except OSError as e:
+        raise InputError(f"Could not read {Path(path).name}: upload it again.") from e
+    if size > max_bytes:
+        raise InputError(f"The {what} {Path(path).name} is {size / 2**20:.1f} MiB; the limit is "
+                         f"{max_bytes / 2**20:g} MiB: send a smaller one.")
+
+
+def read_audio(path: str, max_seconds: float | None = None, max_bytes: int | None = None) -> Audio:
+    """A recording file -> Audio. WAV is read directly (its length checked from the header before the
+    samples are read); other formats need ffmpeg (via gradio)."""
     name = Path(path).name
+    _check_size(path, "recording", max_bytes)
     try:
         if Path(path).suffix.lower() in (".wav", ".wave"):
             with wave.open(path, "rb") as w:
                 width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-                raw = w.readframes(w.getnframes())
+                frames = w.getnframes()
+                if max_seconds is not None and rate > 0 and frames / rate > max_seconds:
+                    raise InputError(f"The recording {name} is {frames / rate:.0f} s long; the limit is "
+                                     f"{max_seconds:g} s: send a shorter clip.")
+                raw = w.readframes(frames)
             dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
             samples = np.frombuffer(raw, dtype=dtype)
             if width == 1:
@@ -116,39 +135,52 @@ def read_audio(path: str) -> Audio:
 
         rate, samples = audio_from_file(path)
         return Audio(samples, rate)
+    except InputError:
+        raise
     except Exception as e:  # unreadable or unsupported file: the user can fix it
-        log.info("could not read audio %s: %s", path, e)
+        log.info("could not read audio %s: %s", name, type(e).__name__)
         raise InputError(f"Could not read the recording {name}: send a WAV file (16-bit PCM).") from e
 
 
-def read_image(path: str) -> Image.Image:
+def read_image(path: str, max_pixels: int | None = None, max_bytes: int | None = None) -> Image.Image:
+    """An image file -> a single-frame PIL image (an animation's first frame), its pixel count checked
+    before the pixels are decoded."""
+    name = Path(path).name
+    _check_size(path, "image", max_bytes)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except Exception as e:
-        raise InputError(f"Could not read {Path(path).name} as an image: send PNG, JPEG, WebP, GIF or BMP.") from e
+        return open_image(path, **({} if max_pixels is None else {"max_pixels": max_pixels}))
+    except ImageTooLarge as e:
+        raise InputError(f"{name}: {_sentence(str(e))}.") from e
+    except (BadRequest, OSError) as e:
+        raise InputError(f"Could not read {name} as an image: send PNG, JPEG, WebP, GIF or BMP.") from e
 
 
 def _path(item: Any) -> str:
     return item.get("path") if isinstance(item, dict) else str(item)
 
 
-def make_turn(text: str, files: list, recording: str | None, options: Options) -> Turn:
-    """What the user sent -> a new Turn (images and recording read, nothing sent yet)."""
-    turn = Turn(text=(text or "").strip(), options=options)
+def make_turn(text: str, files: list, recording: str | None, options: Options,
+              settings: Settings | None = None) -> Turn:
+    """What the user sent -> a new Turn (images and recording read within the settings' limits, nothing
+    sent yet). Control characters are dropped from the text."""
+    s = settings or Settings(model="")
+    turn = Turn(text=clean_text(text).strip(), options=options)
     recordings = [recording] if recording else []
+    image_paths = []
     for item in files or []:
         path = _path(item)
-        if Path(path).suffix.lower() in AUDIO_SUFFIXES:
-            recordings.append(path)
-        else:
-            turn.images.append(read_image(path))
-            turn.image_paths.append(path)
+        (recordings if Path(path).suffix.lower() in AUDIO_SUFFIXES else image_paths).append(path)
+    if len(image_paths) > s.max_images_per_turn:
+        raise InputError(f"{len(image_paths)} images in one turn; the limit is {s.max_images_per_turn}: "
+                         "send fewer images.")
     if len(recordings) > 1:
         raise InputError("Send one recording per turn (record or attach just one).")
+    for path in image_paths:
+        turn.images.append(read_image(path, s.max_image_pixels, s.max_upload_bytes))
+        turn.image_paths.append(path)
     if recordings:
-        turn.audio, turn.audio_path = read_audio(recordings[0]), recordings[0]
+        turn.audio = read_audio(recordings[0], s.max_audio_seconds, s.max_upload_bytes)
+        turn.audio_path = recordings[0]
     if not (turn.text or turn.images or turn.audio is not None):
         raise InputError("Type a question, attach an image, or record a question first.")
     return turn
@@ -176,9 +208,15 @@ def recording_of(prompt: dict | None, recording: str | None) -> str | None:
 
 def make_options(thinking: bool, temperature: float, top_p: float, max_new_tokens: float,
                  seed: float | None) -> Options:
-    return Options(enable_thinking=bool(thinking), temperature=float(temperature), top_p=float(top_p),
-                   max_new_tokens=int(max_new_tokens),
-                   seed=None if seed is None or seed < 0 else int(seed))
+    """The generation settings as engine Options; a value that is not a number is an InputError
+    (the engine checks the ranges)."""
+    try:
+        seed_value = None if seed is None or float(seed) < 0 else int(seed)
+        return Options(enable_thinking=bool(thinking), temperature=float(temperature), top_p=float(top_p),
+                       max_new_tokens=int(max_new_tokens), seed=seed_value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InputError("The generation settings hold a value that is not a number: reset them and "
+                         "try again.") from e
 
 
 def load_examples(directory: Path = EXAMPLES_DIR) -> list[dict]:
@@ -405,9 +443,9 @@ class Studio:
              max_new_tokens: float, seed: float | None, session: Session, request: gr.Request):
         """Send what is in the inputs as a new turn and stream the reply into the page."""
         prompt = prompt or {}
-        options = make_options(thinking, temperature, top_p, max_new_tokens, seed)
-        turn = self._new_turn(session, lambda: self.speech(make_turn(prompt.get("text", ""), prompt.get("files", []),
-                                                                     recording, options), session))
+        turn = self._new_turn(session, lambda: self.speech(make_turn(
+            prompt.get("text", ""), prompt.get("files", []), recording,
+            make_options(thinking, temperature, top_p, max_new_tokens, seed), self.settings), session))
         if turn is None:
             yield {self.chatbot: gr.skip()}
             return
@@ -431,32 +469,44 @@ class Studio:
         yield from self._run(session, turn, request, clear_inputs=False)
 
     def _new_turn(self, session: Session, make: Callable[[], Turn]) -> Turn | None:
-        if session.busy:
+        """The new turn, or None (with a warning) when the session already has one in flight (a double
+        click on Send) or the inputs cannot be used. A returned turn holds the session's claim: ``_run``
+        releases it."""
+        if not session.claim():
             gr.Warning("A reply is still streaming: wait for it or press Stop.")
             return None
         try:
             return make()
         except InputError as e:
+            session.release()
             gr.Warning(str(e))
             return None
+        except BaseException:
+            session.release()
+            raise
 
     def _run(self, session: Session, turn: Turn, request: gr.Request | None, clear_inputs: bool):
-        session.start(turn)
-        first = {self.chatbot: session.history(), self.turn_pick: self.turn_choices(session),
-                 **self.panel_updates(session)}
-        if clear_inputs:
-            first.update({self.prompt: gr.update(value=None), self.mic: None})
-        yield first
-        with closing(stream_turn(self.engine, session, _session_id(request))) as stream:  # closing cancels
-            try:
-                for full in stream:
-                    update = {self.chatbot: session.history()}
-                    if full:
-                        update.update(self.panel_updates(session))
-                    yield update
-            except Exception as e:  # a bug in the page: say so plainly, keep the page usable
-                log.exception("streaming a turn failed")
-                turn.fail(f"The page failed to show this reply ({type(e).__name__}); try again.")
+        try:
+            session.start(turn)
+            first = {self.chatbot: session.history(), self.turn_pick: self.turn_choices(session),
+                     **self.panel_updates(session)}
+            if clear_inputs:
+                first.update({self.prompt: gr.update(value=None), self.mic: None})
+            yield first
+            with closing(stream_turn(self.engine, session, _session_id(request))) as stream:  # closing cancels
+                try:
+                    for full in stream:
+                        update = {self.chatbot: session.history()}
+                        if full:
+                            update.update(self.panel_updates(session))
+                        yield update
+                except Exception as e:  # a bug in the page: say so plainly, keep the page usable
+                    log.exception("streaming a turn failed")
+                    turn.fail(f"The page failed to show this reply ({type(e).__name__}); try again.")
+        finally:
+            if turn.running:  # the page went away before the turn ended
+                turn.finish_reason = "cancelled"
+            session.release()
         if turn.error:
             gr.Warning(turn.error)
         yield {self.chatbot: session.history(), **self.panel_updates(session), self.model_md: self.model_panel(session)}
@@ -464,18 +514,24 @@ class Studio:
     def api_chat(self, text: str, images: list | None, audio: str | None, thinking: bool, temperature: float,
                  top_p: float, max_new_tokens: float, seed: float | None, session: Session, request: gr.Request):
         """The /chat endpoint: plain inputs in, the session's chat history (messages) out, streamed."""
-        if session.busy:
+        if not session.claim():
             raise gr.Error("A reply is still streaming in this session: wait for it or call /stop.")
         try:
-            turn = self.speech(make_turn(text, images or [], audio,
-                                         make_options(thinking, temperature, top_p, max_new_tokens, seed)))
-        except InputError as e:
-            raise gr.Error(str(e)) from e
-        session.start(turn)
-        yield session.history()
-        with closing(stream_turn(self.engine, session, _session_id(request))) as stream:
-            for _ in stream:
-                yield session.history()
+            try:
+                turn = self.speech(make_turn(text, images or [], audio,
+                                             make_options(thinking, temperature, top_p, max_new_tokens, seed),
+                                             self.settings))
+            except InputError as e:
+                raise gr.Error(str(e)) from e
+            session.start(turn)
+            yield session.history()
+            with closing(stream_turn(self.engine, session, _session_id(request))) as stream:
+                for _ in stream:
+                    yield session.history()
+        finally:
+            if session.turns and session.turns[-1].running:
+                session.turns[-1].finish_reason = "cancelled"
+            session.release()
         yield session.history()
 
     def speech(self, turn: Turn, session: Session | None = None) -> Turn:
@@ -685,4 +741,4 @@ def mount_ui(app, engine, settings: Settings):
     blocks = build_ui(engine, settings)
     blocks.queue(default_concurrency_limit=4)
     return gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, allowed_paths=[str(EXAMPLES_DIR)],
-                               footer_links=["api"], show_error=True)
+                               footer_links=["api"], show_error=True, max_file_size=settings.max_upload_bytes)

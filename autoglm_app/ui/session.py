@@ -9,6 +9,7 @@ are all read from those records, so a finished turn stays explorable without the
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -244,12 +245,27 @@ class View:
     load_view: str = "total"
 
 
+_CLAIM_LOCK = threading.Lock()  # makes "is a turn in flight? if not, mine" one step across sessions' threads
+
+
 @dataclass
 class Session:
     turns: list[Turn] = field(default_factory=list)
     view: View = field(default_factory=View)
     handle: Any = None  # the engine's RequestHandle of the running turn
     transcribed: str | None = None  # fingerprint of the recording last transcribed into the text box
+    claimed: bool = False  # a Send / Regenerate is being made into a turn or is streaming
+
+    def claim(self) -> bool:
+        """Take the session for one new turn; False when one is already in flight (e.g. a double click)."""
+        with _CLAIM_LOCK:
+            if self.busy:
+                return False
+            self.claimed = True
+            return True
+
+    def release(self) -> None:
+        self.claimed = False
 
     def history(self) -> list[dict]:
         return [m for turn in self.turns for m in turn.chat_messages()]
@@ -268,7 +284,7 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return bool(self.turns) and self.turns[-1].running and self.handle is not None
+        return self.claimed or (bool(self.turns) and self.turns[-1].running and self.handle is not None)
 
     def cancel(self) -> bool:
         """Stop the running request (the engine stops within one token). True when one was running."""
