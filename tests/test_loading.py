@@ -296,3 +296,45 @@ def test_unreachable_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     message = str(err.value)
     assert "HF_HUB_OFFLINE=1" in message and "not in the local HF cache" in message
     assert "hf download zai-org/autoglm-phone-9b-does-not-exist" in message
+
+
+def test_a_checkpoint_with_only_pickled_weights_is_refused(tmp_path):
+    """Weights load from safetensors only: a .bin-only checkpoint is refused before anything is unpickled."""
+    from transformers import Qwen2_5_VLConfig
+
+    from autoglm_app.engine.loading import UnsafeCheckpointError
+
+    Qwen2_5_VLConfig().save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle: it must never be opened")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_model(str(tmp_path), quantize="fp32")
+    message = str(err.value)
+    assert "pytorch_model.bin" in message and "safetensors only" in message and "Convert it to safetensors" in message
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelNotFoundError, match="no model weights"):
+        load_model(str(tmp_path), quantize="fp32")
+
+
+def test_remote_code_is_off_unless_asked_and_reaches_every_from_pretrained(tmp_path, monkeypatch):
+    import inspect
+
+    import transformers
+
+    assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
+    import tiny_families as tiny
+
+    path = tiny.build_qwen2_5_vl(tmp_path / "q")
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoProcessor, transformers.Qwen2_5_VLForConditionalGeneration):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code"), kwargs.get("use_safetensors")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_model(path, quantize="fp32")
+    names = {name for name, *_ in seen}
+    assert {"AutoConfig", "AutoProcessor"} <= names
+    assert all(trust is False for _, trust, _ in seen), seen
+    assert any(name.startswith("Qwen2_5_VL") and safe is True for name, _, safe in seen), seen

@@ -25,6 +25,17 @@ QWEN_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
+OMNI25_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>",
+                   "<|VIDEO|>", "<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>", "<think>", "</think>"]
+# Qwen2.5-Omni's template: audio and images wrapped in bos / eos markers, no thinking switch
+OMNI25_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif c.type == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 GLM_TEMPLATE = (
     "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n"
     "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
@@ -34,7 +45,7 @@ GLM_TEMPLATE = (
 )
 
 
-def build_tokenizer(specials: list[str], eos: str, pad: str, template: str):
+def build_tokenizer(specials: list[str], eos: str, pad: str, template: str, **named_tokens):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,7 +57,8 @@ def build_tokenizer(specials: list[str], eos: str, pad: str, template: str):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+    # named tokens (image_token="<|IMAGE|>", ...) become tokenizer attributes, as the Omni processors expect
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, **named_tokens)
     fast.chat_template = template
     return fast
 
@@ -236,3 +248,101 @@ def build_glm4v_moe(path, seed: int = 0) -> str:
     processor = Glm4vProcessor(image_processor=qwen_image_processor(Glm4vImageProcessor), tokenizer=tok,
                                video_processor=Glm4vVideoProcessor(), chat_template=GLM_TEMPLATE)
     return _save(model, processor, path)
+
+
+# ----------------------------------------------------------------------------- Qwen-Omni (thinker + talker checkpoints)
+
+
+def _as_full_omni_checkpoint(path) -> None:
+    """Make a saved ``enable_audio_output=False`` Omni model look like a released one: the config says the
+    talker is there and the weights file holds talker / token2wav tensors next to the ``thinker.`` ones."""
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["enable_audio_output"] = True
+    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    assert all(k.startswith("thinker.") for k in tensors), "expected the thinker's weights under thinker."
+    tensors["talker.model.embed_tokens.weight"] = torch.randn(32, 16)
+    tensors["talker.codec_head.weight"] = torch.randn(32, 16)
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def build_qwen2_5_omni(path, seed: int = 0, full: bool = True) -> str:
+    """Qwen2.5-Omni, tiny: the whole-model config (thinker + talker + token2wav) with the thinker's weights under
+    ``thinker.`` (plus stand-in talker weights), Qwen2.5-Omni's processor with a 80-bin WhisperFeatureExtractor.
+    ``full=False`` saves a thinker-only checkpoint (model_type ``qwen2_5_omni_thinker``) instead."""
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
+    from transformers import Qwen2VLVideoProcessor, WhisperFeatureExtractor
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(OMNI25_SPECIALS, "<|im_end|>", "<|endoftext|>", OMNI25_TEMPLATE,
+                          image_token="<|IMAGE|>", audio_token="<|AUDIO|>", video_token="<|VIDEO|>",
+                          vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>",
+                          audio_bos_token="<|audio_bos|>", audio_eos_token="<|audio_eos|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in OMNI25_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=28, fullatt_block_indexes=[0])
+    audio = dict(num_mel_bins=80, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+                 output_dim=64, n_window=50, max_source_positions=1500)
+    thinker = dict(text_config=text, vision_config=vision, audio_config=audio, audio_token_index=ids["<|AUDIO|>"],
+                   image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+                   audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+                   vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"])
+    config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
+    model = Qwen2_5OmniForConditionalGeneration(config)
+    feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=5)  # pads to 5 s, not 30
+    processor = Qwen2_5OmniProcessor(image_processor=qwen_image_processor(), video_processor=Qwen2VLVideoProcessor(),
+                                     feature_extractor=feature_extractor, tokenizer=tok, chat_template=OMNI25_TEMPLATE)
+    if not full:
+        return _save(model.thinker, processor, path)
+    _save(model, processor, path)
+    _as_full_omni_checkpoint(path)
+    return str(path)
+
+
+def build_qwen3_omni_moe(path, seed: int = 0, layers: int = 2, experts: int = 4) -> str:
+    """Qwen3-Omni-30B-A3B architecture, tiny: whole-model config, thinker weights under ``thinker.`` (per-expert,
+    as released; transformers fuses them into 3-D experts on load), Qwen3-Omni's processor with a 128-bin
+    WhisperFeatureExtractor, and a template with the ``enable_thinking`` switch."""
+    from transformers import Qwen2VLImageProcessor, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+    from transformers import Qwen3OmniMoeProcessor, Qwen3VLVideoProcessor, WhisperFeatureExtractor
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(QWEN_SPECIALS, "<|im_end|>", "<|endoftext|>", QWEN_TEMPLATE,
+                          image_token="<|image_pad|>", audio_token="<|audio_pad|>", video_token="<|video_pad|>",
+                          vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>",
+                          audio_bos_token="<|audio_start|>", audio_eos_token="<|audio_end|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "interleaved": True},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    audio = dict(num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+                 output_dim=64, n_window=50, n_window_infer=800, conv_chunksize=500, downsample_hidden_size=8)
+    thinker = dict(text_config=text, vision_config=vision, audio_config=audio, audio_token_id=ids["<|audio_pad|>"],
+                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   audio_start_token_id=ids["<|audio_start|>"], vision_start_token_id=ids["<|vision_start|>"])
+    config = Qwen3OmniMoeConfig(thinker_config=thinker, enable_audio_output=False)
+    model = Qwen3OmniMoeForConditionalGeneration(config)
+    improc = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=64 * 96, patch_size=16, merge_size=2,
+                                   temporal_patch_size=2)
+    processor = Qwen3OmniMoeProcessor(image_processor=improc, video_processor=Qwen3VLVideoProcessor(),
+                                      feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
+                                      chat_template=QWEN_TEMPLATE)
+    _save(model, processor, path)
+    _as_full_omni_checkpoint(path)
+    return str(path)

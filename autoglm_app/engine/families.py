@@ -1,6 +1,15 @@
-"""Model families of real transformers checkpoints: GLM-4.1V / AutoGLM-Phone-9B, GLM-4.5V, Qwen2.5-VL and
-Qwen3-VL (dense and MoE). (Qwen2.5-Omni / Qwen3-Omni-MoE are not described yet: their checkpoints hold a
-thinker and a talker, and loading only the thinker needs a key mapping that is not written and tested.)
+"""Model families of real transformers checkpoints: GLM-4.1V / AutoGLM-Phone-9B, GLM-4.5V, Qwen2.5-VL,
+Qwen3-VL (dense and MoE), Qwen2.5-Omni and Qwen3-Omni-MoE.
+
+Qwen-Omni: a checkpoint's top-level config is the whole Omni model (thinker + talker + token2wav /
+code2wav). Only the **Thinker** is loaded (``Qwen2_5OmniThinkerForConditionalGeneration`` /
+``Qwen3OmniMoeThinkerForConditionalGeneration``: text out of text, images and audio), built from
+``config.thinker_config`` with the ``thinker.``-prefixed weights (transformers' own key mapping strips
+the prefix; talker / token2wav weights are never read). Speech output (the talker) is out of scope. A
+thinker-only checkpoint (model_type ``qwen2_5_omni_thinker`` / ``qwen3_omni_moe_thinker``) loads too.
+The Omni models hear audio natively: a recording goes, 16 kHz mono, through the checkpoint's own
+processor (``WhisperFeatureExtractor`` log-mel features) into the model's audio encoder, never through
+speech-to-text; each recording's audio pad tokens form its focus map over time.
 
 Each ``HFFamily`` says, from data rather than code paths: where the decoder layers sit, which modules
 stay 16-bit under INT4, the special tokens that stop or must never be generated, the think / answer
@@ -14,6 +23,8 @@ model hears audio. The shared behaviour is the same for all of them:
   switches the *text* config to ``probe_sdpa`` (or ``probe_eager``), registered here, which runs the
   real kernel and then hands the post-rotary (M-RoPE included) query and the cached keys to the
   FocusProbe attached to that module, if any;
+- audio spans likewise: each run of the audio pad token is one recording, ``AudioSpan(start, frames)``
+  over its encoder frames in sequence order;
 - routing: every MoE gate of these families (``*TopKRouter``) returns ``(logits, weights, indices)``,
   which ``read_route`` turns into the RoutingProbe's (experts, weights, kept).
 """
@@ -110,6 +121,9 @@ class HFFamily(ModelFamily):
     moe: bool = False
     fused_experts: bool = False  # experts stored as 3-D tensors (gate_up_proj / down_proj)
     auto_class: str = "AutoModelForImageTextToText"
+    # a composite checkpoint (Qwen-Omni: thinker + talker) loads only this part of its config
+    # (the model class is then ``auto_class``, a transformers class name, built from that sub-config)
+    sub_config: str | None = None
     extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ forward passes
@@ -173,8 +187,10 @@ class HFFamily(ModelFamily):
 
     # ------------------------------------------------------------------ prompts
     def render(self, processor, dicts: list[dict], enable_thinking: bool) -> str:
-        text = processor.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=enable_thinking)
+        template = getattr(processor, "chat_template", None)
+        # a template that has no thinking switch gets none (transformers would log a warning on every request)
+        switch = {"enable_thinking": enable_thinking} if "enable_thinking" in str(template or "enable_thinking") else {}
+        text = processor.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True, **switch)
         if not enable_thinking and self.think_close not in text[-len(self.thinking_off_suffix) - 8:]:
             text += self.thinking_off_suffix  # the template ignored the switch: close an empty think block
         return text
@@ -186,8 +202,8 @@ class HFFamily(ModelFamily):
         dicts, images, audios = self.template_messages(messages)
         text = self.render(processor, dicts, enable_thinking)
         kwargs = {"images": images} if images else {}
-        if audios:
-            kwargs["audio"] = audios
+        if audios:  # 16 kHz mono float32 (inputs.validate_request): the feature extractor checks the rate
+            kwargs.update(audio=audios, sampling_rate=16000)
         enc = dict(processor(text=[text], return_tensors="pt", **kwargs))
         ids = enc["input_ids"][0].numpy()
         modality = np.zeros(len(ids), np.int64)
@@ -208,7 +224,12 @@ class HFFamily(ModelFamily):
                 modality[start : start + n] = 1
         audio_spans = []
         if audios and self.audio_token:
-            for start, n in _runs(ids == _token_id(processor.tokenizer, self.audio_token)):
+            # one run of the audio pad token per recording (the templates wrap each in audio bos / eos),
+            # one token per audio-encoder frame, in time order
+            runs = _runs(ids == _token_id(processor.tokenizer, self.audio_token))
+            if len(runs) != len(audios):
+                raise RuntimeError(f"{len(audios)} recordings but {len(runs)} runs of {self.audio_token} in the prompt")
+            for start, n in runs:
                 audio_spans.append(AudioSpan(start, n))
                 modality[start : start + n] = 2
         return Prepared(enc, image_spans, audio_spans, modality)
@@ -242,5 +263,22 @@ FAMILIES = [
     HFFamily("qwen2_5_vl", model_types=("qwen2_5_vl",), hears_audio=False),
     HFFamily("qwen3_vl", model_types=("qwen3_vl",), hears_audio=False),
     HFFamily("qwen3_vl_moe", model_types=("qwen3_vl_moe",), hears_audio=False, moe=True, fused_experts=True),
+    # Qwen2.5-Omni-3B / 7B: the Thinker only (no speech output). Not a thinking model: with thinking off nothing
+    # is appended (its template has no think block), with thinking on the splitter sees it skip thinking.
+    HFFamily("qwen2_5_omni", model_types=("qwen2_5_omni", "qwen2_5_omni_thinker"), hears_audio=True,
+             image_token="<|IMAGE|>", audio_token="<|AUDIO|>",
+             media_tokens=("<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>",
+                           "<|audio_eos|>"),
+             thinking_off_suffix="", auto_class="Qwen2_5OmniThinkerForConditionalGeneration",
+             sub_config="thinker_config"),
+    # Qwen3-Omni-30B-A3B (Instruct / Thinking / Captioner): the Thinker only; fused 3-D experts, like Qwen3-VL-MoE.
+    # The Thinking checkpoint opens <think>; thinking off is enable_thinking=False to the template, or an empty
+    # think block appended when the template ignores it (as for the Qwen3 families).
+    HFFamily("qwen3_omni_moe", model_types=("qwen3_omni_moe", "qwen3_omni_moe_thinker"), hears_audio=True,
+             audio_token="<|audio_pad|>",
+             media_tokens=("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|audio_start|>",
+                           "<|audio_end|>"),
+             moe=True, fused_experts=True, auto_class="Qwen3OmniMoeThinkerForConditionalGeneration",
+             sub_config="thinker_config"),
 ]
 HF_FAMILIES: dict[str, HFFamily] = {t: f for f in FAMILIES for t in f.model_types}

@@ -2,23 +2,38 @@
 
 transformers 5 keeps the experts of Qwen3-VL-MoE, GLM-4.5V and Qwen3-Omni-MoE as two parameters,
 ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), which bitsandbytes does not quantize: the
-bulk of such a model would stay 16-bit. ``split_fused_experts`` replaces each fused module by
-``SplitExperts``: one ``bnb.nn.Linear4bit`` (NF4, double quantization) per expert and projection,
-with the fused module's forward signature, so the MoE block and its router stay as they are.
+bulk of such a model would stay 16-bit. ``SplitExperts`` replaces each fused module: one
+``bnb.nn.Linear4bit`` (NF4, double quantization) per expert and projection, with the fused module's
+forward signature, so the MoE block and its router stay as they are.
 
-Layers are converted one at a time and each fused tensor is released as soon as its experts are
-packed, so the extra memory of the conversion is one layer's experts at a time.
+Two ways to get there:
+
+- **streamed** (what the loader uses): ``streamed_expert_split()`` wraps ``from_pretrained``. transformers
+  reads the checkpoint one tensor at a time under on-the-fly quantization (its conversion ops, e.g. merging
+  per-expert weights into a fused tensor, or transposing, run per target tensor); each fused expert tensor
+  is packed to 4-bit the moment it is produced and never set on the model, so the 16-bit experts are never
+  all in memory: the extra host memory of the load is one fused tensor (one layer's gate_up or down
+  projections) at a time, on top of the 4-bit model.
+- **after the fact**: ``split_fused_experts(model)`` converts a model that already holds 16-bit fused
+  experts, layer by layer (the fallback, and for models built in memory).
+
+``python -m autoglm_app.engine.fused_experts --measure`` saves a random-weight Qwen3-VL-MoE-style checkpoint
+and reports the peak host memory of both paths, each in a fresh subprocess (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import threading
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+FUSED_NAMES = ("gate_up_proj", "down_proj")
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -39,16 +54,41 @@ def _linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, device) -> nn.
 
 
 class SplitExperts(nn.Module):
-    """Per-expert 4-bit SwiGLU experts with the forward of transformers' fused ``*TextExperts``."""
+    """Per-expert 4-bit SwiGLU experts with the forward of transformers' fused ``*TextExperts``.
 
-    def __init__(self, fused: nn.Module, compute_dtype: torch.dtype = torch.float16):
+    ``SplitExperts(fused)`` converts a loaded fused module; ``SplitExperts.empty_like(fused)`` is a skeleton
+    that ``load_fused`` fills one fused tensor at a time (the streamed load).
+    """
+
+    def __init__(self, fused: nn.Module | None = None, compute_dtype: torch.dtype = torch.float16, *,
+                 num_experts: int | None = None, act_fn=None):
         super().__init__()
-        E = fused.gate_up_proj.shape[0]
-        device = fused.gate_up_proj.device
-        self.num_experts = E
-        self.act_fn = fused.act_fn
-        self.gate_up_proj = nn.ModuleList(_linear4bit(fused.gate_up_proj[e], compute_dtype, device) for e in range(E))
-        self.down_proj = nn.ModuleList(_linear4bit(fused.down_proj[e], compute_dtype, device) for e in range(E))
+        self.compute_dtype = compute_dtype
+        self.num_experts = fused.gate_up_proj.shape[0] if fused is not None else int(num_experts)
+        self.act_fn = fused.act_fn if fused is not None else act_fn
+        self.gate_up_proj = nn.ModuleList()
+        self.down_proj = nn.ModuleList()
+        if fused is not None:
+            device = fused.gate_up_proj.device
+            for name in FUSED_NAMES:
+                self.load_fused(name, getattr(fused, name), device)
+
+    @classmethod
+    def empty_like(cls, fused: nn.Module, compute_dtype: torch.dtype = torch.float16) -> "SplitExperts":
+        return cls(num_experts=fused.gate_up_proj.shape[0], act_fn=fused.act_fn, compute_dtype=compute_dtype)
+
+    def load_fused(self, name: str, tensor: torch.Tensor, device=None) -> None:
+        """Pack a fused (E, out, in) tensor into one Linear4bit per expert (replacing any earlier ones)."""
+        if name not in FUSED_NAMES or tensor.dim() != 3 or tensor.shape[0] != self.num_experts:
+            raise ValueError(f"expected {FUSED_NAMES} of shape ({self.num_experts}, out, in), got {name} "
+                             f"{tuple(tensor.shape)}")
+        device = tensor.device if device is None else device
+        setattr(self, name, nn.ModuleList(_linear4bit(tensor[e], self.compute_dtype, device)
+                                          for e in range(self.num_experts)))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.gate_up_proj) == len(self.down_proj) == self.num_experts
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # hidden_states (N, H); top_k_index / top_k_weights (N, k)
@@ -77,8 +117,249 @@ def split_fused_experts(model: nn.Module, compute_dtype: torch.dtype = torch.flo
     return len(targets)
 
 
+# ----------------------------------------------------------------------------- streamed split at load time
+
+_STREAM_LOCK = threading.RLock()
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A fused tensor is tens to hundreds of MiB; after it is packed, glibc keeps the freed 16-bit block in its heap
+    (the packed 4-bit blocks allocated meanwhile pin it), so without this the resident size still grows with
+    every layer even though nothing 16-bit is alive.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def _is_4bit_quantizer(hf_quantizer) -> bool:
+    config = getattr(hf_quantizer, "quantization_config", None)
+    return bool(getattr(config, "load_in_4bit", False))
+
+
+@contextmanager
+def streamed_expert_split(compute_dtype: torch.dtype = torch.float16):
+    """Within this block, a 4-bit bitsandbytes ``from_pretrained`` packs fused expert tensors as they are read.
+
+    transformers 5 sets every loaded tensor on the model through ``core_model_loading.set_param_for_module``;
+    for the ``gate_up_proj`` / ``down_proj`` of a fused experts module this block packs the tensor into a
+    ``SplitExperts`` kept aside for that module instead, so the 16-bit tensor is dropped at once (the fused
+    module keeps its empty meta parameters while the load runs: transformers' conversion ops look at their
+    shapes). When the block ends, each fused module is replaced by its SplitExperts. Other tensors, and loads
+    that are not 4-bit, go through unchanged. Yields a dict: ``modules`` (how many were streamed),
+    ``tensors``, ``bytes_16bit`` (the 16-bit bytes packed on the fly). Without that loader hook (another
+    transformers version) nothing is streamed and ``split_fused_experts`` after the load does the work.
+    """
+    try:
+        import transformers.core_model_loading as cml
+
+        original = cml.set_param_for_module
+    except (ImportError, AttributeError):  # pragma: no cover - other transformers versions
+        log.warning("transformers has no set_param_for_module hook: fused experts are split after the load")
+        yield {"modules": 0, "tensors": 0, "bytes_16bit": 0}
+        return
+
+    stats = {"modules": 0, "tensors": 0, "bytes_16bit": 0}
+    pending: dict[int, tuple] = {}  # id(model) -> (model, {module path: SplitExperts})
+
+    def set_param(model, target_name, param_value, loading_info, hf_quantizer, *args, **kwargs):
+        module_path, _, leaf = target_name.rpartition(".")
+        if (leaf in FUSED_NAMES and isinstance(param_value, torch.Tensor) and param_value.dim() == 3
+                and _is_4bit_quantizer(hf_quantizer)):
+            module = model.get_submodule(module_path) if module_path else model
+            if is_fused_experts(module):
+                splits = pending.setdefault(id(model), (model, {}))[1]
+                split = splits.get(module_path)
+                if split is None:
+                    split = splits[module_path] = SplitExperts.empty_like(module, compute_dtype)
+                _release_free_memory()  # the previous fused tensor (freed by now) goes back to the OS
+                split.load_fused(leaf, param_value)
+                loading_info.missing_keys.discard(target_name)
+                stats["tensors"] += 1
+                stats["bytes_16bit"] += param_value.numel() * 2
+                return None
+        return original(model, target_name, param_value, loading_info, hf_quantizer, *args, **kwargs)
+
+    with _STREAM_LOCK:  # the hook is module-global: one streamed load at a time
+        cml.set_param_for_module = set_param
+        try:
+            yield stats
+        finally:
+            cml.set_param_for_module = original
+        for model, splits in pending.values():  # the load went through: put the packed experts in place
+            for path, split in splits.items():
+                parent_name, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, split)
+            stats["modules"] += len(splits)
+        pending.clear()
+        _release_free_memory()
+
+
+def check_split(model: nn.Module) -> int:
+    """Raise unless every SplitExperts got both projections for all its experts; returns how many there are."""
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, SplitExperts)]
+    broken = [n for n, m in modules if not m.complete]
+    if broken:
+        raise RuntimeError(f"fused experts not fully loaded (a projection missing from the checkpoint?): {broken[:4]}")
+    return len(modules)
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes a module holds: parameters (4-bit ones with their quantization state) and buffers."""
     from autoglm_app.modeling.summary import total_bytes
 
     return total_bytes(module)
+
+
+# ----------------------------------------------------------------------------- measurement (docs/PERFORMANCE.md)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def build_measure_checkpoint(path: str, layers: int = 8, experts: int = 16, hidden: int = 512,
+                             moe_intermediate: int = 768) -> str:
+    """A random-weight Qwen3-VL-MoE-style checkpoint (bf16 safetensors), text-heavy: experts dominate the bytes."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = dict(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden, moe_intermediate_size=moe_intermediate,
+                num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=1000, video_token_id=1001,
+                              vision_start_token_id=1002, vision_end_token_id=1003)
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def load_int4(path: str, streamed: bool) -> nn.Module:
+    """The loader's int4 path for a fused-expert checkpoint, with (new) or without (old) the streamed split."""
+    from transformers import AutoModelForImageTextToText
+
+    from .families import HF_FAMILIES
+    from .loading import quantization_config
+
+    qconfig = quantization_config("int4", False, keep_16bit=HF_FAMILIES["qwen3_vl_moe"].keep_16bit)
+    kwargs = dict(dtype=torch.float16, quantization_config=qconfig, device_map={"": "cpu"}, use_safetensors=True)
+    if streamed:
+        with streamed_expert_split(torch.float16):
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    split_fused_experts(model, torch.float16)  # the old path's conversion; a no-op after a streamed load
+    check_split(model)
+    return model.eval()
+
+
+def _measure_one(path: str, streamed: bool) -> dict:
+    """Run in a fresh process: load, then report peak RSS (VmHWM) and the sampled peak anonymous RSS."""
+    import time
+
+    # the libraries first, so the baseline holds them and the peaks above it are the load's own
+    import bitsandbytes  # noqa: F401
+    import transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe  # noqa: F401
+    from transformers import AutoModelForImageTextToText  # noqa: F401
+
+    peak = {"anon": _status_kib("RssAnon")}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak["anon"] = max(peak["anon"], _status_kib("RssAnon"))
+            time.sleep(0.002)
+
+    base = {"rss": _status_kib("VmRSS"), "anon": _status_kib("RssAnon")}
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    model = load_int4(path, streamed)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    experts = [m for m in model.modules() if isinstance(m, SplitExperts)]
+    return {"streamed": streamed, "seconds": round(seconds, 2), "baseline_rss_mib": base["rss"] / 1024,
+            "end_anon_mib": _status_kib("RssAnon") / 1024,
+            "baseline_anon_mib": base["anon"] / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024,
+            "peak_anon_mib": peak["anon"] / 1024, "experts_4bit_bytes": sum(module_bytes(m) for m in experts),
+            "model_bytes": module_bytes(model)}
+
+
+def measure(layers: int = 8, experts: int = 16, hidden: int = 512, moe_intermediate: int = 768) -> list[dict]:
+    """Build the checkpoint once, then load it with the old and the new path, each in its own subprocess."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "moe")
+        build_measure_checkpoint(path, layers, experts, hidden, moe_intermediate)
+        files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
+        size = sum(os.path.getsize(f) for f in files)
+        fused16 = layers * experts * 3 * hidden * moe_intermediate * 2
+        rows = []
+        for streamed in (False, True):
+            code = ("import json,sys; from autoglm_app.engine.fused_experts import _measure_one; "
+                    f"print('RESULT', json.dumps(_measure_one({path!r}, {streamed})))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "TQDM_DISABLE": "1"})
+            line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+            row = json.loads(line[len("RESULT "):])
+            row.update(checkpoint_mib=size / 2**20, experts_16bit_mib=fused16 / 2**20)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--measure", action="store_true", help="peak host memory of the old vs the streamed split")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--moe-intermediate", type=int, default=768)
+    args = p.parse_args(argv)
+    if not args.measure:
+        p.print_help()
+        return
+    rows = measure(args.layers, args.experts, args.hidden, args.moe_intermediate)
+    print(f"checkpoint {rows[0]['checkpoint_mib']:.0f} MiB bf16 safetensors; fused experts "
+          f"{rows[0]['experts_16bit_mib']:.0f} MiB at 16-bit -> {rows[0]['experts_4bit_bytes'] / 2**20:.0f} MiB NF4")
+    print("| path | peak RSS (VmHWM) | peak anonymous RSS | baseline RSS / anon | peak anon above baseline "
+          "| load s | model held |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {'streamed (new)' if r['streamed'] else 'split after load (old)'} | {r['peak_rss_mib']:.0f} MiB | "
+              f"{r['peak_anon_mib']:.0f} MiB | {r['baseline_rss_mib']:.0f} / {r['baseline_anon_mib']:.0f} MiB | "
+              f"{r['peak_anon_mib'] - r['baseline_anon_mib']:.0f} MiB | {r['seconds']:.1f} | "
+              f"{r['model_bytes'] / 2**20:.0f} MiB |")
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -34,11 +34,13 @@ __all__ = [
     "LoadedModel",
     "ModelNotFoundError",
     "QuantizationError",
+    "UnsafeCheckpointError",
     "compute_dtype",
     "default_quantize",
     "keep_16bit_patterns",
     "load_model",
     "quantization_config",
+    "require_safetensors",
     "resolve_checkpoint",
     "verify_quantized",
 ]
@@ -264,6 +266,7 @@ def load_model(
     gpu_memory: str | None = None,
     attn_implementation: str = "sdpa",
     offload_cpu: bool = False,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load an AutoGLM checkpoint and its processor.
 
@@ -272,6 +275,11 @@ def load_model(
         all visible GPUs, or the CPU when there is none.
     gpu_memory: per-device weight budget ('24GiB'); default 90% of each GPU's free memory.
     offload_cpu: when the plan does not fit the GPUs, put what is left on the CPU.
+    trust_remote_code: let transformers run Python code shipped with the checkpoint (config, model or
+        processor classes). Off by default; only for checkpoints you trust.
+
+    Weights are read from safetensors only (``use_safetensors=True``): a checkpoint with only pickled
+    ``.bin`` / ``.pt`` weights is refused (unpickling can run arbitrary code), with a note to convert it.
     """
     import autoglm_app.modeling  # noqa: F401  (registers model_type "autoglm" with the Auto classes)
     from transformers import AutoConfig
@@ -283,12 +291,14 @@ def load_model(
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
     path = resolve_checkpoint(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family = family_for(config)  # an unsupported model_type fails here, before any weight is read
+    require_safetensors(path)
     devices = _resolve_devices(gpus)
     on_gpu = any(isinstance(d, int) for d in devices)
     if family.name != "autoglm":
-        return _load_hf(path, model_id_of(name_or_path), family, quantize, devices, gpu_memory, attn_implementation)
+        return _load_hf(path, model_id_of(name_or_path), family, quantize, devices, gpu_memory, attn_implementation,
+                        config=config, trust_remote_code=trust_remote_code)
     qconfig = quantization_config(quantize, on_gpu)
     dtype = model_dtype(quantize, on_gpu)
 
@@ -320,6 +330,8 @@ def load_model(
         quantization_config=qconfig,
         device_map=device_map,
         attn_implementation=attn_implementation,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
     ).eval()
     checked = verify_quantized(model, quantize)
     if checked:
@@ -335,18 +347,44 @@ def load_model(
     )
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose weights exist only as pickles (.bin / .pt / .pth / .ckpt)."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path: str) -> None:
+    """Refuse a checkpoint directory that holds no ``*.safetensors`` weights (pickled weights only, or none)."""
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and not n.startswith("training_args"))
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"{path} holds only pickled weights ({', '.join(pickles[:4])}{' ...' if len(pickles) > 4 else ''}); "
+            "this app loads safetensors only, since unpickling a checkpoint can run arbitrary code. Convert it to "
+            "safetensors on a trusted machine, e.g. `model = AutoModel...from_pretrained(path); "
+            "model.save_pretrained(out, safe_serialization=True)`, or use the hub's safetensors revision."
+        )
+    raise ModelNotFoundError(f"{path} holds no model weights (*.safetensors)")
+
+
 def model_id_of(name_or_path: str) -> str:
     """The id clients see: a hub id as given, a local checkpoint by its folder name."""
     return os.path.basename(os.path.normpath(name_or_path)) if os.path.isdir(name_or_path) else str(name_or_path)
 
 
 def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu_memory: str | None,
-             attn_implementation: str) -> LoadedModel:
+             attn_implementation: str, config=None, trust_remote_code: bool = False) -> LoadedModel:
     """A transformers-native checkpoint (GLM-4.xV, Qwen-VL, Qwen-Omni): its Auto class and AutoProcessor.
 
     Placement over several GPUs is accelerate's ``device_map="auto"`` within the per-GPU budget (decoder
     layers are never split: the model's ``_no_split_modules``); the exact-bytes planner covers AutoGLM only.
     Fused 3-D experts, which bitsandbytes leaves 16-bit, are split into per-expert 4-bit layers.
+    A composite checkpoint (Qwen-Omni) loads only ``family.sub_config`` (the Thinker) with the family's model
+    class; transformers' key mapping for that class drops the ``thinker.`` prefix, and the talker's weights
+    are left unread.
     """
     import transformers
     from transformers import AutoProcessor
@@ -361,21 +399,27 @@ def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu
         device_map, max_memory = {"": "cpu"}, None
     logger.info("loading %s (%s, family %s) on %s", model_id, quantize, family.name, gpu_ids or "the CPU")
     auto_class = getattr(transformers, family.auto_class)
-    model = auto_class.from_pretrained(
-        path,
-        dtype=model_dtype(quantize, on_gpu),
-        quantization_config=qconfig,
-        device_map=device_map,
-        max_memory=max_memory,
-        attn_implementation=attn_implementation,
-    ).eval()
+    extra: dict = {}
+    sub = getattr(config, family.sub_config, None) if family.sub_config and config is not None else None
+    if sub is not None:
+        extra["config"] = sub  # the Thinker of an Omni checkpoint
+    kwargs = dict(dtype=model_dtype(quantize, on_gpu), quantization_config=qconfig, device_map=device_map,
+                  max_memory=max_memory, attn_implementation=attn_implementation, use_safetensors=True,
+                  trust_remote_code=trust_remote_code, **extra)
     if quantize == "int4" and family.fused_experts:
-        from .fused_experts import split_fused_experts
+        from .fused_experts import check_split, split_fused_experts, streamed_expert_split
 
-        split_fused_experts(model, compute_dtype(on_gpu))
+        # each fused expert tensor is packed to 4-bit as it is read, so the 16-bit experts are never all held
+        with streamed_expert_split(compute_dtype(on_gpu)) as streamed:
+            model = auto_class.from_pretrained(path, **kwargs).eval()
+        late = split_fused_experts(model, compute_dtype(on_gpu))  # whatever the stream did not see (none, normally)
+        logger.info("fused experts: %d modules packed to 4-bit while loading, %d after", streamed["modules"], late)
+        check_split(model)
+    else:
+        model = auto_class.from_pretrained(path, **kwargs).eval()
     checked = verify_quantized(model, quantize, family)
     if checked:
         logger.info("%d decoder projections verified %s", checked, quantize)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, processor=processor, model_id=model_id, quantize=quantize,
                        device_map=getattr(model, "hf_device_map", device_map), plan=None)
