@@ -371,6 +371,26 @@ def test_round_robin_across_sessions_and_interactive_before_batch(small):
     assert order[-1] == "batch"
 
 
+def test_stopping_a_queued_request_ends_it_at_once_and_moves_the_queue_up(small):
+    eng = make_engine(*small, max_queue=10)
+    try:
+        blocker = eng.submit(ask(max_new_tokens=4000, min_new_tokens=4000, session="blocker"))
+        next(e for e in blocker.events() if isinstance(e, Routing))
+        first = eng.submit(ask(session="a", max_new_tokens=1))
+        second = eng.submit(ask(session="b", max_new_tokens=1))
+        stream = second.events(timeout=30)  # one iterator: dropping one early would cancel the request
+        assert next(stream) == Queued(2)
+        first.cancel()
+        # no waiting for the running request: the cancelled one is finished and the next moves up
+        assert list(first.events(timeout=5))[-1] == Done("cancelled")
+        assert next(stream) == Queued(1)
+        assert eng.queue_length() == 1
+        blocker.cancel()
+        assert isinstance(list(stream)[-1], Done)
+    finally:
+        eng.close()
+
+
 def test_new_sessions_do_not_overtake_a_returning_session(small):
     """Anonymous API calls each get a fresh session; they must queue behind a returning user
     (a UI tab on its second turn) who was already waiting, not jump ahead of them."""
@@ -381,10 +401,11 @@ def test_new_sessions_do_not_overtake_a_returning_session(small):
         next(e for e in blocker.events() if isinstance(e, Routing))
         handles = [("tab", eng.submit(ask(session="tab", max_new_tokens=1)))]
         handles += [(f"anon{i}", eng.submit(ask(session=f"anon-{i}", max_new_tokens=1))) for i in range(3)]
-        positions = {name: next(e.position for e in h.events() if isinstance(e, Queued)) for name, h in handles}
+        streams = {name: h.events(timeout=30) for name, h in handles}  # one iterator each (see events())
+        positions = {name: next(streams[name]).position for name, _ in handles}
         blocker.cancel()
-        for _, h in handles:
-            assert isinstance(list(h.events())[-1], Done)
+        for name in streams:
+            assert list(streams[name])[-1] == Done("length"), name
     finally:
         eng.close()
     assert positions["tab"] == 1 and sorted(positions.values()) == [1, 2, 3, 4], positions

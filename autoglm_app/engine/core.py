@@ -76,12 +76,15 @@ class RequestHandle:
         self.submitted = time.perf_counter()
         self.last_position: int | None = None
         self.arrival_tick: float = -1.0  # set by Engine.submit (see Engine._order)
+        self._on_cancel = None  # set by Engine.submit while the request waits
 
     def put(self, event: Event) -> None:
         self._events.put(event)
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self._on_cancel is not None:  # still queued: leave the queue now, not when the worker gets to it
+            self._on_cancel(self)
 
     @property
     def cancelled(self) -> bool:
@@ -153,6 +156,7 @@ class Engine:
             # sessions that have waited longer, so a stream of new sessions (anonymous API calls)
             # cannot keep returning users (every UI tab after its first turn) waiting
             handle.arrival_tick = self._serve_tick - 0.5
+            handle._on_cancel = self._withdraw
             self._waiting.append(handle)
             self._announce_positions()
             self._lock.notify_all()
@@ -226,6 +230,7 @@ class Engine:
                 if self._waiting:
                     h = self._order()[0]
                     self._waiting.remove(h)
+                    h._on_cancel = None  # from now on the worker sees the flag within one token
                     self._running = h
                     self._serve_tick += 1
                     self._last_served[h.request.session_id] = self._serve_tick
@@ -242,6 +247,15 @@ class Engine:
                     return h
                 self._lock.wait(timeout=0.5)
             return None
+
+    def _withdraw(self, h: RequestHandle) -> None:
+        """A waiting request was cancelled (Stop pressed, client gone): it ends at once and the
+        requests behind it move up."""
+        with self._lock:
+            if h in self._waiting:
+                self._waiting.remove(h)
+                h.put(Done("cancelled"))
+                self._announce_positions()
 
     @staticmethod
     def _drop_if_cancelled(h: RequestHandle) -> bool:
