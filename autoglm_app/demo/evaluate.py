@@ -223,7 +223,7 @@ def table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def model_card(summary: dict, config: dict, n_params: int, size_bytes: int) -> str:
+def model_card(summary: dict, config: dict, n_params: int, size_bytes: int, stages: str = "") -> str:
     """The checkpoint's README: architecture, recipe, evaluation, limits."""
     c = config
     return f"""# AutoGLM-Phone-Tiny
@@ -253,7 +253,13 @@ where, count, existence, identity in English or Chinese), thinking on for 60% of
 (`<think>` trace, then the answer) and off for the rest, and a spoken question (espeak-ng, 8
 training voices, random speed, pitch, level and noise) for a quarter of the English questions.
 AdamW (peak LR 2e-3, betas 0.9/0.95, weight decay 0.01), warm-up then cosine, gradient clip 1.0,
-loss on the assistant tokens only, on the CPU.
+loss on the assistant tokens only, on the CPU. From stage 3 on, two auxiliary heads (training only,
+not in this checkpoint; `autoglm_app/demo/aux.py`, weight `--aux 0.5`) give the encoders their own
+targets: the adapter's image features pooled per cell of the 3x3 grid must name what the cell holds
+(empty or one of 12 colour-shape pairs), and the adapter's speech features pooled per recording
+must name the spoken question's task and the colour and shape words in it.
+
+{stages}
 
 ## Evaluation
 `python -m autoglm_app.demo.evaluate` on {summary["scenes"]} held-out scenes (random streams the training never
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set-default", action="store_true",
                    help="write the best pointing rule into the checkpoint's config as its focus default")
     p.add_argument("--card", action="store_true", help="write the model card (README.md) beside the checkpoint")
+    p.add_argument("--card-stages", default="", help="the training stages of this checkpoint, for the card")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     loaded = load_model(args.model, quantize="fp32")
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = json.loads((model_dir / "config.json").read_text())
         size = (model_dir / "model.safetensors").stat().st_size
         n_params = sum(p.numel() for p in loaded.model.parameters())
-        (model_dir / "README.md").write_text(model_card(summary, cfg, n_params, size))
+        (model_dir / "README.md").write_text(model_card(summary, cfg, n_params, size, args.card_stages))
         log.info("model card written to %s", model_dir / "README.md")
 
 
