@@ -469,8 +469,13 @@ def start_target(cfg: LoadConfig, workdir: Path) -> Target:
     counter = ErrorLogCounter()
     logging.getLogger().addHandler(counter)
     running = serve_in_thread(create_app(engine, settings))
+    # uvicorn's loggers do not propagate to the root logger (and its config replaces their handlers
+    # when the server starts), so "Exception in ASGI application" is only seen from here
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(counter)
 
     def stop() -> None:
+        uvicorn_log.removeHandler(counter)  # shutdown noise after the measurements is not counted
         running.stop()
         engine.close()
         logging.getLogger().removeHandler(counter)
