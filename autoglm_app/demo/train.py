@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         config = AutoGLMConfig.from_json_file(str(args.init_from / "config.json"))
         config.to_json_file(str(args.out / "config.json"))
         model = AutoGLMForConditionalGeneration(config)
-        model.load_state_dict(torch.load(args.init_from / "checkpoint.pt", map_location="cpu")["model"])
+        init_state = torch.load(args.init_from / "checkpoint.pt", map_location="cpu")
+        model.load_state_dict(init_state["model"])
         log.info("initialised from %s", args.init_from)
     elif (args.out / "processor").exists() and ckpt.exists():
         processor = AutoGLMProcessor.from_pretrained(str(args.out / "processor"))
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     aux = AuxHeads(model.config.hidden_size, model.config.image_size // model.config.patch_size).to(device)
     if args.aux > 0:
         aux.attach(model)
+        if args.init_from and not ckpt.exists() and "aux" in init_state:
+            aux.load_state_dict(init_state["aux"])  # the earlier stage's heads, not fresh ones
     params = list(model.parameters()) + (list(aux.parameters()) if args.aux > 0 else [])
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start, spent = 0, 0.0
