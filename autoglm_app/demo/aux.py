@@ -97,3 +97,130 @@ class AuxHeads(nn.Module):
             total = total + parts["speech"]
         self._vision_out = self._audio_out = self._audio_lengths = None
         return total, parts
+
+
+# ------------------------------------------------------------------ focus supervision
+#
+# The caption-focus map the app draws for a token is the head-mean attention of the query that
+# chose the token, over the image's patch keys. Trained on the language-model loss alone, the
+# tiny decoder reads the image through whatever heads are convenient, so the map's peak lands on
+# the named shape only about half the time, and a wrong read is also the commonest wrong answer.
+# This loss asks, in a few chosen layers, that while the model writes about one shape its
+# image attention (renormalised over the patches) falls on that shape's patches.
+
+
+def _cell_pattern(cell: str) -> str:
+    # "top" must not match the start of "top left"; "left" is never the tail of "bottom left"
+    # because the phrase always reads "at the <cell>"
+    return re.escape(cell) + r"(?! left| right)\b"
+
+
+def focus_spans(target: str, qa, scene) -> list[tuple[int, int, object]]:
+    """Character spans of the assistant ``target`` text that are about one shape of ``scene``.
+
+    * every "<colour> <shape> at the <cell>" phrase names that shape (the "I see" list, captions,
+      the listing of several matches);
+    * when the question resolves to one shape (``qa.target``), the trace's last sentence and the
+      whole answer are about it.
+    Phrases win where they overlap a whole-answer span.
+    """
+    spans: list[tuple[int, int, object]] = []
+    for s in scene.shapes:
+        pat = re.compile(rf"\b{s.color} {s.kind} at the {_cell_pattern(s.cell)}")
+        spans += [(m.start(), m.end(), s) for m in pat.finditer(target)]
+    if qa.target is not None:
+        end = target.find("</think>")
+        answer_at = end + len("</think>") if end >= 0 else 0
+        stop = target.find("<|endoftext|>")
+        stop = len(target) if stop < 0 else stop
+        if end >= 0:
+            think = target[: end]
+            last = think.rstrip(". ").rfind(". ")
+            if last >= 0:
+                spans.append((last + 2, end, qa.target))
+        spans.append((answer_at, stop, qa.target))
+    return spans
+
+
+def patch_targets(shape, scene_size: int, grid: int) -> list[int]:
+    """Row-major indices of the patches whose centre lies inside the shape's box."""
+    x0, y0, x1, y1 = shape.box
+    out = []
+    for r in range(grid):
+        cy = (r + 0.5) * scene_size / grid
+        for c in range(grid):
+            cx = (c + 0.5) * scene_size / grid
+            if x0 <= cx < x1 and y0 <= cy < y1:
+                out.append(r * grid + c)
+    return out
+
+
+def focus_targets(offsets: list[tuple[int, int]], spans, scene_size: int, grid: int) -> list[tuple[int, list[int]]]:
+    """(index of a target token, its shape's patches) for every target token inside a span.
+
+    Phrase spans come first in ``spans`` and win; a token is assigned once."""
+    out, taken = [], set()
+    for a, b, shape in spans:
+        patches = patch_targets(shape, scene_size, grid)
+        if not patches:
+            continue
+        for j, (s, e) in enumerate(offsets):
+            if j in taken or e <= s or e <= a or s >= b:
+                continue
+            taken.add(j)
+            out.append((j, patches))
+    return sorted(out)
+
+
+class FocusSupervision:
+    """Training-only loss on the decoder's image attention, through the attention modules'
+    ``focus_probe`` hook (the same hook the engine's focus probe uses).
+
+    ``targets`` per sample: (query position, patch indices) pairs, where the query position is
+    the one whose output picks a token about that shape, and the image's first patch position.
+    """
+
+    def __init__(self, model, layers: list[int]):
+        self.layers = set(layers)
+        self.modules = [layer.self_attn for layer in model.model.layers]
+        self.grid = model.config.image_size // model.config.patch_size
+        self._qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attach(self) -> "FocusSupervision":
+        for m in self.modules:
+            m.focus_probe = self
+        return self
+
+    def detach(self) -> None:
+        for m in self.modules:
+            m.focus_probe = None
+
+    def __call__(self, layer: int, q, k, mask, probs, n_mem: int) -> None:
+        if layer in self.layers:
+            self._qk[layer] = (q, k, n_mem)
+
+    def loss(self, rows: list[tuple[int, int, int, list[int]]]) -> torch.Tensor | None:
+        """rows: (batch index, query position, first image position, target patches).
+        Mean over rows and layers of -log(image attention mass on the target patches)."""
+        qk, self._qk = self._qk, {}
+        if not rows or not qk:
+            return None
+        P = self.grid * self.grid
+        b = torch.tensor([r[0] for r in rows])
+        qpos = torch.tensor([r[1] for r in rows])
+        img = torch.tensor([r[2] for r in rows])[:, None] + torch.arange(P)[None, :]  # (N, P)
+        want = torch.zeros(len(rows), P)
+        for i, r in enumerate(rows):
+            want[i, r[3]] = 1.0
+        losses = []
+        for layer in sorted(qk):
+            q, k, n_mem = qk[layer]
+            H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+            want_d = want.to(q.device)
+            qs = q[b, :, qpos, :].float().view(len(rows), Hkv, H // Hkv, D)  # (N, Hkv, g, D)
+            ks = k[b[:, None], :, img + n_mem, :].float().permute(0, 2, 1, 3)  # (N, Hkv, P, D)
+            scores = torch.einsum("nkgd,nkpd->nkgp", qs, ks) * D**-0.5
+            probs = scores.softmax(-1).reshape(len(rows), H, P).mean(1)  # head mean, (N, P)
+            mass = (probs * want_d).sum(-1)
+            losses.append(-torch.log(mass.clamp_min(1e-6)).mean())
+        return torch.stack(losses).mean()

@@ -46,8 +46,10 @@ def corpus(n: int = 4000, seed: int = 1234) -> list[str]:
 
 def make_sample(rng: random.Random, spoken_p: float = 0.25, thinking_p: float = 0.6,
                 voices: list[str] | None = None, task: str | None = None, spoken: bool | None = None,
-                thinking: bool | None = None) -> Sample:
+                thinking: bool | None = None, task_weights: tuple[float, ...] | None = None) -> Sample:
     scene = random_scene(rng, rng.choice(IMAGE_SIZES))
+    if task is None and task_weights is not None:
+        task = rng.choices(TASKS, weights=task_weights)[0]
     qa = make_qa(scene, rng, task)
     image = render(scene)
     zh = qa.lang == "zh"
@@ -72,9 +74,12 @@ def make_sample(rng: random.Random, spoken_p: float = 0.25, thinking_p: float = 
 def encode(processor, sample: Sample) -> dict:
     prompt = processor.apply_chat_template(sample.messages, enable_thinking=sample.thinking)
     enc = processor(prompt, images=sample.images, audios=sample.audios)
-    target = processor.tokenizer(sample.target, add_special_tokens=False)["input_ids"]
+    tok = processor.tokenizer(sample.target, add_special_tokens=False, return_offsets_mapping=True)
+    target = tok["input_ids"]
     ids = enc["input_ids"][0].tolist()
     return {
+        "prompt_len": len(ids),
+        "target_offsets": [tuple(o) for o in tok["offset_mapping"]],
         "input_ids": ids + target,
         "labels": [-100] * len(ids) + target,
         "pixel_values": enc.get("pixel_values"),

@@ -24,8 +24,9 @@ import torch
 
 from ..config import DEMO_MODEL, ROOT
 from ..modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMProcessor, build_tokenizer
-from .aux import AuxHeads, cell_labels, question_labels
+from .aux import AuxHeads, FocusSupervision, cell_labels, focus_spans, focus_targets, question_labels
 from .data import collate, corpus, encode, make_sample
+from .shapesworld import TASK_WEIGHTS, TASKS
 
 log = logging.getLogger("autoglm.train")
 
@@ -92,6 +93,38 @@ def save_checkpoint(path: Path, model, opt, step: int, elapsed: float = 0.0, aux
     os.replace(tmp, path)
 
 
+def focus_rows(samples, encoded, image_token_id: int, grid: int) -> list[tuple[int, int, int, list[int]]]:
+    """Focus-supervision rows for a batch: (sample, query position, first patch position, patches).
+    The query is the position whose output picks the target token (one before it)."""
+    rows = []
+    for i, (s, e) in enumerate(zip(samples, encoded)):
+        if not s.images:
+            continue
+        spans = focus_spans(s.target, s.qa, s.scene)
+        if not spans:
+            continue
+        first = e["input_ids"].index(image_token_id)
+        for j, patches in focus_targets(e["target_offsets"], spans, s.scene.size, grid):
+            rows.append((i, e["prompt_len"] + j - 1, first, patches))
+    return rows
+
+
+def load_initial(path: Path):
+    """Weights, config and processor to start a new stage from: a training run's directory
+    (``checkpoint.pt``, ``config.json``, ``processor/``) or an exported model directory."""
+    if (path / "checkpoint.pt").exists():
+        processor = AutoGLMProcessor.from_pretrained(str(path / "processor"))
+        config = AutoGLMConfig.from_json_file(str(path / "config.json"))
+        model = AutoGLMForConditionalGeneration(config)
+        state = torch.load(path / "checkpoint.pt", map_location="cpu")
+        model.load_state_dict(state["model"])
+        return model, processor, state.get("aux")
+    processor = AutoGLMProcessor.from_pretrained(str(path))
+    model = AutoGLMForConditionalGeneration.from_pretrained(str(path)).float()
+    model.config.dtype = "float32"
+    return model, processor, None
+
+
 def export(model, processor, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     half = AutoGLMForConditionalGeneration(model.config)
@@ -114,13 +147,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="time budget: the LR schedule follows time used and training stops when it is spent")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-export", action="store_true")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the run's latest checkpoint (--out) to --export without training, e.g. "
+                        "to evaluate a run while it continues")
     p.add_argument("--aux", type=float, default=0.5,
                    help="weight of the auxiliary encoder losses (per-cell shape/colour from the image "
                         "features, question slots from the speech features); 0 turns them off")
     p.add_argument("--spoken-p", type=float, default=0.25, help="share of English questions given as speech")
     p.add_argument("--init-from", type=Path, default=None,
-                   help="start from this run's checkpoint weights (a new schedule and data stream; "
-                        "use with a new --out and --seed to continue training in a second stage)")
+                   help="start from this run's checkpoint weights, or from an exported model directory "
+                        "such as assets/autoglm-phone-tiny (a new schedule and data stream; use with a "
+                        "new --out and --seed to continue training in a further stage)")
+    p.add_argument("--focus", type=float, default=0.0,
+                   help="weight of the focus-supervision loss: while writing about one shape, the "
+                        "image attention of --focus-layers should fall on that shape's patches")
+    p.add_argument("--focus-layers", default="2,3", help="decoder layers the focus loss supervises")
+    p.add_argument("--task-weights", default=None,
+                   help="sampling weights of the tasks " + ",".join(TASKS) + " (default "
+                        + ",".join(map(str, TASK_WEIGHTS)) + ")")
+    p.add_argument("--thinking-p", type=float, default=0.6, help="share of samples with thinking on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -129,16 +174,19 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.out / "checkpoint.pt"
 
+    if args.export_only:
+        if not ckpt.exists():
+            p.error(f"no checkpoint in {args.out}")
+        model, processor, _ = load_initial(args.out)
+        export(model, processor, args.export)
+        return
     torch.manual_seed(args.seed)
+    init_aux = None
     if args.init_from and not ckpt.exists():
-        # second stage: the first stage's tokenizer, config and weights, a fresh optimiser and schedule
-        processor = AutoGLMProcessor.from_pretrained(str(args.init_from / "processor"))
+        # a further stage: the earlier stage's tokenizer, config and weights, a fresh optimiser and schedule
+        model, processor, init_aux = load_initial(args.init_from)
         processor.save_pretrained(str(args.out / "processor"))
-        config = AutoGLMConfig.from_json_file(str(args.init_from / "config.json"))
-        config.to_json_file(str(args.out / "config.json"))
-        model = AutoGLMForConditionalGeneration(config)
-        init_state = torch.load(args.init_from / "checkpoint.pt", map_location="cpu")
-        model.load_state_dict(init_state["model"])
+        model.config.to_json_file(str(args.out / "config.json"))
         log.info("initialised from %s", args.init_from)
     elif (args.out / "processor").exists() and ckpt.exists():
         processor = AutoGLMProcessor.from_pretrained(str(args.out / "processor"))
@@ -151,8 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     aux = AuxHeads(model.config.hidden_size, model.config.image_size // model.config.patch_size).to(device)
     if args.aux > 0:
         aux.attach(model)
-        if args.init_from and not ckpt.exists() and "aux" in init_state:
-            aux.load_state_dict(init_state["aux"])  # the earlier stage's heads, not fresh ones
+        if init_aux is not None:
+            aux.load_state_dict(init_aux)  # the earlier stage's heads, not fresh ones
+    grid = model.config.image_size // model.config.patch_size
+    focus_sup = None
+    if args.focus > 0:
+        focus_sup = FocusSupervision(model, [int(x) for x in args.focus_layers.split(",")]).attach()
+    weights = tuple(float(x) for x in args.task_weights.split(",")) if args.task_weights else None
+    if weights is not None and len(weights) != len(TASKS):
+        p.error(f"--task-weights needs {len(TASKS)} numbers ({', '.join(TASKS)})")
     params = list(model.parameters()) + (list(aux.parameters()) if args.aux > 0 else [])
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start, spent = 0, 0.0
@@ -175,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.time() - t0
         lr = lr_at(step, args.steps, args.lr, time_progress=elapsed / budget if budget else 0.0)
         rng = random.Random(args.seed * 1_000_003 + step)
-        samples = [make_sample(rng, spoken_p=args.spoken_p) for _ in range(args.batch)]
-        batch = collate([encode(processor, s) for s in samples], processor.tokenizer.pad_token_id,
-                        processor.num_mel_bins)
+        samples = [make_sample(rng, spoken_p=args.spoken_p, thinking_p=args.thinking_p, task_weights=weights)
+                   for _ in range(args.batch)]
+        encoded = [encode(processor, s) for s in samples]
+        batch = collate(encoded, processor.tokenizer.pad_token_id, processor.num_mel_bins)
         batch = {k: v.to(device) for k, v in batch.items()}
         for group in opt.param_groups:
             group["lr"] = lr
@@ -189,6 +245,11 @@ def main(argv: list[str] | None = None) -> None:
             aux_loss, parts = aux.loss(torch.tensor(cells, device=device) if cells else None,
                                        torch.tensor(questions, device=device) if questions else None)
             loss = loss + args.aux * aux_loss
+        if focus_sup is not None:
+            focus_loss = focus_sup.loss(focus_rows(samples, encoded, model.config.image_token_id, grid))
+            if focus_loss is not None:
+                parts["focus"] = focus_loss
+                loss = loss + args.focus * focus_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,179 @@
+"""The demo model's training-only focus supervision: which tokens are about which shape, which
+patches a shape covers, and the loss itself against the decoder's own eager attention."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoglm_app.demo.aux import FocusSupervision, focus_spans, focus_targets, patch_targets
+from autoglm_app.demo.data import encode, make_sample
+from autoglm_app.demo.shapesworld import QA, Scene, Shape
+from autoglm_app.demo.train import focus_rows, load_initial
+from autoglm_app.modeling.small import build_small, save_small
+
+RED_TOP = Shape("circle", "red", "top", (50, 10, 80, 40))
+RED_TOP_LEFT = Shape("circle", "red", "top left", (5, 5, 35, 35))
+BLUE_CENTER = Shape("square", "blue", "center", (45, 45, 80, 80))
+SCENE = Scene(128, (RED_TOP_LEFT, RED_TOP, BLUE_CENTER), seed=1)
+
+
+def _spans_by_text(target: str, qa: QA, scene: Scene) -> list[tuple[str, tuple]]:
+    return [(target[a:b], s.triple) for a, b, s in focus_spans(target, qa, scene)]
+
+
+def test_phrases_name_their_own_shape_and_top_is_not_top_left():
+    qa = QA("describe", "Describe the image.", "", "", None)
+    target = ("There are three shapes: a red circle at the top left, a red circle at the top and "
+              "a blue square at the center.<|endoftext|>")
+    spans = _spans_by_text(target, qa, SCENE)
+    assert spans == [("red circle at the top left", RED_TOP_LEFT.triple),
+                     ("red circle at the top", RED_TOP.triple),
+                     ("blue square at the center", BLUE_CENTER.triple)]
+
+
+def test_a_resolved_question_points_its_last_trace_sentence_and_answer_at_the_target():
+    qa = QA("color", "What color is the square?", "", "The square is blue.", BLUE_CENTER)
+    target = ("<think>I see a blue square at the center. The question asks about the square. "
+              "It is blue.</think>The square is blue.<|endoftext|>")
+    spans = _spans_by_text(target, qa, Scene(128, (BLUE_CENTER,), 1))
+    assert ("It is blue.", BLUE_CENTER.triple) in spans
+    assert ("The square is blue.", BLUE_CENTER.triple) in spans
+    # the sentence that only restates the question is not supervised
+    assert not any("question asks" in text for text, _ in spans)
+
+
+def test_unresolved_questions_supervise_only_phrases():
+    qa = QA("count", "How many shapes are there?", "", "There are three shapes.", None)
+    target = "There are three shapes.<|endoftext|>"
+    assert focus_spans(target, qa, SCENE) == []
+
+
+def test_patch_targets_are_the_patches_whose_centre_is_in_the_box():
+    # 128 px canvas, 8x8 grid of 16 px patches: centres at 8, 24, 40, ...
+    assert patch_targets(Shape("square", "red", "top left", (0, 0, 30, 30)), 128, 8) == [0, 1, 8, 9]
+    assert patch_targets(Shape("square", "red", "center", (45, 45, 80, 80)), 128, 8) == [27, 28, 35, 36]
+    # on a 256 px canvas the same grid has 32 px patches
+    assert patch_targets(Shape("square", "red", "top left", (0, 0, 30, 30)), 256, 8) == [0]
+
+
+def test_every_shape_of_a_random_scene_covers_at_least_one_patch():
+    from autoglm_app.demo.shapesworld import random_scene
+
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = random_scene(rng, rng.choice((128, 160, 192, 224, 256)))
+        for s in scene.shapes:
+            assert patch_targets(s, scene.size, 8), (s, scene.size)
+
+
+def test_focus_targets_assign_each_token_once_phrase_first():
+    offsets = [(0, 3), (3, 7), (7, 10), (10, 10)]
+    spans = [(3, 7, RED_TOP), (0, 10, BLUE_CENTER)]
+    got = focus_targets(offsets, spans, 128, 8)
+    red, blue = patch_targets(RED_TOP, 128, 8), patch_targets(BLUE_CENTER, 128, 8)
+    assert got == [(0, blue), (1, red), (2, blue)]  # the empty token (10, 10) is skipped
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = save_small(str(tmp_path_factory.mktemp("small")), seed=3)
+    return load_initial(Path(path))
+
+
+def test_rows_query_the_position_that_writes_the_supervised_token(small):
+    model, processor, _ = small
+    rng = random.Random(4)
+    samples = [make_sample(rng, spoken_p=0.0, thinking=True, task="where") for _ in range(6)]
+    encoded = [encode(processor, s) for s in samples]
+    rows = focus_rows(samples, encoded, model.config.image_token_id, 4)
+    assert rows
+    tok = processor.tokenizer
+    for i, q, first, patches in rows:
+        ids = encoded[i]["input_ids"]
+        assert ids[first] == model.config.image_token_id and ids[first - 1] != model.config.image_token_id
+        assert q + 1 >= encoded[i]["prompt_len"]  # the written token is the assistant's
+        written = tok.decode([ids[q + 1]])
+        assert written in samples[i].target
+        assert all(0 <= p < 16 for p in patches)
+
+
+def test_loss_is_minus_log_of_the_eager_head_mean_image_attention_on_the_target(small):
+    model, processor, _ = small
+    rng = random.Random(5)
+    samples = [make_sample(rng, spoken_p=0.0, thinking=True, task="color") for _ in range(4)]
+    encoded = [encode(processor, s) for s in samples]
+    from autoglm_app.demo.data import collate
+
+    batch = collate(encoded, processor.tokenizer.pad_token_id, processor.num_mel_bins)
+    rows = focus_rows(samples, encoded, model.config.image_token_id, 4)
+    assert rows
+    layer = model.config.num_hidden_layers - 1
+    sup = FocusSupervision(model, [layer]).attach()
+    model.train()
+    out = model(**batch, use_cache=False)
+    loss = sup.loss(rows)
+    sup.detach()
+
+    # independent: the layer's full eager attention probabilities, renormalised over the patches
+    captured = {}
+
+    def keep(layer_idx, q, k, mask, probs, n_mem):
+        if layer_idx == layer:
+            captured["probs"] = probs
+
+    for m in (layer_.self_attn for layer_ in model.model.layers):
+        m.focus_probe = keep
+    model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        model.config._attn_implementation = "sdpa"
+        for m in (layer_.self_attn for layer_ in model.model.layers):
+            m.focus_probe = None
+    probs = captured["probs"]  # (B, H, T, S)
+    expected = []
+    for i, q, first, patches in rows:
+        row = probs[i, :, q, first:first + 16]
+        row = (row / row.sum(-1, keepdim=True)).mean(0)
+        expected.append(-torch.log(row[patches].sum()))
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+
+    # it trains the supervised layer's queries and keys, and nothing after that layer's attention
+    (loss + 0 * out.loss).backward()
+    attn = model.model.layers[layer].self_attn
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[layer].mlp is not None
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.lm_head.parameters())
+
+
+def test_training_runs_a_step_with_focus_supervision_from_an_exported_model(small, tmp_path):
+    from autoglm_app.demo import train
+
+    model, processor, _ = small
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    processor.save_pretrained(str(src))
+    train.main(["--init-from", str(src), "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "3",
+                "--no-export", "--focus", "0.2", "--focus-layers", "0,1", "--spoken-p", "0",
+                "--task-weights", "0,1,1,0,0,0"])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu")
+    assert state["step"] == 2
+    assert "aux" in state
+    # --export-only writes the run's latest weights as an fp16 model directory the app loads
+    train.main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "exported"), "--export-only"])
+    exported, _, _ = load_initial(tmp_path / "exported")
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, state["model"][name].half().float()), name
+    with pytest.raises(SystemExit):
+        train.main(["--init-from", str(src), "--out", str(tmp_path / "run2"), "--steps", "1",
+                    "--no-export", "--task-weights", "1,2"])
+
+
+def test_build_small_has_the_attention_layout_the_loss_expects():
+    model, _ = build_small()
+    assert all(hasattr(layer_, "self_attn") for layer_ in model.model.layers)
