@@ -177,3 +177,29 @@ def test_training_runs_a_step_with_focus_supervision_from_an_exported_model(smal
 def test_build_small_has_the_attention_layout_the_loss_expects():
     model, _ = build_small()
     assert all(hasattr(layer_, "self_attn") for layer_ in model.model.layers)
+
+
+def test_question_first_template_puts_the_question_before_the_media_and_survives_a_save(small, tmp_path):
+    from autoglm_app.demo import train
+    from autoglm_app.modeling import AutoGLMProcessor
+    from autoglm_app.modeling.processing_autoglm import CHAT_TEMPLATES
+
+    model, processor, _ = small
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    processor.save_pretrained(str(src))
+    train.main(["--init-from", str(src), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "2",
+                "--no-export", "--spoken-p", "0", "--template", "question-first"])
+    train.main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "exported"), "--export-only"])
+    loaded = AutoGLMProcessor.from_pretrained(str(tmp_path / "exported"))
+    assert loaded.tokenizer.chat_template == CHAT_TEMPLATES["question-first"]
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Hi?"},
+                                         {"type": "image"}]}]
+    prompt = loaded.apply_chat_template(turn, enable_thinking=False)
+    assert prompt == "<|user|>\nHi?<|audio|><|image|><|image|>\n<|assistant|>\n<think></think>"
+    assert processor.apply_chat_template(turn, enable_thinking=False) == \
+        "<|user|>\n<|image|><|audio|>Hi?<|image|>\n<|assistant|>\n<think></think>"
+    # history turns and plain-string content read the same under both orders
+    history = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Me."},
+               {"role": "user", "content": [{"type": "text", "text": "And?"}]}]
+    assert loaded.apply_chat_template(history) == processor.apply_chat_template(history)

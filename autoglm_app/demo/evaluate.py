@@ -182,6 +182,8 @@ def summarise(results: list[Result], loads, rules: dict, ttft: list, tps: list, 
         "scenes": scenes,
         "questions": rate(qa),
         "questions_by_task": {t: rate([r for r in qa if r.task == t]) for t in QUESTION_TASKS},
+        "questions_by_thinking": {"on": rate([r for r in qa if r.thinking]),
+                                  "off": rate([r for r in qa if not r.thinking])},
         "captions": rate([r for r in results if r.kind == "caption"]),
         "spoken_heldout_voices": rate([r for r in results if r.kind == "spoken"]),
         "identity_en": rate([r for r in results if r.kind == "identity_en"]),
@@ -257,7 +259,12 @@ loss on the assistant tokens only, on the CPU. From stage 3 on, two auxiliary he
 not in this checkpoint; `autoglm_app/demo/aux.py`, weight `--aux 0.5`) give the encoders their own
 targets: the adapter's image features pooled per cell of the 3x3 grid must name what the cell holds
 (empty or one of 12 colour-shape pairs), and the adapter's speech features pooled per recording
-must name the spoken question's task and the colour and shape words in it.
+must name the spoken question's task and the colour and shape words in it. From stage 5 on, a
+focus-supervision loss (training only, `--focus`, `--focus-layers`) asks that while the model writes
+about one shape (a "<colour> <shape> at the <place>" phrase, or the answer and last trace sentence
+of a question that resolves to one shape) the head-mean image attention of the supervised decoder
+layers, renormalised over the patches, falls on the patches inside that shape's box: the same
+quantity the app's focus map draws.
 
 {stages}
 

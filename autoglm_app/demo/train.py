@@ -24,6 +24,7 @@ import torch
 
 from ..config import DEMO_MODEL, ROOT
 from ..modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMProcessor, build_tokenizer
+from ..modeling.processing_autoglm import CHAT_TEMPLATES
 from .aux import AuxHeads, FocusSupervision, cell_labels, focus_spans, focus_targets, question_labels
 from .data import collate, corpus, encode, make_sample
 from .shapesworld import TASK_WEIGHTS, TASKS
@@ -165,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task-weights", default=None,
                    help="sampling weights of the tasks " + ",".join(TASKS) + " (default "
                         + ",".join(map(str, TASK_WEIGHTS)) + ")")
+    p.add_argument("--template", choices=sorted(CHAT_TEMPLATES), default=None,
+                   help="prompt order of a user turn's parts for a new run or stage: media-first (image, "
+                        "then the question; the default for a new run) or question-first (the question, "
+                        "then the image, so the patches can read it); kept when resuming")
     p.add_argument("--thinking-p", type=float, default=0.6, help="share of samples with thinking on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -185,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.init_from and not ckpt.exists():
         # a further stage: the earlier stage's tokenizer, config and weights, a fresh optimiser and schedule
         model, processor, init_aux = load_initial(args.init_from)
+        if args.template:
+            processor.tokenizer.chat_template = CHAT_TEMPLATES[args.template]
         processor.save_pretrained(str(args.out / "processor"))
         model.config.to_json_file(str(args.out / "config.json"))
         log.info("initialised from %s", args.init_from)
@@ -194,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoGLMForConditionalGeneration(AutoGLMConfig.from_json_file(str(config_path)))
     else:
         model, processor = build(args.out)
+        if args.template:
+            processor.tokenizer.chat_template = CHAT_TEMPLATES[args.template]
+            processor.save_pretrained(str(args.out / "processor"))
         model.config.to_json_file(str(args.out / "config.json"))
     model.to(device).train()
     aux = AuxHeads(model.config.hidden_size, model.config.image_size // model.config.patch_size).to(device)

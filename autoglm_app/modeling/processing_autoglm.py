@@ -56,6 +56,28 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# The same turns with each user turn's text first, then its recordings, then its images. Under
+# causal attention this lets the image's patch tokens read the question (typed or spoken) before
+# the answer reads the patches, so "is this patch the shape being asked about?" can be worked out
+# on the patches themselves. Images and recordings keep their relative order, so the processor
+# pairs placeholders with media exactly as with CHAT_TEMPLATE.
+CHAT_TEMPLATE_QUESTION_FIRST = (
+    "{%- for m in messages -%}"
+    "<|{{ m.role }}|>{{ '\\n' }}"
+    "{%- if m.content is string -%}{{ m.content }}"
+    "{%- else -%}"
+    "{%- for part in m.content if part.type == 'text' -%}{{ part.text }}{%- endfor -%}"
+    "{%- for part in m.content if part.type in ['audio', 'input_audio'] -%}<|audio|>{%- endfor -%}"
+    "{%- for part in m.content if part.type in ['image', 'image_url'] -%}<|image|>{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if m.role == 'assistant' -%}<|endoftext|>{%- endif -%}{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}<think></think>{%- endif -%}"
+    "{%- endif -%}"
+)
+CHAT_TEMPLATES = {"media-first": CHAT_TEMPLATE, "question-first": CHAT_TEMPLATE_QUESTION_FIRST}
+
 
 def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts``; any input (any language) stays encodable."""
