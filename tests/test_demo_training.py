@@ -203,3 +203,35 @@ def test_question_first_template_puts_the_question_before_the_media_and_survives
     history = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Me."},
                {"role": "user", "content": [{"type": "text", "text": "And?"}]}]
     assert loaded.apply_chat_template(history) == processor.apply_chat_template(history)
+
+
+def _summary(**over):
+    s = {"scenes": 500, "questions": 0.96, "questions_by_task": {"color": 0.97, "where": 0.95, "count": 0.96,
+                                                                 "exists": 0.96},
+         "questions_by_thinking": {"on": 0.97, "off": 0.95}, "captions": 0.93, "spoken_heldout_voices": 0.9,
+         "identity_en": 1.0, "identity_zh": 1.0, "format_thinking_on": 1.0, "format_thinking_off": 1.0,
+         "pointing": 0.85, "pointing_rule": "mean(2-3)", "expert_cv_per_layer": [0.3, 0.2],
+         "ttft_ms_median": 18.0, "decode_tokens_per_second_median": 150.0}
+    s.update(over)
+    return s
+
+
+def test_the_card_names_each_missed_target_and_only_those():
+    from autoglm_app.demo.evaluate import model_card, shortfalls
+
+    assert shortfalls(_summary()).startswith("Every quality target")
+    text = shortfalls(_summary(questions=0.7, pointing=0.5, expert_cv_per_layer=[0.6, 0.1]))
+    assert "questions (colour, where, count, existence): 0.7 (target ≥ 0.95)" in text
+    assert "pointing game: 0.5 (target ≥ 0.8)" in text
+    assert "max expert-load CV: 0.6 (target ≤ 0.5)" in text
+    assert "captions" not in text and "spoken" not in text
+    assert shortfalls(_summary(spoken_heldout_voices=None)).startswith("Every")  # not measured is not missed
+    config = {"vision_model": "vit-tiny", "image_size": 128, "patch_size": 16, "vision_depth": 4,
+              "vision_embed_dim": 128, "num_mel_bins": 80, "audio_layers": 3, "audio_hidden_size": 128,
+              "adapter_rank": 64, "num_hidden_layers": 4, "hidden_size": 192, "num_attention_heads": 6,
+              "num_key_value_heads": 2, "num_experts_per_tok": 2, "num_experts": 4, "moe_intermediate_size": 256,
+              "capacity_factor": 2.0, "router_aux_loss_coef": 0.02, "vocab_size": 541,
+              "focus_aggregation": "mean", "focus_layers": [2, 4]}
+    card = model_card(_summary(questions=0.7), config, 4_580_000, 9 * 2**20, "stage notes")
+    assert "| questions (colour/where/count/exists) | 0.7 | ≥ 0.95 |" in card
+    assert "Measured shortfalls" in card and "stage notes" in card

@@ -225,6 +225,30 @@ def table(s: dict) -> str:
     return "\n".join(lines)
 
 
+def shortfalls(s: dict) -> str:
+    """One sentence per acceptance target this evaluation did not meet (for the card's Limits)."""
+    checks = [
+        ("questions (colour, where, count, existence)", s["questions"], 0.95, True),
+        ("captions with exactly the right set", s["captions"], 0.90, True),
+        ("spoken questions on held-out voices", s["spoken_heldout_voices"], 0.85, True),
+        ("pointing game", s["pointing"], 0.80, True),
+        ("identity in English", s["identity_en"], 1.0, True),
+        ("identity in Chinese", s["identity_zh"], 1.0, True),
+        ("think/answer format with thinking on", s["format_thinking_on"], 1.0, True),
+        ("think/answer format with thinking off", s["format_thinking_off"], 1.0, True),
+        ("max expert-load CV", max(s["expert_cv_per_layer"] or [0]), 0.5, False),
+    ]
+    missed = [f"{name}: {value} (target {'≥' if high else '≤'} {target})" for name, value, target, high in checks
+              if value is not None and (value < target if high else value > target)]
+    if not missed:
+        return "Every quality target of the evaluation above is met on these held-out scenes."
+    by_task = ", ".join(f"{t} {v}" for t, v in s["questions_by_task"].items())
+    thinking = s.get("questions_by_thinking") or {}
+    return ("Measured shortfalls of this checkpoint: " + "; ".join(missed) + ". Questions by task: "
+            + by_task + (f"; with thinking on {thinking.get('on')}, off {thinking.get('off')}" if thinking else "")
+            + ". More training (a GPU, or hours on the CPU) is the known remedy.")
+
+
 def model_card(summary: dict, config: dict, n_params: int, size_bytes: int, stages: str = "") -> str:
     """The checkpoint's README: architecture, recipe, evaluation, limits."""
     c = config
@@ -264,7 +288,10 @@ focus-supervision loss (training only, `--focus`, `--focus-layers`) asks that wh
 about one shape (a "<colour> <shape> at the <place>" phrase, or the answer and last trace sentence
 of a question that resolves to one shape) the head-mean image attention of the supervised decoder
 layers, renormalised over the patches, falls on the patches inside that shape's box: the same
-quantity the app's focus map draws.
+quantity the app's focus map draws. From stage 6 on, the checkpoint's chat template is
+question-first: a user turn's text (or recording) comes before its image, so under causal attention
+the image's patch tokens read the question and can work out for themselves whether they are the
+shape being asked about.
 
 {stages}
 
@@ -275,6 +302,8 @@ draws), spoken questions in 3 held-out voices, greedy decoding through the app's
 {table(summary)}
 
 ## Limits
+{shortfalls(summary)}
+
 It knows only ShapesWorld: flat coloured circles, squares and triangles on a light background,
 the question templates it was trained on, and espeak-ng voices. Real photos, other objects,
 free-form questions and human voices are outside its world, and it will answer them with
