@@ -338,3 +338,23 @@ def test_remote_code_is_off_unless_asked_and_reaches_every_from_pretrained(tmp_p
     assert {"AutoConfig", "AutoProcessor"} <= names
     assert all(trust is False for _, trust, _ in seen), seen
     assert any(name.startswith("Qwen2_5_VL") and safe is True for name, _, safe in seen), seen
+
+
+def test_int4_layers_stay_on_the_portable_cpu_path(small_int4):
+    """On an AVX512-BF16 CPU bitsandbytes would repack 4-bit weights in place on first use (another
+    layout, bigger statistics, and a crash for layers narrower than one block); loads switch it off."""
+    from autoglm_app.engine.fused_experts import _linear4bit
+
+    layers = [m for m in small_int4.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    # a shared expert of a tiny real-config MoE checkpoint: 32 inputs, narrower than one 64-value block
+    narrow = _linear4bit(torch.randn(64, 32, dtype=torch.float16), torch.float16, "cpu")
+    narrow.support_avx512bf16_for_cpu = True  # as on a CPU with AVX512-BF16, whatever this one has
+    packed = narrow.weight.data.clone()
+    assert loading.guard_cpu_int4_packing(torch.nn.Sequential(narrow)) == 1
+    assert not narrow.support_avx512bf16_for_cpu
+    with torch.no_grad():
+        y = narrow(torch.randn(3, 32, dtype=torch.float16))
+    assert y.shape == (3, 64) and torch.isfinite(y).all()
+    assert torch.equal(narrow.weight.data, packed)  # the NF4 bytes are untouched by the forward
+    assert loading.guard_cpu_int4_packing(torch.nn.Sequential(narrow)) == 0

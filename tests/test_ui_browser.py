@@ -71,7 +71,7 @@ def test_example_click_shows_answer_heatmap_routing_and_a_word_click_changes_the
     assert words.count() >= 2
 
     words.nth(1).click()
-    expect(page.locator("#focus-caption")).not_to_contain_text("whole")
+    expect(page.locator("#focus-caption")).not_to_contain_text("whole", timeout=15000)
     expect(heatmap).not_to_have_attribute("src", before)
     after = heatmap.get_attribute("src")
     assert page.request.get(before).body() != page.request.get(after).body()

@@ -269,7 +269,8 @@ Weights: fp16 safetensors, {size_bytes / 2**20:.1f} MiB, with tokenizer, chat te
   {c["num_key_value_heads"]} KV heads; every feed-forward a top-{c["num_experts_per_tok"]} of {c["num_experts"]}
   experts MoE (width {c["moe_intermediate_size"]}, capacity factor {c["capacity_factor"]}, load-balancing loss
   coefficient {c["router_aux_loss_coef"]}); byte-level BPE vocabulary of {c["vocab_size"]}
-- caption-focus default: {c.get("focus_aggregation")} over layers {c.get("focus_layers") or "all"}
+- caption-focus default: {c.get("focus_aggregation")} over {
+    f"layers {c['focus_layers']}" if c.get("focus_layers") else "all layers"}
   (the rule that pointed best on validation scenes)
 
 ## Training

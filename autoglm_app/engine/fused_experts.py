@@ -50,7 +50,9 @@ def _linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, device) -> nn.
                               quant_type="nf4", device="meta")
     layer.weight = bnb.nn.Params4bit(weight.detach().to("cpu", compute_dtype).contiguous(), requires_grad=False,
                                      quant_type="nf4", compress_statistics=True)
-    return layer.to(device)
+    layer = layer.to(device)
+    layer.support_avx512bf16_for_cpu = False  # the portable CPU path, as loading.guard_cpu_int4_packing
+    return layer
 
 
 class SplitExperts(nn.Module):

@@ -146,6 +146,26 @@ def verify_quantized(model: nn.Module, quantize: str, family=None) -> int:
     return checked
 
 
+def guard_cpu_int4_packing(model: nn.Module) -> int:
+    """Keep every 4-bit layer on bitsandbytes' portable CPU path.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place on its first
+    inference forward: the NF4 bytes change layout and the quantization statistics are unpacked to
+    float32, so the layer no longer holds what the planner estimated and the Model tab reports (the
+    small test model grew from 34.8 kB to 50.2 kB), and layers narrower than one quantization block
+    (in_features 32 with 64-value blocks, as in tiny real-config MoE checkpoints) fail with a reshape
+    error. The app's int4 path is for GPUs; on a CPU it must behave, and take the memory it said it
+    would, whatever the CPU. Returns how many layers were switched."""
+    import bitsandbytes as bnb
+
+    switched = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def _autoglm_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules()
             if name.startswith("model.layers.") and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS
@@ -334,6 +354,8 @@ def load_model(
         trust_remote_code=trust_remote_code,
     ).eval()
     checked = verify_quantized(model, quantize)
+    if quantize == "int4":
+        guard_cpu_int4_packing(model)
     if checked:
         logger.info("%d decoder projections verified %s", checked, quantize)
     processor = AutoGLMProcessor.from_pretrained(path)
@@ -418,6 +440,8 @@ def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu
     else:
         model = auto_class.from_pretrained(path, **kwargs).eval()
     checked = verify_quantized(model, quantize, family)
+    if quantize == "int4":
+        guard_cpu_int4_packing(model)
     if checked:
         logger.info("%d decoder projections verified %s", checked, quantize)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
