@@ -151,13 +151,19 @@ def test_loss_is_minus_log_of_the_eager_head_mean_image_attention_on_the_target(
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.lm_head.parameters())
 
 
-def test_training_runs_a_step_with_focus_supervision_from_an_exported_model(small, tmp_path):
-    from autoglm_app.demo import train
-
+def _exported(small, tmp_path) -> Path:
+    """The small model saved as a model directory, to start a training stage from."""
     model, processor, _ = small
     src = tmp_path / "src"
     model.save_pretrained(str(src))
     processor.save_pretrained(str(src))
+    return src
+
+
+def test_training_runs_a_step_with_focus_supervision_from_an_exported_model(small, tmp_path):
+    from autoglm_app.demo import train
+
+    src = _exported(small, tmp_path)
     train.main(["--init-from", str(src), "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "3",
                 "--no-export", "--focus", "0.2", "--focus-layers", "0,1", "--spoken-p", "0",
                 "--task-weights", "0,1,1,0,0,0"])
@@ -184,10 +190,8 @@ def test_question_first_template_puts_the_question_before_the_media_and_survives
     from autoglm_app.modeling import AutoGLMProcessor
     from autoglm_app.modeling.processing_autoglm import CHAT_TEMPLATES
 
-    model, processor, _ = small
-    src = tmp_path / "src"
-    model.save_pretrained(str(src))
-    processor.save_pretrained(str(src))
+    _, processor, _ = small
+    src = _exported(small, tmp_path)
     train.main(["--init-from", str(src), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "2",
                 "--no-export", "--spoken-p", "0", "--template", "question-first"])
     train.main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "exported"), "--export-only"])

@@ -212,15 +212,15 @@ class FocusSupervision:
         want = torch.zeros(len(rows), P)
         for i, r in enumerate(rows):
             want[i, r[3]] = 1.0
+        want = want.to(next(iter(qk.values()))[0].device)
         losses = []
         for layer in sorted(qk):
             q, k, n_mem = qk[layer]
             H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-            want_d = want.to(q.device)
             qs = q[b, :, qpos, :].float().view(len(rows), Hkv, H // Hkv, D)  # (N, Hkv, g, D)
             ks = k[b[:, None], :, img + n_mem, :].float().permute(0, 2, 1, 3)  # (N, Hkv, P, D)
             scores = torch.einsum("nkgd,nkpd->nkgp", qs, ks) * D**-0.5
             probs = scores.softmax(-1).reshape(len(rows), H, P).mean(1)  # head mean, (N, P)
-            mass = (probs * want_d).sum(-1)
+            mass = (probs * want).sum(-1)
             losses.append(-torch.log(mass.clamp_min(1e-6)).mean())
         return torch.stack(losses).mean()
