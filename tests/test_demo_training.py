@@ -239,3 +239,27 @@ def test_the_card_names_each_missed_target_and_only_those():
     card = model_card(_summary(questions=0.7), config, 4_580_000, 9 * 2**20, "stage notes")
     assert "| questions (colour/where/count/exists) | 0.7 | ≥ 0.95 |" in card
     assert "Measured shortfalls" in card and "stage notes" in card
+
+
+def test_worker_processes_make_the_same_batches_in_step_order(small):
+    """--workers: batches come from other processes, in step order, equal to the in-loop ones."""
+    from types import SimpleNamespace
+
+    from autoglm_app.demo.train import step_batches
+
+    model, processor, _ = small
+    grid = model.config.image_size // model.config.patch_size
+    args = SimpleNamespace(steps=4, batch=3, seed=7, spoken_p=0.0, thinking_p=0.5, focus=0.2,
+                           voices="train", workers=0, perturb_speech=False)
+    inline = list(step_batches(processor, args, None, 1, grid, model.config.image_token_id))
+    args.workers = 2
+    pooled = list(step_batches(processor, args, None, 1, grid, model.config.image_token_id))
+    assert len(inline) == len(pooled) == 3
+    for (b1, c1, q1, r1), (b2, c2, q2, r2) in zip(inline, pooled):
+        assert b1.keys() == b2.keys()
+        for k in b1:
+            assert torch.equal(b1[k], b2[k]), k
+        assert (c1, q1) == (c2, q2)
+        assert [tuple(r[:3]) + (list(r[3]),) for r in r1] == [tuple(r[:3]) + (list(r[3]),) for r in r2]
+    # different steps draw different scenes
+    assert not torch.equal(inline[0][0]["input_ids"], inline[1][0]["input_ids"])

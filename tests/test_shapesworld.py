@@ -301,6 +301,23 @@ def test_identity() -> None:
 def test_voice_lists_disjoint() -> None:
     assert speech.VOICES_TRAIN and speech.VOICES_HELDOUT
     assert not set(speech.VOICES_TRAIN) & set(speech.VOICES_HELDOUT)
+    # the wider training set adds voices, none of them held out: no held-out-only accent
+    # (scotland, nyc) and no held-out variant (f4, klatt)
+    wide = speech.VOICES_TRAIN_WIDE
+    assert set(speech.VOICES_TRAIN) < set(wide) and len(set(wide)) == len(wide)
+    heldout_variants = {v.split("+")[1] for v in speech.VOICES_HELDOUT if "+" in v}
+    heldout_accents = {v.split("+")[0] for v in speech.VOICES_HELDOUT} - {v.split("+")[0] for v in wide}
+    assert heldout_variants == {"f4", "klatt"} and heldout_accents == {"en-gb-scotland", "en-us-nyc"}
+    for v in wide:
+        accent, _, variant = v.partition("+")
+        assert accent not in heldout_accents and variant not in heldout_variants, v
+
+
+@pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng not installed")
+def test_every_wide_training_voice_speaks() -> None:
+    for v in speech.VOICES_TRAIN_WIDE:
+        a = speech.synthesize("Is there a red circle?", random.Random(1), [v])
+        assert 0.3 <= a.size / 16000 <= 6.0 and np.abs(a).max() > 0.1, v
 
 
 def test_wav_roundtrip(tmp_path) -> None:
@@ -324,3 +341,17 @@ def test_synthesize() -> None:
     c = speech.synthesize(text, random.Random(43), speech.VOICES_HELDOUT)
     assert c.dtype == np.float32 and 0.3 <= c.size / 16000 <= 6.0
     assert not (a.shape == c.shape and np.array_equal(a, c))
+
+
+def test_speech_perturbation_is_deterministic_bounded_and_keeps_the_level() -> None:
+    t = np.arange(16000) / 16000
+    audio = (0.6 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    a = speech.perturb(audio, random.Random(5))
+    assert np.array_equal(a, speech.perturb(audio, random.Random(5)))
+    lengths = {speech.perturb(audio, random.Random(s)).size for s in range(20)}
+    assert len(lengths) > 10  # the speed factor varies
+    assert all(16000 / 1.12 - 2 <= n <= 16000 / 0.88 + 2 for n in lengths)
+    assert a.dtype == np.float32 and abs(float(np.abs(a).max()) - 0.6) < 1e-3
+    # with no speed change and no tilt it is the identity
+    same = speech.perturb(audio, random.Random(5), speed=0.0, tilt=0.0)
+    assert np.allclose(same, audio, atol=1e-6)

@@ -25,10 +25,12 @@ import numpy as np
 __all__ = [
     "VOICES_TRAIN",
     "VOICES_HELDOUT",
+    "VOICES_TRAIN_WIDE",
     "SAMPLE_RATE",
     "espeak_available",
     "synthesize",
     "write_wav",
+    "perturb",
     "read_wav",
 ]
 
@@ -50,6 +52,21 @@ VOICES_HELDOUT: list[str] = [
     "en-gb-scotland",
     "en-us-nyc+f4",
     "en+klatt",
+]
+#: A wider training set for speaker generalisation: VOICES_TRAIN plus more of espeak-ng's
+#: formant variants (male m1-m7, female f1/f5) on the training accents. It still shares no
+#: accent or variant with VOICES_HELDOUT (no scotland/nyc accent, no f4, no klatt).
+VOICES_TRAIN_WIDE: list[str] = VOICES_TRAIN + [
+    "en+m1",
+    "en+m6",
+    "en+f1",
+    "en-us+m4",
+    "en-us+f5",
+    "en-gb+m2",
+    "en-gb+m7",
+    "en-029+f1",
+    "en-gb-x-gbcwmd",
+    "en-gb-x-gbclan+m7",
 ]
 
 SPEED_WPM = (140, 200)
@@ -140,6 +157,29 @@ def synthesize(text: str, rng: random.Random, voices: list[str],
     noise_rms = sig_rms / (10.0 ** (snr_db / 20.0))
     noise = np.random.default_rng(noise_seed).normal(0.0, noise_rms, audio.shape)
     return np.clip(audio + noise, -1.0, 1.0).astype(np.float32)
+
+
+def perturb(audio: np.ndarray, rng: random.Random, speed: float = 0.12, tilt: float = 0.7) -> np.ndarray:
+    """Training-only speaker augmentation of a synthesised question.
+
+    Speed perturbation: resample by a factor in [1 - speed, 1 + speed] (tempo, pitch and formants
+    move together, as for a shorter or longer vocal tract). Spectral tilt: a first-order filter
+    ``y[t] = x[t] - a x[t-1]`` with ``a`` in [-tilt, tilt] (brighter or duller timbre), then the
+    peak level is restored. Deterministic given the state of ``rng``.
+    """
+    factor = rng.uniform(1.0 - speed, 1.0 + speed)
+    a = rng.uniform(-tilt, tilt)
+    x = np.asarray(audio, dtype=np.float32)
+    if x.size < 2:
+        return x
+    n_out = max(2, int(round(x.size / factor)))
+    x = np.interp(np.arange(n_out) * (x.size - 1) / (n_out - 1), np.arange(x.size), x)
+    y = x.copy()
+    y[1:] -= a * x[:-1]
+    peak_in, peak_out = float(np.abs(x).max()), float(np.abs(y).max())
+    if peak_out > 0:
+        y *= peak_in / peak_out
+    return np.clip(y, -1.0, 1.0).astype(np.float32)
 
 
 def write_wav(path: str | os.PathLike[str], audio: np.ndarray,

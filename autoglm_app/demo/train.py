@@ -26,6 +26,7 @@ from ..config import DEMO_MODEL, ROOT
 from ..modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMProcessor, build_tokenizer
 from ..modeling.processing_autoglm import CHAT_TEMPLATES
 from .aux import AuxHeads, FocusSupervision, cell_labels, focus_spans, focus_targets, question_labels
+from . import speech
 from .data import collate, corpus, encode, make_sample
 from .shapesworld import TASK_WEIGHTS, TASKS
 
@@ -110,6 +111,47 @@ def focus_rows(samples, encoded, image_token_id: int, grid: int) -> list[tuple[i
     return rows
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Step ``i``'s batch, drawn from ``Random(seed * 1_000_003 + i)``: the same in any
+    process, so worker processes can make batches ahead of the trainer in step order."""
+
+    def __init__(self, processor, args, weights, grid: int, image_token_id: int):
+        self.processor, self.args, self.weights = processor, args, weights
+        self.grid, self.image_token_id = grid, image_token_id
+        self.voices = speech.VOICES_TRAIN_WIDE if args.voices == "wide" else speech.VOICES_TRAIN
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def __getitem__(self, step: int):
+        a = self.args
+        rng = random.Random(a.seed * 1_000_003 + step)
+        samples = [make_sample(rng, spoken_p=a.spoken_p, thinking_p=a.thinking_p, task_weights=self.weights,
+                               voices=self.voices, perturb_speech=a.perturb_speech)
+                   for _ in range(a.batch)]
+        encoded = [encode(self.processor, s) for s in samples]
+        batch = collate(encoded, self.processor.tokenizer.pad_token_id, self.processor.num_mel_bins)
+        cells = [cell_labels(s.scene) for s in samples if s.images]
+        questions = [question_labels(s.qa) for s in samples if s.audios]
+        rows = focus_rows(samples, encoded, self.image_token_id, self.grid) if a.focus > 0 else []
+        return batch, cells, questions, rows
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)
+
+
+def step_batches(processor, args, weights, start: int, grid: int, image_token_id: int):
+    """Batches for steps ``start..args.steps-1`` in order, from ``args.workers`` processes if asked."""
+    data = StepBatches(processor, args, weights, grid, image_token_id)
+    steps = range(start, args.steps)
+    if args.workers <= 0:
+        return (data[i] for i in steps)
+    return torch.utils.data.DataLoader(
+        data, sampler=steps, batch_size=None, num_workers=args.workers, prefetch_factor=4,
+        pin_memory=torch.cuda.is_available(), worker_init_fn=_one_thread, persistent_workers=False)
+
+
 def load_initial(path: Path):
     """Weights, config and processor to start a new stage from: a training run's directory
     (``checkpoint.pt``, ``config.json``, ``processor/``) or an exported model directory."""
@@ -170,12 +212,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="prompt order of a user turn's parts for a new run or stage: media-first (image, "
                         "then the question; the default for a new run) or question-first (the question, "
                         "then the image, so the patches can read it); kept when resuming")
+    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that draw and encode the batches ahead of the trainer (0: in the training loop)")
+    p.add_argument("--voices", choices=("train", "wide"), default="train",
+                   help="training voices for spoken questions: the 8 base voices, or 18 with more espeak-ng variants")
+    p.add_argument("--perturb-speech", action="store_true",
+                   help="speaker augmentation of spoken questions: speed perturbation and spectral tilt")
     p.add_argument("--thinking-p", type=float, default=0.6, help="share of samples with thinking on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 products on a GPU
+    torch.backends.cudnn.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.out / "checkpoint.pt"
 
@@ -233,30 +284,28 @@ def main(argv: list[str] | None = None) -> None:
     log.info("AutoGLM-Phone-Tiny: %.2fM parameters, training on %s from step %d to %d",
              n_params / 1e6, device, start, args.steps)
 
+    batches = iter(step_batches(processor, args, weights, start, grid, model.config.image_token_id))
     t0 = time.time() - spent
-    tokens = 0
+    tokens, wait = 0, 0.0
     budget = args.max_minutes * 60 if args.max_minutes else None
     for step in range(start, args.steps):
         elapsed = time.time() - t0
         lr = lr_at(step, args.steps, args.lr, time_progress=elapsed / budget if budget else 0.0)
-        rng = random.Random(args.seed * 1_000_003 + step)
-        samples = [make_sample(rng, spoken_p=args.spoken_p, thinking_p=args.thinking_p, task_weights=weights)
-                   for _ in range(args.batch)]
-        encoded = [encode(processor, s) for s in samples]
-        batch = collate(encoded, processor.tokenizer.pad_token_id, processor.num_mel_bins)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        waited = time.time()
+        batch, cells, questions, rows = next(batches)
+        wait += time.time() - waited
+        tokens += int(batch["attention_mask"].sum())
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for group in opt.param_groups:
             group["lr"] = lr
         out = model(**batch, use_cache=False)
         loss, parts = out.loss, {}
         if args.aux > 0:
-            cells = [cell_labels(s.scene) for s in samples if s.images]
-            questions = [question_labels(s.qa) for s in samples if s.audios]
             aux_loss, parts = aux.loss(torch.tensor(cells, device=device) if cells else None,
                                        torch.tensor(questions, device=device) if questions else None)
             loss = loss + args.aux * aux_loss
         if focus_sup is not None:
-            focus_loss = focus_sup.loss(focus_rows(samples, encoded, model.config.image_token_id, grid))
+            focus_loss = focus_sup.loss(rows)
             if focus_loss is not None:
                 parts["focus"] = focus_loss
                 loss = loss + args.focus * focus_loss
@@ -264,13 +313,13 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        tokens += int(batch["attention_mask"].sum())
         if step % 20 == 0 or step == args.steps - 1:
             extra = "  ".join(f"{k} {float(v.detach()):.3f}" for k, v in parts.items())
-            log.info("step %5d  loss %.4f  balance %.3f  %s  lr %.2e  %.0f tok/s  %.1f min",
+            run_s = max(time.time() - t0 - spent, 1e-9)
+            log.info("step %5d  loss %.4f  balance %.3f  %s  lr %.2e  %.0f tok/s  data wait %.0f%%  %.1f min",
                      step, out.loss.item(), out.aux_loss.item(), extra, lr,
-                     tokens / max(time.time() - t0 - spent, 1e-9), (time.time() - t0) / 60)
-        if (step + 1) % 50 == 0:
+                     tokens / run_s, 100 * wait / run_s, (time.time() - t0) / 60)
+        if (step + 1) % args.save_every == 0:
             save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0, aux)
         if budget and time.time() - t0 > budget:
             save_checkpoint(ckpt, model, opt, step + 1, time.time() - t0, aux)
