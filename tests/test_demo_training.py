@@ -250,7 +250,7 @@ def test_worker_processes_make_the_same_batches_in_step_order(small):
     model, processor, _ = small
     grid = model.config.image_size // model.config.patch_size
     args = SimpleNamespace(steps=4, batch=3, seed=7, spoken_p=0.0, thinking_p=0.5, focus=0.2,
-                           voices="train", workers=0, perturb_speech=False)
+                           voices="train", workers=0, perturb_speech=False, perturb_eq=0.0)
     inline = list(step_batches(processor, args, None, 1, grid, model.config.image_token_id))
     args.workers = 2
     pooled = list(step_batches(processor, args, None, 1, grid, model.config.image_token_id))

@@ -355,3 +355,21 @@ def test_speech_perturbation_is_deterministic_bounded_and_keeps_the_level() -> N
     # with no speed change and no tilt it is the identity
     same = speech.perturb(audio, random.Random(5), speed=0.0, tilt=0.0)
     assert np.allclose(same, audio, atol=1e-6)
+
+
+def test_speech_equaliser_changes_the_spectrum_within_its_range() -> None:
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(16000)).astype(np.float32)  # flat spectrum
+    y = speech.perturb(audio, random.Random(3), speed=0.0, tilt=0.0, eq_db=6.0)
+    assert y.shape == audio.shape and np.array_equal(y, speech.perturb(audio, random.Random(3), 0.0, 0.0, 6.0))
+    f = np.fft.rfftfreq(audio.size, 1 / 16000)
+
+    def band_db(x, lo, hi):
+        p = np.abs(np.fft.rfft(x)) ** 2
+        sel = (f >= lo) & (f < hi)
+        return 10 * np.log10(p[sel].mean())
+
+    # per band the gain relative to the input stays inside +-6 dB (plus the level restoring)
+    diffs = [band_db(y, lo, hi) - band_db(audio, lo, hi) for lo, hi in ((300, 500), (900, 1100), (5000, 7000))]
+    assert max(diffs) - min(diffs) > 1.0  # the colour changed
+    assert max(diffs) - min(diffs) < 12.5

@@ -47,7 +47,7 @@ def corpus(n: int = 4000, seed: int = 1234) -> list[str]:
 def make_sample(rng: random.Random, spoken_p: float = 0.25, thinking_p: float = 0.6,
                 voices: list[str] | None = None, task: str | None = None, spoken: bool | None = None,
                 thinking: bool | None = None, task_weights: tuple[float, ...] | None = None,
-                perturb_speech: bool = False) -> Sample:
+                perturb_speech: bool = False, eq_db: float = 0.0) -> Sample:
     scene = random_scene(rng, rng.choice(IMAGE_SIZES))
     if task is None and task_weights is not None:
         task = rng.choices(TASKS, weights=task_weights)[0]
@@ -66,7 +66,7 @@ def make_sample(rng: random.Random, spoken_p: float = 0.25, thinking_p: float = 
     if spoken:
         parts.append({"type": "audio"})
         audio = speech.synthesize(qa.question, rng, voices or speech.VOICES_TRAIN)
-        audios.append(speech.perturb(audio, rng) if perturb_speech else audio)
+        audios.append(speech.perturb(audio, rng, eq_db=eq_db) if perturb_speech else audio)
     else:
         parts.append({"type": "text", "text": qa.question})
     target = (f"<think>{qa.thinking}</think>{qa.answer}" if thinking else qa.answer) + "<|endoftext|>"

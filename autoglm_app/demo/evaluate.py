@@ -56,6 +56,7 @@ class Result:
     answer: str
     expected: str
     pointing: dict = field(default_factory=dict)  # rule -> hit (bool), only for pointing questions
+    voice: str = ""  # the held-out voice of a spoken question
 
 
 def ask(engine: Engine, message: Message, thinking: bool, session: str) -> tuple[str, str, list, dict, Stats]:
@@ -127,7 +128,11 @@ def evaluate(engine: Engine, scenes: int, speech_on: bool, identity: int = 20) -
         if spoken_ok and i % 3 == 0:
             jobs.append(("spoken", make_qa(scene, rng, QUESTION_TASKS[(i // 3) % 4]), True))
         for kind, qa, spoken in jobs:
+            voice = ""
             if spoken:
+                state = rng.getstate()  # the voice synthesize will pick, without changing its draws
+                voice = rng.choice(speech.VOICES_HELDOUT)
+                rng.setstate(state)
                 audio = speech.synthesize(qa.question, rng, speech.VOICES_HELDOUT)
                 msg = Message("user", "", [image], [Audio(audio, speech.SAMPLE_RATE)])
             else:
@@ -138,7 +143,7 @@ def evaluate(engine: Engine, scenes: int, speech_on: bool, identity: int = 20) -
             else:
                 correct = normalise(answer) == normalise(qa.answer)
             res = Result(kind, qa.task, thinking, correct, format_ok(reasoning, answer, thinking),
-                         reasoning, answer, qa.answer)
+                         reasoning, answer, qa.answer, voice=voice)
             if qa.target is not None and qa.task in ("where", "color") and not spoken:
                 res.pointing = pointing_hits(focus, qa.target, scene.size, rules)
             results.append(res)
@@ -186,6 +191,8 @@ def summarise(results: list[Result], loads, rules: dict, ttft: list, tps: list, 
                                   "off": rate([r for r in qa if not r.thinking])},
         "captions": rate([r for r in results if r.kind == "caption"]),
         "spoken_heldout_voices": rate([r for r in results if r.kind == "spoken"]),
+        "spoken_by_voice": {v: rate([r for r in results if r.kind == "spoken" and r.voice == v])
+                            for v in speech.VOICES_HELDOUT if any(r.voice == v for r in results)},
         "identity_en": rate([r for r in results if r.kind == "identity_en"]),
         "identity_zh": rate([r for r in results if r.kind == "identity_zh"]),
         "format_thinking_on": round(sum(r.format_ok for r in think_on) / max(1, len(think_on)), 4),
@@ -201,7 +208,8 @@ def summarise(results: list[Result], loads, rules: dict, ttft: list, tps: list, 
         "counts": {k: sum(r.kind == k for r in results) for k in ("qa", "caption", "spoken", "identity_en",
                                                                    "identity_zh")},
         "errors": [{"kind": r.kind, "task": r.task, "expected": r.expected, "answer": r.answer}
-                   for r in results if not r.correct][:30],
+                   | ({"voice": r.voice} if r.voice else {})
+                   for r in results if not r.correct][:60],
     }
     return summary
 
@@ -211,6 +219,7 @@ def table(s: dict) -> str:
         ("questions (colour/where/count/exists)", s["questions"], "≥ 0.95"),
         ("captions, exact (colour, shape, place) set", s["captions"], "≥ 0.90"),
         ("spoken questions, held-out voices", s["spoken_heldout_voices"], "≥ 0.85"),
+        *[(f"  spoken, voice {v}", x, "") for v, x in (s.get("spoken_by_voice") or {}).items()],
         ("identity, English", s["identity_en"], "1.0"),
         ("identity, Chinese", s["identity_zh"], "1.0"),
         ("think/answer format, thinking on", s["format_thinking_on"], "1.0"),

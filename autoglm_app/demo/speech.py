@@ -159,16 +159,23 @@ def synthesize(text: str, rng: random.Random, voices: list[str],
     return np.clip(audio + noise, -1.0, 1.0).astype(np.float32)
 
 
-def perturb(audio: np.ndarray, rng: random.Random, speed: float = 0.12, tilt: float = 0.7) -> np.ndarray:
+EQ_BANDS_HZ = (150.0, 400.0, 1000.0, 2500.0, 6000.0)
+
+
+def perturb(audio: np.ndarray, rng: random.Random, speed: float = 0.12, tilt: float = 0.7,
+            eq_db: float = 0.0) -> np.ndarray:
     """Training-only speaker augmentation of a synthesised question.
 
     Speed perturbation: resample by a factor in [1 - speed, 1 + speed] (tempo, pitch and formants
     move together, as for a shorter or longer vocal tract). Spectral tilt: a first-order filter
-    ``y[t] = x[t] - a x[t-1]`` with ``a`` in [-tilt, tilt] (brighter or duller timbre), then the
-    peak level is restored. Deterministic given the state of ``rng``.
+    ``y[t] = x[t] - a x[t-1]`` with ``a`` in [-tilt, tilt] (brighter or duller timbre). With
+    ``eq_db`` > 0, a random equaliser: a gain in [-eq_db, eq_db] dB at each of ``EQ_BANDS_HZ``,
+    interpolated over log frequency (a different vocal tract / channel colour). Then the peak
+    level is restored. Deterministic given the state of ``rng``.
     """
     factor = rng.uniform(1.0 - speed, 1.0 + speed)
     a = rng.uniform(-tilt, tilt)
+    gains_db = [rng.uniform(-eq_db, eq_db) for _ in EQ_BANDS_HZ] if eq_db > 0 else None
     x = np.asarray(audio, dtype=np.float32)
     if x.size < 2:
         return x
@@ -176,6 +183,11 @@ def perturb(audio: np.ndarray, rng: random.Random, speed: float = 0.12, tilt: fl
     x = np.interp(np.arange(n_out) * (x.size - 1) / (n_out - 1), np.arange(x.size), x)
     y = x.copy()
     y[1:] -= a * x[:-1]
+    if gains_db is not None:
+        spec = np.fft.rfft(y)
+        freqs = np.fft.rfftfreq(y.size, 1.0 / SAMPLE_RATE)
+        curve = np.interp(np.log(np.maximum(freqs, 1.0)), np.log(EQ_BANDS_HZ), gains_db)
+        y = np.fft.irfft(spec * 10.0 ** (curve / 20.0), n=y.size)
     peak_in, peak_out = float(np.abs(x).max()), float(np.abs(y).max())
     if peak_out > 0:
         y *= peak_in / peak_out

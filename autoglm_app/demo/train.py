@@ -127,7 +127,8 @@ class StepBatches(torch.utils.data.Dataset):
         a = self.args
         rng = random.Random(a.seed * 1_000_003 + step)
         samples = [make_sample(rng, spoken_p=a.spoken_p, thinking_p=a.thinking_p, task_weights=self.weights,
-                               voices=self.voices, perturb_speech=a.perturb_speech)
+                               voices=self.voices, perturb_speech=a.perturb_speech,
+                               eq_db=a.perturb_eq)
                    for _ in range(a.batch)]
         encoded = [encode(self.processor, s) for s in samples]
         batch = collate(encoded, self.processor.tokenizer.pad_token_id, self.processor.num_mel_bins)
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="training voices for spoken questions: the 8 base voices, or 18 with more espeak-ng variants")
     p.add_argument("--perturb-speech", action="store_true",
                    help="speaker augmentation of spoken questions: speed perturbation and spectral tilt")
+    p.add_argument("--perturb-eq", type=float, default=0.0,
+                   help="with --perturb-speech: a random equaliser of up to this many dB per band")
     p.add_argument("--thinking-p", type=float, default=0.6, help="share of samples with thinking on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
