@@ -338,6 +338,8 @@ def test_synthesize() -> None:
     assert 0.3 <= a.size / 16000 <= 6.0
     assert np.abs(a).max() <= 1.0 and np.abs(a).max() > 0.1
     assert np.array_equal(a, b)
+    rng = random.Random(42)  # speak() with synthesize()'s voice draw makes the same recording
+    assert np.array_equal(a, speech.speak(text, rng, rng.choice(speech.VOICES_TRAIN)))
     c = speech.synthesize(text, random.Random(43), speech.VOICES_HELDOUT)
     assert c.dtype == np.float32 and 0.3 <= c.size / 16000 <= 6.0
     assert not (a.shape == c.shape and np.array_equal(a, c))

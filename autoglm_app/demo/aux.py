@@ -207,13 +207,13 @@ class FocusSupervision:
             return None
         P = self.grid * self.grid
         dev = next(iter(qk.values()))[0].device
-        b = torch.tensor([r[0] for r in rows])
-        qpos = torch.tensor([r[1] for r in rows])
-        img = torch.tensor([r[2] for r in rows])[:, None] + torch.arange(P)[None, :]  # (N, P)
+        b = torch.tensor([r[0] for r in rows], device=dev)
+        qpos = torch.tensor([r[1] for r in rows], device=dev)
+        img = torch.tensor([r[2] for r in rows], device=dev)[:, None] + torch.arange(P, device=dev)[None, :]  # (N, P)
         want = torch.zeros(len(rows), P)
         for i, r in enumerate(rows):
             want[i, r[3]] = 1.0
-        b, qpos, img, want = b.to(dev), qpos.to(dev), img.to(dev), want.to(dev)
+        want = want.to(dev)
         losses = []
         for layer in sorted(qk):
             q, k, n_mem = qk[layer]

@@ -130,10 +130,8 @@ def evaluate(engine: Engine, scenes: int, speech_on: bool, identity: int = 20) -
         for kind, qa, spoken in jobs:
             voice = ""
             if spoken:
-                state = rng.getstate()  # the voice synthesize will pick, without changing its draws
-                voice = rng.choice(speech.VOICES_HELDOUT)
-                rng.setstate(state)
-                audio = speech.synthesize(qa.question, rng, speech.VOICES_HELDOUT)
+                voice = rng.choice(speech.VOICES_HELDOUT)  # the draws synthesize() makes
+                audio = speech.speak(qa.question, rng, voice)
                 msg = Message("user", "", [image], [Audio(audio, speech.SAMPLE_RATE)])
             else:
                 msg = Message("user", qa.question, [image])

@@ -29,6 +29,7 @@ __all__ = [
     "SAMPLE_RATE",
     "espeak_available",
     "synthesize",
+    "speak",
     "write_wav",
     "perturb",
     "read_wav",
@@ -133,7 +134,11 @@ def synthesize(text: str, rng: random.Random, voices: list[str],
     """
     if not voices:
         raise ValueError("voices must not be empty")
-    voice = rng.choice(voices)
+    return speak(text, rng, rng.choice(voices), sample_rate)
+
+
+def speak(text: str, rng: random.Random, voice: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``synthesize`` with the voice given: the same draws from ``rng`` after the voice's."""
     speed = rng.randint(*SPEED_WPM)
     pitch = rng.randint(*PITCH)
     gain = rng.uniform(*GAIN)
@@ -179,8 +184,7 @@ def perturb(audio: np.ndarray, rng: random.Random, speed: float = 0.12, tilt: fl
     x = np.asarray(audio, dtype=np.float32)
     if x.size < 2:
         return x
-    n_out = max(2, int(round(x.size / factor)))
-    x = np.interp(np.arange(n_out) * (x.size - 1) / (n_out - 1), np.arange(x.size), x)
+    x = _resample(x, factor, 1.0)  # factor input samples per output sample
     y = x.copy()
     y[1:] -= a * x[:-1]
     if gains_db is not None:

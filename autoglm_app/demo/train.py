@@ -150,7 +150,7 @@ def step_batches(processor, args, weights, start: int, grid: int, image_token_id
         return (data[i] for i in steps)
     return torch.utils.data.DataLoader(
         data, sampler=steps, batch_size=None, num_workers=args.workers, prefetch_factor=4,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=_one_thread, persistent_workers=False)
+        pin_memory=torch.cuda.is_available(), worker_init_fn=_one_thread)
 
 
 def load_initial(path: Path):
