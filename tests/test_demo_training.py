@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from autoglm_app.demo.aux import FocusSupervision, focus_spans, focus_targets, patch_targets
 from autoglm_app.demo.data import encode, make_sample
+from autoglm_app.demo.speech import espeak_available as speech_available
 from autoglm_app.demo.shapesworld import QA, Scene, Shape
 from autoglm_app.demo.train import focus_rows, load_initial
 from autoglm_app.modeling.small import build_small, save_small
@@ -250,7 +252,8 @@ def test_worker_processes_make_the_same_batches_in_step_order(small):
     model, processor, _ = small
     grid = model.config.image_size // model.config.patch_size
     args = SimpleNamespace(steps=4, batch=3, seed=7, spoken_p=0.0, thinking_p=0.5, focus=0.2,
-                           voices="train", workers=0, perturb_speech=False, perturb_eq=0.0)
+                           voices="train", workers=0, perturb_speech=False, perturb_eq=0.0,
+                           mask_speech=False)
     inline = list(step_batches(processor, args, None, 1, grid, model.config.image_token_id))
     args.workers = 2
     pooled = list(step_batches(processor, args, None, 1, grid, model.config.image_token_id))
@@ -263,3 +266,47 @@ def test_worker_processes_make_the_same_batches_in_step_order(small):
         assert [tuple(r[:3]) + (list(r[3]),) for r in r1] == [tuple(r[:3]) + (list(r[3]),) for r in r2]
     # different steps draw different scenes
     assert not torch.equal(inline[0][0]["input_ids"], inline[1][0]["input_ids"])
+
+
+@pytest.mark.skipif(not speech_available(), reason="espeak-ng not installed")
+def test_feature_masking_changes_only_the_recording_of_a_spoken_sample(small):
+    """--mask-speech: the same tokens, labels and image; the audio features masked in place."""
+    _, processor, _ = small
+    sample = make_sample(random.Random(4), spoken=True, task="where")
+    plain = encode(processor, sample)
+    masked = encode(processor, sample, random.Random(0))
+    assert masked["input_ids"] == plain["input_ids"] and masked["labels"] == plain["labels"]
+    assert torch.equal(masked["pixel_values"], plain["pixel_values"])
+    assert torch.equal(masked["audio_feature_lengths"], plain["audio_feature_lengths"])
+    assert masked["audio_features"].shape == plain["audio_features"].shape
+    assert not torch.equal(masked["audio_features"], plain["audio_features"])
+    assert torch.equal(encode(processor, sample, random.Random(0))["audio_features"], masked["audio_features"])
+
+
+@pytest.mark.skipif(not speech_available(), reason="espeak-ng not installed")
+def test_spoken_only_evaluation_asks_every_scene_and_the_full_evaluations_recordings(monkeypatch):
+    """--spoken-only: one spoken question per scene; where the full evaluation asks one, the same one."""
+    from types import SimpleNamespace
+
+    from autoglm_app.demo import evaluate as ev
+
+    asked = []
+
+    def fake_ask(engine, message, thinking, session):
+        asked.append((session, message.text, [a.samples for a in message.audios]))
+        return "", "The red circle is at the top.", [], {}, None
+
+    monkeypatch.setattr(ev, "ask", fake_ask)
+    engine = SimpleNamespace(loaded=SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2))))
+    full = ev.evaluate(engine, 6, True, identity=1)
+    full_spoken = [a for a in asked if a[2]]
+    asked.clear()
+    only = ev.evaluate(engine, 6, True, identity=1, spoken_only=True)
+    assert only["counts"] == {"qa": 0, "caption": 0, "spoken": 6, "identity_en": 0, "identity_zh": 0}
+    assert full["counts"]["spoken"] == 2 and all(a[2] and not a[1] for a in asked)
+    same = {a[0]: a[2][0] for a in asked}
+    assert [s for s, _, _ in full_spoken] == ["eval-0", "eval-3"]
+    for session, _, audios in full_spoken:
+        assert np.array_equal(same[session], audios[0])
+    assert set(only["spoken_by_task"]) == set(ev.QUESTION_TASKS)
+    assert "6 spoken questions" in ev.spoken_table(only)

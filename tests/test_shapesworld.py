@@ -375,3 +375,22 @@ def test_speech_equaliser_changes_the_spectrum_within_its_range() -> None:
     diffs = [band_db(y, lo, hi) - band_db(audio, lo, hi) for lo, hi in ((300, 500), (900, 1100), (5000, 7000))]
     assert max(diffs) - min(diffs) > 1.0  # the colour changed
     assert max(diffs) - min(diffs) < 12.5
+
+
+def test_feature_masking_is_deterministic_bounded_and_fills_with_the_mean() -> None:
+    import torch
+
+    from autoglm_app.demo.data import mask_features
+
+    x = torch.randn(80, 200)
+    before = x.clone()
+    y = mask_features(x, random.Random(9))
+    assert torch.equal(y, mask_features(x, random.Random(9))) and torch.equal(x, before)
+    changed = y != x
+    rows, cols = changed.all(1), changed.all(0)  # masked bands span every frame, masked spans every bin
+    assert torch.equal(changed, rows[:, None] | cols[None, :])
+    assert int(rows.sum()) <= 2 * 10 and int(cols.sum()) <= 2 * 8
+    assert torch.allclose(y[changed], torch.full_like(y[changed], float(x.mean())))
+    masked = [int((mask_features(x, random.Random(s)) != x).all(1).sum()) for s in range(20)]
+    assert len(set(masked)) > 5  # widths vary
+    assert torch.equal(mask_features(x, random.Random(1), 0, 10, 0, 8), x)  # no masks: unchanged

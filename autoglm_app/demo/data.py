@@ -73,21 +73,49 @@ def make_sample(rng: random.Random, spoken_p: float = 0.25, thinking_p: float = 
     return Sample([{"role": "user", "content": parts}], images, audios, thinking, target, qa, scene, spoken)
 
 
-def encode(processor, sample: Sample) -> dict:
+def encode(processor, sample: Sample, mask_rng: random.Random | None = None) -> dict:
+    """Token ids, labels and encoder inputs of a sample; with ``mask_rng``, its recording's
+    features are masked by ``mask_features`` (training-only augmentation)."""
     prompt = processor.apply_chat_template(sample.messages, enable_thinking=sample.thinking)
     enc = processor(prompt, images=sample.images, audios=sample.audios)
     tok = processor.tokenizer(sample.target, add_special_tokens=False, return_offsets_mapping=True)
     target = tok["input_ids"]
     ids = enc["input_ids"][0].tolist()
+    features = enc.get("audio_features")
+    if features is not None and mask_rng is not None:
+        features = features.clone()
+        for f, n in zip(features, enc["audio_feature_lengths"].tolist()):
+            f[:, :n] = mask_features(f[:, :n], mask_rng)
     return {
         "prompt_len": len(ids),
         "target_offsets": [tuple(o) for o in tok["offset_mapping"]],
         "input_ids": ids + target,
         "labels": [-100] * len(ids) + target,
         "pixel_values": enc.get("pixel_values"),
-        "audio_features": enc.get("audio_features"),
+        "audio_features": features,
         "audio_feature_lengths": enc.get("audio_feature_lengths"),
     }
+
+
+def mask_features(features: torch.Tensor, rng: random.Random, freq_masks: int = 2, freq_width: int = 10,
+                  time_masks: int = 2, time_width: int = 8) -> torch.Tensor:
+    """Training-only masking of one recording's log-mel features ``(mel bins, frames)``
+    (SpecAugment-style): up to ``freq_masks`` bands of 0..``freq_width`` mel bins and up to
+    ``time_masks`` spans of 0..``time_width`` frames (10 ms each) are set to the recording's mean,
+    so no single band or instant carries a word alone. Returns a new tensor; deterministic given
+    the state of ``rng``."""
+    out = features.clone()
+    bins, frames = out.shape
+    fill = float(out.mean())
+    for _ in range(freq_masks):
+        width = rng.randint(0, min(freq_width, bins))
+        start = rng.randint(0, bins - width)
+        out[start:start + width, :] = fill
+    for _ in range(time_masks):
+        width = rng.randint(0, min(time_width, frames))
+        start = rng.randint(0, frames - width)
+        out[:, start:start + width] = fill
+    return out
 
 
 def collate(encoded: list[dict], pad_id: int, num_mel_bins: int) -> dict:
@@ -114,4 +142,4 @@ def collate(encoded: list[dict], pad_id: int, num_mel_bins: int) -> dict:
     return batch
 
 
-__all__ = ["Sample", "TASKS", "collate", "corpus", "encode", "make_sample"]
+__all__ = ["Sample", "TASKS", "collate", "corpus", "encode", "make_sample", "mask_features"]

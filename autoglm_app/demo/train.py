@@ -130,7 +130,9 @@ class StepBatches(torch.utils.data.Dataset):
                                voices=self.voices, perturb_speech=a.perturb_speech,
                                eq_db=a.perturb_eq)
                    for _ in range(a.batch)]
-        encoded = [encode(self.processor, s) for s in samples]
+        # masking draws from its own stream, so turning it on leaves the samples themselves unchanged
+        mask_rng = random.Random((a.seed * 1_000_003 + step) * 7 + 1) if a.mask_speech else None
+        encoded = [encode(self.processor, s, mask_rng) for s in samples]
         batch = collate(encoded, self.processor.tokenizer.pad_token_id, self.processor.num_mel_bins)
         cells = [cell_labels(s.scene) for s in samples if s.images]
         questions = [question_labels(s.qa) for s in samples if s.audios]
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="speaker augmentation of spoken questions: speed perturbation and spectral tilt")
     p.add_argument("--perturb-eq", type=float, default=0.0,
                    help="with --perturb-speech: a random equaliser of up to this many dB per band")
+    p.add_argument("--mask-speech", action="store_true",
+                   help="mask random mel bands and short time spans of each spoken question's features "
+                        "(SpecAugment-style; training only)")
     p.add_argument("--thinking-p", type=float, default=0.6, help="share of samples with thinking on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
