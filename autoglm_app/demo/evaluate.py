@@ -302,9 +302,9 @@ Weights: fp16 safetensors, {size_bytes / 2**20:.1f} MiB, with tokenizer, chat te
 Every step draws 24 fresh samples: a scene (128-256 px, 1-3 shapes), one task (describe, colour,
 where, count, existence, identity in English or Chinese), thinking on for 60% of samples
 (`<think>` trace, then the answer) and off for the rest, and a spoken question (espeak-ng, 8
-training voices, 18 from stage 8 on; random speed, pitch, level and noise; in stage 9 also speed,
-spectral-tilt and equaliser augmentation) for 25% of the English questions (up to 70% in later
-stages). AdamW (peak LR 2e-3, betas 0.9/0.95, weight decay 0.01), warm-up then cosine, gradient
+training voices, 18 from stage 8 on; random speed, pitch, level and noise; from stage 9 on also speed,
+spectral-tilt and equaliser augmentation, in stage 10 also masked mel bands and time spans) for 25%
+of the English questions (up to 70% in later stages). AdamW (peak LR 2e-3, betas 0.9/0.95, weight decay 0.01), warm-up then cosine, gradient
 clip 1.0, loss on the assistant tokens only, on the CPU (stage 8 on a GPU). From stage 3 on, two auxiliary heads (training only,
 not in this checkpoint; `autoglm_app/demo/aux.py`, weight `--aux 0.5`) give the encoders their own
 targets: the adapter's image features pooled per cell of the 3x3 grid must name what the cell holds
