@@ -120,7 +120,7 @@ def evaluate(engine: Engine, scenes: int, speech_on: bool, identity: int = 20, s
     ttft, tps = [], []
     spoken_ok = speech_on and speech.espeak_available()
     if spoken_only and not spoken_ok:
-        raise RuntimeError("a spoken-only evaluation needs espeak-ng (apt-get install espeak-ng)")
+        raise RuntimeError("a spoken-only evaluation needs speech_on and espeak-ng (apt-get install espeak-ng)")
     t0 = time.time()
     for i in range(scenes):
         rng = random.Random(HELDOUT_SEED + i)
