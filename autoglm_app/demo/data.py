@@ -82,8 +82,7 @@ def encode(processor, sample: Sample, mask_rng: random.Random | None = None) -> 
     target = tok["input_ids"]
     ids = enc["input_ids"][0].tolist()
     features = enc.get("audio_features")
-    if features is not None and mask_rng is not None:
-        features = features.clone()
+    if features is not None and mask_rng is not None:  # the processor's own fresh tensor: masked in place
         for f, n in zip(features, enc["audio_feature_lengths"].tolist()):
             f[:, :n] = mask_features(f[:, :n], mask_rng)
     return {

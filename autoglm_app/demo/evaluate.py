@@ -131,8 +131,8 @@ def evaluate(engine: Engine, scenes: int, speech_on: bool, identity: int = 20, s
                 ("caption", make_qa(scene, rng, "describe"), False)]
         if spoken_ok and (i % 3 == 0 or spoken_only):
             jobs.append(("spoken", make_qa(scene, rng, QUESTION_TASKS[(i // 3) % 4]), True))
-        if spoken_only:
-            jobs = jobs[2:]  # the text questions were drawn (the rng stream stays the same) but are not asked
+        if spoken_only:  # the text questions were drawn (the rng stream stays the same) but are not asked
+            jobs = [job for job in jobs if job[2]]
         for kind, qa, spoken in jobs:
             voice = ""
             if spoken:
@@ -235,9 +235,12 @@ def table(s: dict) -> str:
         ("median TTFT, ms (CPU)", s["ttft_ms_median"], "≤ 300"),
         ("median decode tokens/s (CPU)", s["decode_tokens_per_second_median"], "≥ 30"),
     ]
-    lines = ["| metric | value | target |", "|---|---|---|"]
-    lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
-    return "\n".join(lines)
+    return _markdown("metric", rows)
+
+
+def _markdown(first: str, rows) -> str:
+    lines = [f"| {first} | value | target |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {name} | {value} | {target} |" for name, value, target in rows])
 
 
 def spoken_table(s: dict) -> str:
@@ -245,8 +248,7 @@ def spoken_table(s: dict) -> str:
     rows = [("spoken questions, held-out voices", s["spoken_heldout_voices"], "≥ 0.85"),
             *[(f"  voice {v}", x, "") for v, x in s["spoken_by_voice"].items()],
             *[(f"  task {t}", x, "") for t, x in s["spoken_by_task"].items()]]
-    lines = [f"| {s['counts']['spoken']} spoken questions | value | target |", "|---|---|---|"]
-    return "\n".join(lines + [f"| {name} | {value} | {target} |" for name, value, target in rows])
+    return _markdown(f"{s['counts']['spoken']} spoken questions", rows)
 
 
 def shortfalls(s: dict) -> str:
@@ -302,12 +304,12 @@ Weights: fp16 safetensors, {size_bytes / 2**20:.1f} MiB, with tokenizer, chat te
 Every step draws 24 fresh samples: a scene (128-256 px, 1-3 shapes), one task (describe, colour,
 where, count, existence, identity in English or Chinese), thinking on for 60% of samples
 (`<think>` trace, then the answer) and off for the rest, and a spoken question (espeak-ng, 8
-training voices, 18 from stage 8 on; random speed, pitch, level and noise; from stage 9 on also speed,
-spectral-tilt and equaliser augmentation, in stage 10 also masked mel bands and time spans) for 25%
-of the English questions (up to 70% in later stages). AdamW (peak LR 2e-3, betas 0.9/0.95, weight decay 0.01), warm-up then cosine, gradient
-clip 1.0, loss on the assistant tokens only, on the CPU (stage 8 on a GPU). From stage 3 on, two auxiliary heads (training only,
-not in this checkpoint; `autoglm_app/demo/aux.py`, weight `--aux 0.5`) give the encoders their own
-targets: the adapter's image features pooled per cell of the 3x3 grid must name what the cell holds
+training voices, 18 from stage 8 on; random speed, pitch, level and noise; from stage 9 on also
+speed, spectral-tilt and equaliser augmentation, in stage 10 also masked mel bands and time spans)
+for 25% of the English questions (up to 70% in later stages). AdamW (peak LR 2e-3, betas 0.9/0.95,
+weight decay 0.01), warm-up then cosine, gradient clip 1.0, loss on the assistant tokens only, on
+the CPU (stage 8 on a GPU). From stage 3 on, two auxiliary heads (training only, not in this
+checkpoint; `autoglm_app/demo/aux.py`, weight `--aux 0.5`) give the encoders their own targets: the adapter's image features pooled per cell of the 3x3 grid must name what the cell holds
 (empty or one of 12 colour-shape pairs), and the adapter's speech features pooled per recording
 must name the spoken question's task and the colour and shape words in it. From stage 5 on, a
 focus-supervision loss (training only, `--focus`, `--focus-layers`) asks that while the model writes

@@ -125,13 +125,14 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int):
         a = self.args
-        rng = random.Random(a.seed * 1_000_003 + step)
+        draw = a.seed * 1_000_003 + step
+        rng = random.Random(draw)
         samples = [make_sample(rng, spoken_p=a.spoken_p, thinking_p=a.thinking_p, task_weights=self.weights,
                                voices=self.voices, perturb_speech=a.perturb_speech,
                                eq_db=a.perturb_eq)
                    for _ in range(a.batch)]
         # masking draws from its own stream, so turning it on leaves the samples themselves unchanged
-        mask_rng = random.Random((a.seed * 1_000_003 + step) * 7 + 1) if a.mask_speech else None
+        mask_rng = random.Random(draw * 7 + 1) if a.mask_speech else None
         encoded = [encode(self.processor, s, mask_rng) for s in samples]
         batch = collate(encoded, self.processor.tokenizer.pad_token_id, self.processor.num_mel_bins)
         cells = [cell_labels(s.scene) for s in samples if s.images]
