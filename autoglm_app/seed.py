@@ -25,7 +25,7 @@ __all__ = ["AutoGLMModel", "MultiModalConfig"]
 class AutoGLMModel:
     @staticmethod
     def from_pretrained(name_or_path: str, config: MultiModalConfig | None = None, **load_kwargs):
-        from .engine.loading import load_model
+        from .loading.checkpoints import load_model
 
         quantize = config.quantize if config is not None else None
         loaded = load_model(name_or_path, quantize=quantize, **load_kwargs)

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def load_engine(settings: Settings):
     """Load the model the settings name and start an Engine on it, or a RemoteEngine for --backend openai."""
-    from .engine.core import Engine
-    from .engine.loading import LoadedModel, load_model
+    from .engine.worker import Engine
+    from .loading.checkpoints import LoadedModel, load_model
 
     asr = None
     if settings.asr_model:

@@ -26,8 +26,8 @@ def small():
 
 
 def make_engine(model, processor, **kwargs):
-    from autoglm_app.engine.core import Engine
-    from autoglm_app.engine.loading import LoadedModel
+    from autoglm_app.engine.worker import Engine
+    from autoglm_app.loading.checkpoints import LoadedModel
 
     loaded = LoadedModel(model=model, processor=processor, model_id="autoglm-small-random", quantize="fp32",
                          device_map=None, plan=None)

@@ -27,8 +27,8 @@ from PIL import Image
 from autoglm_app.api import media, routes
 from autoglm_app.api.protocol import ChatCompletionRequest, ChunkBuilder, CompletionBuilder, Extras, to_chat_request
 from autoglm_app.config import Settings
-from autoglm_app.engine.core import RequestHandle
-from autoglm_app.engine.events import (
+from autoglm_app.engine.worker import RequestHandle
+from autoglm_app.events import (
     Answer,
     Done,
     EngineBusy,

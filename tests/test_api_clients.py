@@ -15,7 +15,7 @@ from openai import OpenAI
 from PIL import Image
 
 from autoglm_app.config import Settings
-from autoglm_app.engine.events import Answer, EngineBusy, Error, Queued
+from autoglm_app.events import Answer, EngineBusy, Error, Queued
 from autoglm_app.server import create_app, serve_in_thread
 from tests.test_api import THINKING_SCRIPT, ScriptedEngine
 

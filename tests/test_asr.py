@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tiny_families as tiny
-from autoglm_app.engine.events import Audio, ChatRequest, Message, Options
+from autoglm_app.events import Audio, ChatRequest, Message, Options
 
 
 @pytest.fixture(scope="module")

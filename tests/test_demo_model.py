@@ -12,10 +12,10 @@ import json
 import pytest
 
 from autoglm_app.config import DEMO_MODEL
-from autoglm_app.demo.evaluate import evaluate
-from autoglm_app.demo.speech import espeak_available
-from autoglm_app.engine.core import Engine
-from autoglm_app.engine.loading import load_model
+from training.evaluate import evaluate
+from training.speech import espeak_available
+from autoglm_app.engine.worker import Engine
+from autoglm_app.loading.checkpoints import load_model
 
 # a little below the full evaluation's figures for the shipped checkpoint (docs/PERFORMANCE.md)
 THRESHOLDS = {  # this 50-scene subset on the shipped checkpoint: questions 1.0, captions 1.0, pointing 1.0 (8)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from autoglm_app.demo.aux import FocusSupervision, focus_spans, focus_targets, patch_targets
-from autoglm_app.demo.data import encode, make_sample
-from autoglm_app.demo.speech import espeak_available as speech_available
-from autoglm_app.demo.shapesworld import QA, Scene, Shape
-from autoglm_app.demo.train import focus_rows, load_initial
+from training.losses import FocusSupervision, focus_spans, focus_targets, patch_targets
+from training.data import encode, make_sample
+from training.speech import espeak_available as speech_available
+from training.shapesworld import QA, Scene, Shape
+from training.train import focus_rows, load_initial
 from autoglm_app.modeling.small import build_small, save_small
 
 RED_TOP = Shape("circle", "red", "top", (50, 10, 80, 40))
@@ -63,7 +63,7 @@ def test_patch_targets_are_the_patches_whose_centre_is_in_the_box():
 
 
 def test_every_shape_of_a_random_scene_covers_at_least_one_patch():
-    from autoglm_app.demo.shapesworld import random_scene
+    from training.shapesworld import random_scene
 
     rng = random.Random(0)
     for _ in range(300):
@@ -108,7 +108,7 @@ def test_loss_is_minus_log_of_the_eager_head_mean_image_attention_on_the_target(
     rng = random.Random(5)
     samples = [make_sample(rng, spoken_p=0.0, thinking=True, task="color") for _ in range(4)]
     encoded = [encode(processor, s) for s in samples]
-    from autoglm_app.demo.data import collate
+    from training.data import collate
 
     batch = collate(encoded, processor.tokenizer.pad_token_id, processor.num_mel_bins)
     rows = focus_rows(samples, encoded, model.config.image_token_id, 4)
@@ -163,7 +163,7 @@ def _exported(small, tmp_path) -> Path:
 
 
 def test_training_runs_a_step_with_focus_supervision_from_an_exported_model(small, tmp_path):
-    from autoglm_app.demo import train
+    from training import train
 
     src = _exported(small, tmp_path)
     train.main(["--init-from", str(src), "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "3",
@@ -188,7 +188,7 @@ def test_build_small_has_the_attention_layout_the_loss_expects():
 
 
 def test_question_first_template_puts_the_question_before_the_media_and_survives_a_save(small, tmp_path):
-    from autoglm_app.demo import train
+    from training import train
     from autoglm_app.modeling import AutoGLMProcessor
     from autoglm_app.modeling.processing_autoglm import CHAT_TEMPLATES
 
@@ -223,7 +223,7 @@ def _summary(**over):
 
 
 def test_the_card_names_each_missed_target_and_only_those():
-    from autoglm_app.demo.evaluate import model_card, shortfalls
+    from training.evaluate import model_card, shortfalls
 
     assert shortfalls(_summary()).startswith("Every quality target")
     text = shortfalls(_summary(questions=0.7, pointing=0.5, expert_cv_per_layer=[0.6, 0.1]))
@@ -247,7 +247,7 @@ def test_worker_processes_make_the_same_batches_in_step_order(small):
     """--workers: batches come from other processes, in step order, equal to the in-loop ones."""
     from types import SimpleNamespace
 
-    from autoglm_app.demo.train import step_batches
+    from training.train import step_batches
 
     model, processor, _ = small
     grid = model.config.image_size // model.config.patch_size
@@ -288,7 +288,7 @@ def test_spoken_only_evaluation_asks_every_scene_and_the_full_evaluations_record
     """--spoken-only: one spoken question per scene; where the full evaluation asks one, the same one."""
     from types import SimpleNamespace
 
-    from autoglm_app.demo import evaluate as ev
+    from training import evaluate as ev
 
     asked = []
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from autoglm_app.engine import generation
-from autoglm_app.engine.events import (
+from autoglm_app.events import (
     Answer,
     Audio,
     BadRequest,
@@ -29,7 +29,7 @@ from autoglm_app.engine.events import (
     Routing,
     Stats,
 )
-from autoglm_app.engine.family import AUTOGLM
+from autoglm_app.families import AUTOGLM
 from tests.conftest import make_engine
 
 

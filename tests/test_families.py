@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import tiny_families as tiny
-from autoglm_app.engine.core import Engine
-from autoglm_app.engine.events import Answer, Audio, BadRequest, ChatRequest, Focus, Message, Options, Reasoning, Routing, Stats
-from autoglm_app.engine.family import family_for
-from autoglm_app.engine.loading import load_model
+from autoglm_app.engine.worker import Engine
+from autoglm_app.events import Answer, Audio, BadRequest, ChatRequest, Focus, Message, Options, Reasoning, Routing, Stats
+from autoglm_app.families import family_for
+from autoglm_app.loading.checkpoints import load_model
 
 # family -> (builder, image size (w, h), routed layers)
 CASES = {

@@ -12,14 +12,14 @@ import logging
 
 import pytest
 
-from autoglm_app.engine.fused_experts import (
+from autoglm_app.loading.fused_experts import (
     SplitExperts,
     load_int4,
     module_bytes,
     split_fused_experts,
     streamed_expert_split,
 )
-from autoglm_app.engine.loading import load_model
+from autoglm_app.loading.checkpoints import load_model
 
 
 def _fused(E=8, H=256, I=256):
@@ -71,7 +71,7 @@ def test_split_experts_hold_under_30_percent_of_fp16_bytes():
 @pytest.mark.parametrize("build", [tiny.build_qwen3_vl_moe, tiny.build_qwen3_omni_moe])
 def test_int4_load_of_a_fused_moe_checkpoint_quantizes_every_expert(tmp_path, build, caplog):
     path = build(tmp_path / "moe", layers=2, experts=4)
-    with caplog.at_level(logging.INFO, logger="autoglm_app.engine.loading"):
+    with caplog.at_level(logging.INFO, logger="autoglm_app.loading.checkpoints"):
         loaded = load_model(path, quantize="int4")
     # streamed: every fused module was packed while the checkpoint was read, none was left for afterwards
     assert "fused experts: 2 modules packed to 4-bit while loading, 0 after" in caplog.text
@@ -92,7 +92,7 @@ def test_streamed_split_gives_the_same_model_as_splitting_after_the_load(tmp_pat
     with streamed_expert_split() as stats:
         from transformers import AutoModelForImageTextToText
 
-        from autoglm_app.engine.loading import quantization_config
+        from autoglm_app.loading.checkpoints import quantization_config
 
         qconfig = quantization_config("int4", keep_16bit=("visual", "audio_tower", "embed_tokens", "lm_head", "gate"))
         new = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float16, quantization_config=qconfig,

@@ -29,8 +29,8 @@ from PIL import Image
 
 from autoglm_app.api import media, routes
 from autoglm_app.config import Settings, parse_settings
-from autoglm_app.engine import core
-from autoglm_app.engine.events import (
+from autoglm_app.engine import worker as core
+from autoglm_app.events import (
     Answer,
     Audio,
     BadRequest,
@@ -1011,7 +1011,7 @@ def test_a_warning_at_start_when_listening_beyond_loopback_without_a_key(monkeyp
 
 def test_trust_remote_code_is_off_unless_asked_and_reaches_the_loader(monkeypatch, small):
     from autoglm_app import server
-    from autoglm_app.engine import loading
+    from autoglm_app.loading import checkpoints as loading
 
     seen = []
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from PIL import Image
 
-from autoglm_app.engine import loading
-from autoglm_app.engine.loading import (
+from autoglm_app.loading import checkpoints as loading
+from autoglm_app.loading.checkpoints import (
     KEEP_16BIT,
     ModelNotFoundError,
     QuantizationError,
@@ -25,7 +25,7 @@ from autoglm_app.engine.loading import (
     quantization_config,
     verify_quantized,
 )
-from autoglm_app.engine.planning import build_on_meta, estimate_module_bytes, is_kept_16bit
+from autoglm_app.loading.planning import build_on_meta, estimate_module_bytes, is_kept_16bit
 from autoglm_app.modeling import AutoGLMForConditionalGeneration
 from autoglm_app.modeling.small import build_small
 from autoglm_app.modeling.summary import module_rows, total_bytes, total_parameters
@@ -302,7 +302,7 @@ def test_a_checkpoint_with_only_pickled_weights_is_refused(tmp_path):
     """Weights load from safetensors only: a .bin-only checkpoint is refused before anything is unpickled."""
     from transformers import Qwen2_5_VLConfig
 
-    from autoglm_app.engine.loading import UnsafeCheckpointError
+    from autoglm_app.loading.checkpoints import UnsafeCheckpointError
 
     Qwen2_5_VLConfig().save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle: it must never be opened")
@@ -343,7 +343,7 @@ def test_remote_code_is_off_unless_asked_and_reaches_every_from_pretrained(tmp_p
 def test_int4_layers_stay_on_the_portable_cpu_path(small_int4):
     """On an AVX512-BF16 CPU bitsandbytes would repack 4-bit weights in place on first use (another
     layout, bigger statistics, and a crash for layers narrower than one block); loads switch it off."""
-    from autoglm_app.engine.fused_experts import _linear4bit
+    from autoglm_app.loading.fused_experts import _linear4bit
 
     layers = [m for m in small_int4.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from argparse import Namespace
 
-from autoglm_app import loadtest
+from tools import loadtest
 
 
 def test_short_load_run_has_no_server_errors_and_rejects_bad_requests(tmp_path, capsys):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoglm_app.engine.loading import load_model
-from autoglm_app.engine.planning import (
+from autoglm_app.loading.checkpoints import load_model
+from autoglm_app.loading.planning import (
     GiB,
     PlanError,
     build_on_meta,

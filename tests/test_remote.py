@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from autoglm_app.engine.events import (
+from autoglm_app.events import (
     Answer,
     BadRequest,
     ChatRequest,

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from autoglm_app.demo import shapesworld as sw
-from autoglm_app.demo import speech
+from training import shapesworld as sw
+from training import speech
 
 N_SCENES = 150
 
@@ -380,7 +380,7 @@ def test_speech_equaliser_changes_the_spectrum_within_its_range() -> None:
 def test_feature_masking_is_deterministic_bounded_and_fills_with_the_mean() -> None:
     import torch
 
-    from autoglm_app.demo.data import mask_features
+    from training.data import mask_features
 
     x = torch.randn(80, 200)
     before = x.clone()

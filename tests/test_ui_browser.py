@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from autoglm_app.engine.events import Queued
+from autoglm_app.events import Queued
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from autoglm_app.engine.events import (
+from autoglm_app.events import (
     Answer,
     Done,
     EngineBusy,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autoglm_app.engine.events import (
+from autoglm_app.events import (
     Answer,
     Audio,
     BadRequest,

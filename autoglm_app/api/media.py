@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from ..engine.events import Audio, BadRequest
+from ..events import Audio, BadRequest
 from ..engine.inputs import ImageTooLarge
 from ..engine.inputs import open_image as read_image_bytes
 

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.events import (
+from ..events import (
     Answer,
     ChatRequest,
     Done,

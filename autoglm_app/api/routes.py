@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
-from ..engine.events import BadRequest, EngineBusy, Error, Event, Notice, Queued
+from ..events import BadRequest, EngineBusy, Error, Event, Notice, Queued
 from .media import MediaLimits
 from .protocol import (
     APIError,

@@ -1,1 +1,1 @@
-"""The serving engine: loading, device planning, generation, probes and the request queue."""
+"""The serving engine: the request queue and worker, input conversion, generation, probes, remote and ASR backends."""

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import torch
 
-from .events import Audio
+from ..events import Audio
 from .inputs import to_mono_16k
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class Transcriber:
                  max_new_tokens: int = 200, language: str | None = None):
         from transformers import AutoProcessor, WhisperForConditionalGeneration
 
-        from .loading import resolve_checkpoint
+        from ..loading.checkpoints import resolve_checkpoint
 
         path = resolve_checkpoint(name_or_path)
         self.device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")

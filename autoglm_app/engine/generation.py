@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .events import (
+from ..events import (
     Answer,
     BadRequest,
     ChatRequest,
@@ -30,7 +30,7 @@ from .events import (
     Routing,
     Stats,
 )
-from .family import ModelFamily
+from ..families.base import ModelFamily
 from .probes import FocusProbe, RoutingProbe, aggregate
 from .thinksplit import ThinkSplitter
 

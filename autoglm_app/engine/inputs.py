@@ -21,7 +21,7 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
 
-from .events import Audio, BadRequest, ChatRequest, Message
+from ..events import Audio, BadRequest, ChatRequest, Message
 
 TARGET_RATE = 16000
 MAX_IMAGE_PIXELS = 40_000_000  # default; the server passes --max-image-pixels

@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .core import RequestHandle
-from .events import (
+from .worker import RequestHandle
+from ..events import (
     Answer,
     BadRequest,
     ChatRequest,

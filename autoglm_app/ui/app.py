@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import ROOT, Settings
-from ..engine.events import Audio, BadRequest, Options
+from ..events import Audio, BadRequest, Options
 from ..engine.inputs import ImageTooLarge, clean_text, open_image
 from . import render
 from .export import write_trace_zip

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..engine.events import (
+from ..events import (
     Answer,
     Audio,
     BadRequest,

@@ -1,7 +1,7 @@
 """Evaluate AutoGLM-Phone-Tiny on held-out ShapesWorld scenes and voices, through the app's engine.
 
-    python -m autoglm_app.demo.evaluate                       # 500 scenes, writes JSON + a table
-    python -m autoglm_app.demo.evaluate --scenes 50 --no-speech
+    python -m training.evaluate                       # 500 scenes, writes JSON + a table
+    python -m training.evaluate --scenes 50 --no-speech
 
 Per scene: one question (colour / where / count / existence, by turns), one description,
 and every third scene a spoken question in a held-out voice; plus identity questions in
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEMO_MODEL
-from ..engine.core import Engine
-from ..engine.events import Answer, Audio, ChatRequest, Done, Focus, Message, Options, Reasoning, Routing, Stats
-from ..engine.loading import load_model
-from ..engine.probes import balance_cv
+from autoglm_app.config import DEMO_MODEL
+from autoglm_app.engine.worker import Engine
+from autoglm_app.events import Answer, Audio, ChatRequest, Done, Focus, Message, Options, Reasoning, Routing, Stats
+from autoglm_app.loading.checkpoints import load_model
+from autoglm_app.engine.probes import balance_cv
 from . import speech
 from .shapesworld import IDENTITY_ANSWER_EN, IDENTITY_ANSWER_ZH, caption_tuples, make_qa, random_scene, render, \
     scene_tuples
@@ -300,7 +300,7 @@ Weights: fp16 safetensors, {size_bytes / 2**20:.1f} MiB, with tokenizer, chat te
   (the rule that pointed best on validation scenes)
 
 ## Training
-`python -m autoglm_app.demo.train` (resumable; the learning-rate schedule follows a time budget).
+`python -m training.train` (resumable; the learning-rate schedule follows a time budget).
 Every step draws 24 fresh samples: a scene (128-256 px, 1-3 shapes), one task (describe, colour,
 where, count, existence, identity in English or Chinese), thinking on for 60% of samples
 (`<think>` trace, then the answer) and off for the rest, and a spoken question (espeak-ng, 8
@@ -324,7 +324,7 @@ shape being asked about.
 {stages}
 
 ## Evaluation
-`python -m autoglm_app.demo.evaluate` on {summary["scenes"]} held-out scenes (random streams the training never
+`python -m training.evaluate` on {summary["scenes"]} held-out scenes (random streams the training never
 draws), spoken questions in 3 held-out voices, greedy decoding through the app's engine:
 
 {table(summary)}

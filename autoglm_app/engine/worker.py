@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .events import (
+from ..events import (
     BadRequest,
     ChatRequest,
     Done,
@@ -37,7 +37,7 @@ from .events import (
     Queued,
     Stats,
 )
-from .family import ModelFamily, family_for
+from ..families import ModelFamily, family_for
 from .generation import Generation, Runtime
 from .inputs import MAX_IMAGE_PIXELS, MAX_IMAGES_PER_TURN, validate_request
 

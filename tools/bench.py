@@ -1,7 +1,7 @@
 """Benchmarks: print a table, write JSON. Never run as timed tests.
 
-    python -m autoglm_app.bench engine [--model DIR] [--quantize fp32|int4] [--tokens 64] [--repeats 3]
-    python -m autoglm_app.bench load [--clients 16] [--duration 120] [--bad 0.1] [--disconnect 0.1]
+    python -m tools.bench engine [--model DIR] [--quantize fp32|int4] [--tokens 64] [--repeats 3]
+    python -m tools.bench load [--clients 16] [--duration 120] [--bad 0.1] [--disconnect 0.1]
                                      [--max-requests N] [--seed 0] [--spawn | --url URL [--pid PID]]
 
 engine: in one run on one machine, on the same model and prompt, greedy decoding with
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import default_model
-from .engine.core import Engine
-from .engine.events import ChatRequest, Message, Options, Stats
-from .engine.family import AUTOGLM
+from autoglm_app.config import default_model
+from autoglm_app.engine.worker import Engine
+from autoglm_app.events import ChatRequest, Message, Options, Stats
+from autoglm_app.families import AUTOGLM
 
 log = logging.getLogger("autoglm.bench")
 
@@ -74,8 +74,8 @@ def time_generate(model, processor, tokens: int) -> float:
 
 
 def run_engine_bench(model_path: str, quantize: str | None, tokens: int, repeats: int) -> dict:
-    from .server import load_engine
-    from .config import Settings
+    from autoglm_app.server import load_engine
+    from autoglm_app.config import Settings
 
     engine = load_engine(Settings(model=model_path, quantize=quantize))
     model, processor = engine.loaded.model, engine.loaded.processor
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.what == "load":
-        from .loadtest import main as load_main
+        from tools.loadtest import main as load_main
 
         load_main(args)
         return

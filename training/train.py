@@ -1,7 +1,7 @@
 """Train AutoGLM-Phone-Tiny on freshly generated ShapesWorld samples.
 
-    python -m autoglm_app.demo.train                    # ~50 min on a 2-core CPU, resumable
-    python -m autoglm_app.demo.train --max-minutes 50   # fit the schedule into a time budget
+    python -m training.train                    # ~50 min on a 2-core CPU, resumable
+    python -m training.train --max-minutes 50   # fit the schedule into a time budget
 
 Every step draws new scenes, questions and (for a quarter of the samples) spoken
 questions from the training voices, so there is no fixed data set to overfit. The
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEMO_MODEL, ROOT
-from ..modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMProcessor, build_tokenizer
-from ..modeling.processing_autoglm import CHAT_TEMPLATES
-from .aux import AuxHeads, FocusSupervision, cell_labels, focus_spans, focus_targets, question_labels
+from autoglm_app.config import DEMO_MODEL, ROOT
+from autoglm_app.modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMProcessor, build_tokenizer
+from autoglm_app.modeling.processing_autoglm import CHAT_TEMPLATES
+from .losses import AuxHeads, FocusSupervision, cell_labels, focus_spans, focus_targets, question_labels
 from . import speech
 from .data import collate, corpus, encode, make_sample
 from .shapesworld import TASK_WEIGHTS, TASKS

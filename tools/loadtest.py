@@ -1,6 +1,6 @@
 """Load test: concurrent clients mixing UI and API traffic, bad requests and mid-stream disconnects.
 
-    python -m autoglm_app.bench load [--clients 16] [--duration 120] [--bad 0.1] [--disconnect 0.1]
+    python -m tools.bench load [--clients 16] [--duration 120] [--bad 0.1] [--disconnect 0.1]
                                      [--ui 0.25] [--max-requests N] [--seed 0] [--max-tokens 48]
                                      [--spawn | --url http://127.0.0.1:8000 [--pid PID] [--api-key KEY]]
                                      [--out bench-results/load.json]
@@ -122,7 +122,7 @@ class PoolItem:
 
 
 def make_pool(n: int, seed: int, image_dir: Path) -> list[PoolItem]:
-    from .demo.shapesworld import make_qa, random_scene, render
+    from training.shapesworld import make_qa, random_scene, render
 
     rng = random.Random(seed)
     pool = []
@@ -429,8 +429,8 @@ def wait_healthy(url: str, timeout: float, proc=None) -> None:
 
 
 def start_target(cfg: LoadConfig, workdir: Path) -> Target:
-    from .config import ROOT, Settings, default_model
-    from .server import free_port
+    from autoglm_app.config import ROOT, Settings, default_model
+    from autoglm_app.server import free_port
 
     if cfg.url:
         return Target(loopback_only(cfg.url), cfg.api_key, cfg.pid, False, cfg.context_limit)
@@ -462,7 +462,7 @@ def start_target(cfg: LoadConfig, workdir: Path) -> Target:
             raise
         return Target(url, key, proc.pid, False, cfg.context_limit, stop=stop, log_path=str(log_path),
                       model_id=Path(model).name)
-    from .server import create_app, load_engine, serve_in_thread
+    from autoglm_app.server import create_app, load_engine, serve_in_thread
 
     settings = Settings(model=model, api_key=key, served_model_names=[])
     engine = load_engine(settings)

@@ -1,6 +1,6 @@
 """Write the Gradio demo examples into ``assets/examples/``.
 
-Run ``python -m autoglm_app.demo.make_examples``.  Produces four ShapesWorld
+Run ``python -m training.make_examples``.  Produces four ShapesWorld
 scenes (224 px PNG, fixed seeds, with 1, 2 and 3 shapes), three spoken
 questions (16 kHz mono 16-bit WAV, held-out espeak-ng voice, each < 4 s) and
 ``examples.json``, a list of entries::

@@ -304,7 +304,7 @@ def load_model(
     import autoglm_app.modeling  # noqa: F401  (registers model_type "autoglm" with the Auto classes)
     from transformers import AutoConfig
 
-    from .family import family_for
+    from ..families import family_for
     from .planning import PlanError
 
     quantize = quantize or default_quantize()

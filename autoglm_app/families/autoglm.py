@@ -1,42 +1,19 @@
-"""Model-family descriptions: what the engine needs to know about an architecture.
+"""The AutoGLM-Phone family: the project's own architecture (``autoglm_app.modeling``).
 
-Where image tokens sit and on what grid, which modules route experts, which
-attention modules the focus probe plugs into, the think-tag format, and how
-thinking is switched on and off. Only the engine reads these.
+Its attention modules take a ``focus_probe`` directly, its routers return (logits, experts,
+weights, kept), and it carries recurrent memory slots across turns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-from PIL import Image
 
-from .events import Message
-
-
-@dataclass
-class Prepared:
-    """A prompt ready for the model, and where each image / recording sits in it."""
-
-    inputs: dict  # tensors for model.forward
-    image_spans: list
-    audio_spans: list
-    modality: "np.ndarray"  # (T,) 0 text, 1 image, 2 audio per prompt position
+from ..events import Message
+from .base import ModelFamily, Prepared
 
 
-@dataclass
-class ModelFamily:
-    name: str
-    think_open: str = "<think>"
-    think_close: str = "</think>"
-    answer_tags: tuple[str, str] = ("<answer>", "</answer>")
-    hears_audio: bool = True
-
+class AutoGLMFamily(ModelFamily):
     # ------------------------------------------------------------------ forward passes
-    def begin(self, model) -> None:
-        """Reset per-request model state before a prefill (nothing for AutoGLM)."""
-
     def forward_kwargs(self, memory_state) -> dict:
         """Extra keyword arguments for model.forward: AutoGLM carries its memory slots across turns."""
         return {"memory_state": memory_state}
@@ -81,24 +58,6 @@ class ModelFamily:
         ids = [tok.convert_tokens_to_ids(n) for n in names]
         return [i for i in ids if isinstance(i, int) and i != tok.unk_token_id and i is not None]
 
-    # ------------------------------------------------------------------ prompts
-    @staticmethod
-    def template_messages(messages: list[Message]) -> tuple[list[dict], list[Image.Image], list[np.ndarray]]:
-        """Engine messages (audio already 16 kHz mono) -> chat-template dicts + media in prompt order."""
-        out, images, audios = [], [], []
-        for m in messages:
-            parts = []
-            for img in m.images:
-                parts.append({"type": "image"})
-                images.append(img)
-            for aud in m.audios:
-                parts.append({"type": "audio"})
-                audios.append(aud.samples)
-            if m.text:
-                parts.append({"type": "text", "text": m.text})
-            out.append({"role": m.role, "content": parts})
-        return out, images, audios
-
     def count_tokens(self, processor, messages: list[Message], enable_thinking: bool) -> int:
         """Prompt length after placeholder expansion, without preprocessing any pixels."""
         dicts, images, audios = self.template_messages(messages)
@@ -121,18 +80,6 @@ class ModelFamily:
         return Prepared(enc, image_spans, audio_spans, modality)
 
 
-AUTOGLM = ModelFamily("autoglm")
 
 
-def family_for(model_or_config) -> ModelFamily:
-    """The family of a model or a config, chosen by its ``model_type``."""
-    from .families import HF_FAMILIES
-
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", "")
-    if model_type == "autoglm":
-        return AUTOGLM
-    if model_type in HF_FAMILIES:
-        return HF_FAMILIES[model_type]
-    supported = ", ".join(["autoglm", *HF_FAMILIES])
-    raise ValueError(f"no model family for model_type {model_type!r}; supported: {supported}")
+AUTOGLM = AutoGLMFamily("autoglm")

@@ -17,7 +17,7 @@ Two ways to get there:
 - **after the fact**: ``split_fused_experts(model)`` converts a model that already holds 16-bit fused
   experts, layer by layer (the fallback, and for models built in memory).
 
-``python -m autoglm_app.engine.fused_experts --measure`` saves a random-weight Qwen3-VL-MoE-style checkpoint
+``python -m autoglm_app.loading.fused_experts --measure`` saves a random-weight Qwen3-VL-MoE-style checkpoint
 and reports the peak host memory of both paths, each in a fresh subprocess (docs/PERFORMANCE.md).
 """
 
@@ -260,8 +260,8 @@ def load_int4(path: str, streamed: bool) -> nn.Module:
     """The loader's int4 path for a fused-expert checkpoint, with (new) or without (old) the streamed split."""
     from transformers import AutoModelForImageTextToText
 
-    from .families import HF_FAMILIES
-    from .loading import quantization_config
+    from ..families.hf import HF_FAMILIES
+    from .checkpoints import quantization_config
 
     qconfig = quantization_config("int4", False, keep_16bit=HF_FAMILIES["qwen3_vl_moe"].keep_16bit)
     kwargs = dict(dtype=torch.float16, quantization_config=qconfig, device_map={"": "cpu"}, use_safetensors=True)
@@ -324,7 +324,7 @@ def measure(layers: int = 8, experts: int = 16, hidden: int = 512, moe_intermedi
         fused16 = layers * experts * 3 * hidden * moe_intermediate * 2
         rows = []
         for streamed in (False, True):
-            code = ("import json,sys; from autoglm_app.engine.fused_experts import _measure_one; "
+            code = ("import json,sys; from autoglm_app.loading.fused_experts import _measure_one; "
                     f"print('RESULT', json.dumps(_measure_one({path!r}, {streamed})))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  env={**os.environ, "TQDM_DISABLE": "1"})

@@ -1,1 +1,0 @@
-"""ShapesWorld: deterministic synthetic image/speech/text data for the tiny demo model."""
