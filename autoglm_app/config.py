@@ -1,53 +1,66 @@
-"""Settings from the command line and the environment, and the seed's MultiModalConfig.
+"""Settings and Limits, declared once.
 
-Every flag has an ``AUTOGLM_*`` environment variable (flag wins). No torch here.
+Every field below is one setting: its default, its help text and its ``AUTOGLM_*`` environment
+variable are in its declaration, and the command line (``build_parser``), the environment and the
+README's flag table (``flag_table``) are generated from it, so no default is written twice. The
+flag wins over the environment, which wins over the default. ``Limits`` are what one request may
+carry and what the server holds; the same ``Limits`` object reaches every backend (the in-process
+engine, the remote engine, the speech-to-text model), the API and the page. No torch here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "assets" / "autoglm-phone-tiny"
 SMALL_MODEL = "small"  # a random-weight small AutoGLM built locally (no download)
+QUANTIZE_CHOICES = ("int4", "int8", "fp16", "bf16", "fp32")
+ENV_PREFIX = "AUTOGLM_"
 
 
 def default_model() -> str:
     return str(DEMO_MODEL) if (DEMO_MODEL / "config.json").exists() else SMALL_MODEL
 
 
-@dataclass
-class Settings:
-    model: str = field(default_factory=default_model)
-    quantize: str | None = None  # None = int4 with a GPU, fp32 without
-    gpus: list | None = None
-    gpu_memory: str | None = None
-    attn_implementation: str = "sdpa"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    share: bool = False
-    served_model_names: list[str] = field(default_factory=list)
-    api_key: str | None = None
-    allow_remote_images: bool = False
-    max_queue: int = 16
-    context_limit: int = 8192
-    max_audio_seconds: float = 30.0
-    # limits on what one request may carry (see README "Limits")
-    max_upload_mb: float = 16.0  # one image or recording (decoded bytes; also the page's upload limit)
-    max_body_mb: float = 25.0  # one API request body
-    max_image_pixels: int = 40_000_000  # width x height of one image, checked before decoding the pixels
-    max_images_per_turn: int = 8  # images in one user message
-    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call /v1; none by default
-    trust_remote_code: bool = False  # let transformers run a checkpoint's own Python code (off unless asked)
-    plan: bool = False
-    model_config: str | None = None
-    backend: str = "local"  # "local": the in-process engine; "openai": forward to --base-url
-    base_url: str | None = None  # an OpenAI-compatible server (vLLM, SGLang), e.g. http://gpu-host:8000/v1
-    remote_api_key: str | None = None  # the key that server wants
-    asr_model: str | None = None  # Whisper hub id or directory: speech -> text for models that do not hear
+def setting(default=MISSING, help: str = "", *, env: str | None = "", flag: bool = True, choices=None,
+            metavar: str | None = None, minimum: float | None = None, positive: bool = False,
+            repeat: bool = False, default_factory=MISSING, shown_default: str | None = None):
+    """A dataclass field that is also a command-line flag and an environment variable.
+
+    env: the variable's name after ``AUTOGLM_`` ("" = the flag's name in capitals, None = no variable);
+    flag: False for a limit with no flag (a documented constant); repeat: a list flag given once per
+    item (its variable holds them comma-separated); other lists take one comma-separated value.
+    """
+    meta = dict(help=help, env=env, flag=flag, choices=choices, metavar=metavar, minimum=minimum,
+                positive=positive, repeat=repeat, shown_default=shown_default)
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry, and how much the server holds at once."""
+
+    max_queue: int = setting(16, "requests allowed to wait before the server answers busy", minimum=1)
+    context_limit: int = setting(8192, "prompt + new tokens of one request, in tokens", minimum=1)
+    max_audio_seconds: float = setting(30.0, "longest recording accepted, in seconds", positive=True)
+    max_upload_mb: float = setting(16.0, "largest image or recording accepted, in MiB (decoded bytes; also the "
+                                         "page's upload limit)", positive=True)
+    max_body_mb: float = setting(25.0, "largest API request body accepted, in MiB", positive=True)
+    max_image_pixels: int = setting(40_000_000, "most pixels (width x height) in one image, checked before "
+                                                "decoding", minimum=1)
+    max_images_per_turn: int = setting(8, "most images in one user message", minimum=1)
+    max_stop_strings: int = setting(16, "stop strings in one request (1,000 characters each)", flag=False)
+    max_sessions: int = setting(1024, "sessions whose recurrent memory and turn order are remembered "
+                                      "(least recently used dropped)", flag=False)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -58,141 +71,168 @@ class Settings:
         return int(self.max_body_mb * 2**20)
 
 
-def _env(name: str, default=None):
-    return os.environ.get(f"AUTOGLM_{name}", default)
+@dataclass
+class Settings:
+    model: str = setting(help="local directory or hub id; 'small' builds a random small AutoGLM",
+                         default_factory=default_model, shown_default="`assets/autoglm-phone-tiny` (or `small` "
+                                                                       "where it is missing)")
+    quantize: str | None = setting(None, "weight format", choices=QUANTIZE_CHOICES,
+                                   shown_default="`int4` with a GPU, `fp32` on the CPU")
+    gpus: list | None = setting(None, "GPUs to shard across, e.g. 0,1 (or cuda:0,cpu)", metavar="0,1",
+                                shown_default="all on one device")
+    gpu_memory: str | None = setting(None, "per-GPU budget, e.g. 24GiB", metavar="24GiB",
+                                     shown_default="what each GPU has")
+    attn_implementation: str = setting("sdpa", "attention kernel (focus uses a one-row probe beside sdpa)",
+                                       env="ATTN", choices=("sdpa", "eager"))
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port for the page and the API", minimum=1)
+    share: bool = setting(False, "also open a public Gradio share link")
+    served_model_names: list[str] = setting(help="a name the API answers to (repeatable)", repeat=True,
+                                            default_factory=list, metavar="NAME",
+                                            shown_default="the model id and `autoglm-phone-9b`")
+    api_key: str | None = setting(None, "require this Bearer key on /v1", shown_default="none: any key accepted")
+    allow_remote_images: bool = setting(False, "let the API fetch http(s) image URLs")
+    cors_origins: list[str] = setting(help="browser origins allowed to call /v1 cross-origin, comma-separated",
+                                      default_factory=list, metavar="ORIGINS", shown_default="none")
+    trust_remote_code: bool = setting(False, "let transformers run Python code shipped with a hub checkpoint")
+    backend: str = setting("local", "local: load --model in this process; openai: forward to --base-url "
+                                    "(focus and routing need local)", choices=("local", "openai"))
+    base_url: str | None = setting(None, "OpenAI-compatible server for --backend openai (vLLM, SGLang)",
+                                   metavar="URL", shown_default="none")
+    remote_api_key: str | None = setting(None, "API key for --base-url", shown_default="none")
+    asr_model: str | None = setting(None, "Whisper hub id or directory: transcribes recordings for models "
+                                          "that do not hear", shown_default="none")
+    plan: bool = setting(False, "print the device plan for --model-config and exit", env=None)
+    model_config: str | None = setting(None, "config JSON for --plan (built on the meta device)", env=None,
+                                       metavar="PATH", shown_default="none")
+    limits: Limits = field(default_factory=Limits)
 
 
-def _bool(value) -> bool:
-    return str(value).lower() in ("1", "true", "yes", "on")
+# ----------------------------------------------------------------------------- parsing
+
+
+def _bool(value: str) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _csv(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def normalize_device_text(text: str) -> int | str:
+    """'0' / 'cuda' / 'cuda:1' -> 0 / 0 / 1; 'cpu', 'mps', 'xpu:0' kept (what accelerate's device maps take)."""
+    t = str(text).strip().lower()
+    if t.isdigit():
+        return int(t)
+    if t == "cuda":
+        return 0
+    if t.startswith("cuda:") and t[5:].isdigit():
+        return int(t[5:])
+    if t in ("cpu", "mps", "disk") or re.fullmatch(r"(xpu|npu|mps):\d+", t):
+        return t
+    raise ValueError(f"unknown device {text!r}: use a GPU index (0), 'cuda:0' or 'cpu'")
 
 
 def parse_gpus(value: str | None) -> list | None:
-    """'0,1' -> [0, 1]; 'cuda:0,cpu' -> ['cuda:0', 'cpu']; '' or None -> None."""
-    if not value:
-        return None
-    out: list = []
-    for part in value.split(","):
-        part = part.strip()
-        out.append(int(part) if part.isdigit() else part)
-    return out
+    """'0,1' -> [0, 1]; 'cuda:0, cpu' -> [0, 'cpu']; '' or None -> None. The one --gpus parser."""
+    items = _csv(value)
+    return [normalize_device_text(item) for item in items] or None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="app.py", description="AutoGLM Studio: UI at /, OpenAI-compatible API at /v1")
-    p.add_argument("--model", default=_env("MODEL", default_model()),
-                   help="local directory or hub id; 'small' builds a random small AutoGLM (default: the shipped demo)")
-    p.add_argument("--quantize", default=_env("QUANTIZE"), choices=["int4", "int8", "fp16", "bf16", "fp32"],
-                   help="weight format (default: int4 with a GPU, fp32 on the CPU)")
-    p.add_argument("--gpus", default=_env("GPUS"), help="GPU ids to shard across, e.g. 0,1")
-    p.add_argument("--gpu-memory", default=_env("GPU_MEMORY"), help="per-GPU budget, e.g. 24GiB")
-    p.add_argument("--attn-implementation", default=_env("ATTN", "sdpa"), choices=["sdpa", "eager"])
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
-    p.add_argument("--share", action="store_true", default=_bool(_env("SHARE", "0")),
-                   help="also open a public Gradio share link (off by default)")
-    p.add_argument("--served-model-name", action="append", dest="served_model_names",
-                   default=[n for n in (_env("SERVED_MODEL_NAME") or "").split(",") if n],
-                   help="a name the API answers to (repeatable)")
-    p.add_argument("--api-key", default=_env("API_KEY") or None, help="require this Bearer key on /v1")
-    p.add_argument("--allow-remote-images", action="store_true", default=_bool(_env("ALLOW_REMOTE_IMAGES", "0")),
-                   help="let the API fetch http(s) image URLs")
-    p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "16")))
-    p.add_argument("--context-limit", type=int, default=int(_env("CONTEXT_LIMIT", "8192")))
-    p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", "30")),
-                   help="longest recording accepted, in seconds")
-    p.add_argument("--max-upload-mb", type=float, default=float(_env("MAX_UPLOAD_MB", "16")),
-                   help="largest image or recording accepted, in MiB")
-    p.add_argument("--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", "25")),
-                   help="largest API request body accepted, in MiB")
-    p.add_argument("--max-image-pixels", type=int, default=int(_env("MAX_IMAGE_PIXELS", "40000000")),
-                   help="most pixels (width x height) in one image")
-    p.add_argument("--max-images-per-turn", type=int, default=int(_env("MAX_IMAGES_PER_TURN", "8")),
-                   help="most images in one user message")
-    p.add_argument("--cors-origins", default=_env("CORS_ORIGINS", ""),
-                   help="comma-separated browser origins allowed to call the API cross-origin (default: none)")
-    p.add_argument("--trust-remote-code", action="store_true", default=_bool(_env("TRUST_REMOTE_CODE", "0")),
-                   help="let transformers run Python code shipped with a hub checkpoint (off by default)")
-    p.add_argument("--backend", default=_env("BACKEND", "local"), choices=["local", "openai"],
-                   help="local: load --model in this process; openai: forward to the server at --base-url "
-                        "(focus and routing panels need local)")
-    p.add_argument("--base-url", default=_env("BASE_URL"), help="OpenAI-compatible server for --backend openai")
-    p.add_argument("--remote-api-key", default=_env("REMOTE_API_KEY"), help="API key for --base-url")
-    p.add_argument("--asr-model", default=_env("ASR_MODEL"),
-                   help="Whisper hub id or directory: transcribes recordings for models that do not hear audio")
-    p.add_argument("--plan", action="store_true", help="print the device plan for --model-config and exit")
-    p.add_argument("--model-config", default=None, help="config JSON for --plan (built on the meta device)")
+def _flag(f) -> str:
+    return "--" + f.name.replace("_", "-").removesuffix("s" if f.metadata["repeat"] else "")
+
+
+def _env_name(f) -> str | None:
+    env = f.metadata["env"]
+    return None if env is None else ENV_PREFIX + (env or f.name.upper()).removesuffix(
+        "S" if f.metadata["repeat"] and not env else "")
+
+
+def _base_type(f):
+    hint = typing.get_type_hints(Limits if f.name in _LIMIT_NAMES else Settings)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    return typing.get_origin(hint) or hint
+
+
+def _declared(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _flag_fields():
+    return [f for f in (*fields(Settings), *fields(Limits)) if f.name != "limits" and f.metadata["flag"]]
+
+
+_LIMIT_NAMES = {f.name for f in fields(Limits)}
+
+
+def _convert(f, text: str):
+    kind = _base_type(f)
+    if kind is list:
+        return parse_gpus(text) if f.name == "gpus" else _csv(text)
+    if kind is bool:
+        return _bool(text)
+    return kind(text)
+
+
+def build_parser(environ: dict | None = None) -> argparse.ArgumentParser:
+    environ = os.environ if environ is None else environ
+    p = argparse.ArgumentParser(prog="autoglm-studio",
+                                description="AutoGLM Studio: the page at /, an OpenAI-compatible API at /v1")
+    for f in _flag_fields():
+        m, kind = f.metadata, _base_type(f)
+        env = _env_name(f)
+        default = _declared(f)
+        if env and env in environ:
+            try:
+                default = _csv(environ[env]) if m["repeat"] else _convert(f, environ[env])
+            except ValueError as e:
+                p.error(f"{env}={environ[env]!r} is not a valid {_flag(f)}: {e}")
+        help_text = m["help"] + (f" [{env}]" if env else "")
+        kw = dict(dest=f.name, default=default, help=help_text)
+        if kind is bool:
+            p.add_argument(_flag(f), action="store_true", **kw)
+        elif m["repeat"]:
+            p.add_argument(_flag(f), action="append", metavar=m["metavar"], **kw)
+        else:
+            conv = (lambda f: lambda text: _convert(f, text))(f)
+            p.add_argument(_flag(f), type=conv, choices=m["choices"], metavar=m["metavar"], **kw)
     return p
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    parser = build_parser()
+def parse_settings(argv: list[str] | None = None, environ: dict | None = None) -> Settings:
+    parser = build_parser(environ)
     a = parser.parse_args(argv)
-    for name in ("max_queue", "context_limit", "max_image_pixels", "max_images_per_turn"):
-        if getattr(a, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_audio_seconds", "max_upload_mb", "max_body_mb"):
-        if not getattr(a, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    return Settings(
-        model=a.model,
-        quantize=a.quantize,
-        gpus=parse_gpus(a.gpus),
-        gpu_memory=a.gpu_memory,
-        attn_implementation=a.attn_implementation,
-        host=a.host,
-        port=a.port,
-        share=a.share,
-        served_model_names=a.served_model_names,
-        api_key=a.api_key,
-        allow_remote_images=a.allow_remote_images,
-        max_queue=a.max_queue,
-        context_limit=a.context_limit,
-        max_audio_seconds=a.max_audio_seconds,
-        max_upload_mb=a.max_upload_mb,
-        max_body_mb=a.max_body_mb,
-        max_image_pixels=a.max_image_pixels,
-        max_images_per_turn=a.max_images_per_turn,
-        cors_origins=[o.strip() for o in (a.cors_origins or "").split(",") if o.strip()],
-        trust_remote_code=a.trust_remote_code,
-        plan=a.plan,
-        model_config=a.model_config,
-        backend=a.backend,
-        base_url=a.base_url,
-        remote_api_key=a.remote_api_key,
-        asr_model=a.asr_model,
-    )
+    for f in _flag_fields():
+        value = getattr(a, f.name)
+        if f.metadata["minimum"] is not None and value < f.metadata["minimum"]:
+            parser.error(f"{_flag(f)} must be at least {f.metadata['minimum']}")
+        if f.metadata["positive"] and not value > 0:
+            parser.error(f"{_flag(f)} must be positive")
+    if a.served_model_names and any(not n for n in a.served_model_names):
+        parser.error("--served-model-name must not be empty")
+    limits = Limits(**{f.name: getattr(a, f.name) for f in _flag_fields() if f.name in _LIMIT_NAMES})
+    return Settings(**{f.name: getattr(a, f.name) for f in _flag_fields() if f.name not in _LIMIT_NAMES},
+                    limits=limits)
 
 
-# ----------------------------------------------------------------------------- the seed's public API
+def flag_table() -> str:
+    """The README's table of flags, variables and defaults, from the declaration above."""
+    rows = ["| flag | env | default | what |", "|---|---|---|---|"]
+    for f in _flag_fields():
+        m = f.metadata
+        name = _flag(f) + (" " + "\\|".join(m["choices"]) if m["choices"] else "")
+        env = _env_name(f)
+        shown = m["shown_default"]
+        if shown is None:
+            value = _declared(f)
+            shown = ("off" if value is False else f"`{value:,}`" if isinstance(value, int) and value >= 10**5
+                     else f"`{value:g}`" if isinstance(value, float) else f"`{value}`")
+        rows.append(f"| `{name}` | {f'`{env}`' if env else ''} | {shown} | {m['help']} |")
+    return "\n".join(rows)
 
-ENCODER_ALIASES = {"qwenaudio-lite": dict(num_mel_bins=80, audio_hidden_size=256, audio_layers=4, audio_heads=4),
-                   "qwenaudio": dict(num_mel_bins=128, audio_hidden_size=1024, audio_layers=12, audio_heads=16)}
-DECODER_ALIASES = {
-    "glm-tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     moe_intermediate_size=128, num_experts=4),
-    "glm-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                      moe_intermediate_size=512, num_experts=8),
-    "glm-4-9b": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
-                     moe_intermediate_size=1712, num_experts=8, vocab_size=151552, partial_rotary_factor=0.5),
-}
 
-
-@dataclass
-class MultiModalConfig:
-    """The seed API: ``MultiModalConfig(vision_encoder='vit-tiny', audio_encoder='qwenaudio-lite',
-    text_decoder='glm-tiny', quantize='int4')``. Names map to AutoGLMConfig fields; ``overrides``
-    sets any AutoGLMConfig field directly."""
-
-    vision_encoder: str = "vit-tiny"
-    audio_encoder: str = "qwenaudio-lite"
-    text_decoder: str = "glm-tiny"
-    quantize: str | None = None
-    overrides: dict = field(default_factory=dict)
-
-    def to_autoglm_kwargs(self) -> dict:
-        if self.audio_encoder not in ENCODER_ALIASES:
-            raise ValueError(f"unknown audio_encoder {self.audio_encoder!r}; choose from {sorted(ENCODER_ALIASES)}")
-        if self.text_decoder not in DECODER_ALIASES:
-            raise ValueError(f"unknown text_decoder {self.text_decoder!r}; choose from {sorted(DECODER_ALIASES)}")
-        return {"vision_model": self.vision_encoder, **ENCODER_ALIASES[self.audio_encoder],
-                **DECODER_ALIASES[self.text_decoder], **self.overrides}
+if __name__ == "__main__":
+    print(flag_table())

@@ -14,12 +14,43 @@ plan) and checks that the checkpoint is the architecture the config names;
 from __future__ import annotations
 
 import logging
-
-from .config import MultiModalConfig
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AutoGLMModel", "MultiModalConfig"]
+
+ENCODER_ALIASES = {"qwenaudio-lite": dict(num_mel_bins=80, audio_hidden_size=256, audio_layers=4, audio_heads=4),
+                   "qwenaudio": dict(num_mel_bins=128, audio_hidden_size=1024, audio_layers=12, audio_heads=16)}
+DECODER_ALIASES = {
+    "glm-tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     moe_intermediate_size=128, num_experts=4),
+    "glm-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                      moe_intermediate_size=512, num_experts=8),
+    "glm-4-9b": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
+                     moe_intermediate_size=1712, num_experts=8, vocab_size=151552, partial_rotary_factor=0.5),
+}
+
+
+@dataclass
+class MultiModalConfig:
+    """The seed API: ``MultiModalConfig(vision_encoder='vit-tiny', audio_encoder='qwenaudio-lite',
+    text_decoder='glm-tiny', quantize='int4')``. Names map to AutoGLMConfig fields; ``overrides``
+    sets any AutoGLMConfig field directly."""
+
+    vision_encoder: str = "vit-tiny"
+    audio_encoder: str = "qwenaudio-lite"
+    text_decoder: str = "glm-tiny"
+    quantize: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def to_autoglm_kwargs(self) -> dict:
+        if self.audio_encoder not in ENCODER_ALIASES:
+            raise ValueError(f"unknown audio_encoder {self.audio_encoder!r}; choose from {sorted(ENCODER_ALIASES)}")
+        if self.text_decoder not in DECODER_ALIASES:
+            raise ValueError(f"unknown text_decoder {self.text_decoder!r}; choose from {sorted(DECODER_ALIASES)}")
+        return {"vision_model": self.vision_encoder, **ENCODER_ALIASES[self.audio_encoder],
+                **DECODER_ALIASES[self.text_decoder], **self.overrides}
 
 
 class AutoGLMModel:

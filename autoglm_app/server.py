@@ -25,21 +25,19 @@ def load_engine(settings: Settings):
     from .engine.worker import Engine
     from .loading.checkpoints import LoadedModel, load_model
 
+    limits = settings.limits
     asr = None
     if settings.asr_model:
         from .engine.asr import Transcriber
 
-        asr = Transcriber(settings.asr_model)
+        asr = Transcriber(settings.asr_model, max_seconds=limits.max_audio_seconds)
     if settings.backend == "openai":
         from .engine.remote import RemoteEngine
 
         if not settings.base_url:
             raise SystemExit("--backend openai needs --base-url (e.g. http://gpu-host:8000/v1)")
         model = settings.model if settings.model not in (SMALL_MODEL, default_model()) else None
-        return RemoteEngine(settings.base_url, model=model, api_key=settings.remote_api_key,
-                            max_queue=settings.max_queue, context_limit=settings.context_limit,
-                            max_audio_seconds=settings.max_audio_seconds, max_images=settings.max_images_per_turn,
-                            asr=asr)
+        return RemoteEngine(settings.base_url, model=model, api_key=settings.remote_api_key, limits=limits, asr=asr)
     if settings.backend != "local":
         raise SystemExit(f"unknown --backend {settings.backend!r}: use local or openai")
     if settings.model == SMALL_MODEL:
@@ -57,12 +55,7 @@ def load_engine(settings: Settings):
             log.warning("--trust-remote-code is not supported by this loader: ignored")
         loaded = load_model(settings.model, quantize=settings.quantize, gpus=settings.gpus,
                             gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation, **extra)
-    engine = Engine(loaded, max_queue=settings.max_queue, context_limit=settings.context_limit,
-                    max_audio_seconds=settings.max_audio_seconds, max_images=settings.max_images_per_turn,
-                    max_image_pixels=settings.max_image_pixels)
-    if asr is not None:
-        engine.transcribe = asr.transcribe  # for the UI: recording -> editable transcript
-    return engine
+    return Engine(loaded, limits, transcribe=asr.transcribe if asr is not None else None)
 
 
 def is_loopback(host: str) -> bool:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -25,13 +23,15 @@ def small():
     return build_small(seed=0)
 
 
-def make_engine(model, processor, **kwargs):
+def make_engine(model, processor, **limits):
+    """An Engine on (model, processor); keyword arguments are Limits fields (max_queue=1, context_limit=160)."""
+    from autoglm_app.config import Limits
     from autoglm_app.engine.worker import Engine
     from autoglm_app.loading.checkpoints import LoadedModel
 
     loaded = LoadedModel(model=model, processor=processor, model_id="autoglm-small-random", quantize="fp32",
                          device_map=None, plan=None)
-    return Engine(loaded, **kwargs)
+    return Engine(loaded, Limits(**limits))
 
 
 @pytest.fixture(scope="session")

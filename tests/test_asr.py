@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tiny_families as tiny
-from autoglm_app.events import Audio, ChatRequest, Message, Options
+from autoglm_app.events import Audio, BadRequest, ChatRequest, Message, Options
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,39 @@ def test_load_engine_exposes_transcribe_with_asr_model(transcriber, tmp_path, mo
     from autoglm_app import server
     from autoglm_app.config import Settings
 
-    monkeypatch.setattr("autoglm_app.engine.asr.Transcriber", lambda name: transcriber)
+    seen = {}
+
+    def build(name, max_seconds):
+        seen["max_seconds"] = max_seconds
+        return transcriber
+
+    monkeypatch.setattr("autoglm_app.engine.asr.Transcriber", build)
     engine = server.load_engine(Settings(model="small", asr_model="whisper-dir"))
     try:
         transcriber.script["step"] = 0
         assert engine.transcribe(_recording()) == "hello world"
     finally:
         engine.close()
+    assert seen["max_seconds"] == 30.0
+
+
+def test_a_recording_under_a_raised_audio_limit_is_transcribed_whole(transcriber, monkeypatch):
+    """--max-audio-seconds 60 --asr-model ...: a 45 s recording passes validation and is transcribed (two
+    Whisper windows), instead of failing on a cap of the transcriber's own."""
+    from autoglm_app import server
+    from autoglm_app.config import parse_settings
+
+    monkeypatch.setattr("autoglm_app.engine.asr.Transcriber",
+                        lambda name, max_seconds: setattr(transcriber, "max_seconds", max_seconds) or transcriber)
+    settings = parse_settings(["--model", "small", "--asr-model", "whisper-dir", "--max-audio-seconds", "60"])
+    engine = server.load_engine(settings)
+    try:
+        assert transcriber.max_seconds == 60.0
+        tone = (np.sin(np.arange(45 * 16000) / 16000 * 440 * 2 * np.pi) * 0.3).astype(np.float32)
+        transcriber.script["step"] = 0
+        assert engine.transcribe(Audio(tone, 16000)) == "hello world hello world"  # one text per 30 s window
+        with pytest.raises(BadRequest, match="limit is 60 s"):
+            engine.transcribe(Audio(np.zeros(61 * 16000, np.float32), 16000))
+    finally:
+        engine.close()
+        transcriber.max_seconds = 30.0

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import tiny_families as tiny
+from autoglm_app.config import Limits
 from autoglm_app.engine.worker import Engine
 from autoglm_app.events import Answer, Audio, BadRequest, ChatRequest, Focus, Message, Options, Reasoning, Routing, Stats
 from autoglm_app.families import family_for
@@ -43,7 +44,7 @@ def served(request, tmp_path_factory):
     build, size, routed = CASES[name]
     path = build(tmp_path_factory.mktemp(name))
     loaded = load_model(path, quantize="int4")
-    engine = Engine(loaded, context_limit=512)
+    engine = Engine(loaded, Limits(context_limit=512))
     yield name, loaded, engine, size, routed
     engine.close()
 
@@ -197,7 +198,7 @@ def test_a_thinker_only_omni_checkpoint_loads_too(tmp_path):
     loaded = load_model(path, quantize="int4")
     assert family_for(loaded.model).name == "qwen2_5_omni"
     assert type(loaded.model).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration"
-    engine = Engine(loaded, context_limit=512)
+    engine = Engine(loaded, Limits(context_limit=512))
     try:
         events = _ask(engine, None, audio=RECORDING)
     finally:

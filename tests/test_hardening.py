@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from autoglm_app.api import media, routes
-from autoglm_app.config import Settings, parse_settings
+from autoglm_app.config import Limits, Settings, parse_settings
 from autoglm_app.engine import worker as core
 from autoglm_app.events import (
     Answer,
@@ -559,30 +559,32 @@ def test_a_prompt_over_the_context_limit_in_the_page_is_a_readable_warning(studi
 
 def test_limits_are_settings_with_flags_and_env_vars(monkeypatch):
     s = parse_settings([])
-    assert (s.max_upload_mb, s.max_body_mb, s.max_image_pixels, s.max_audio_seconds, s.max_images_per_turn,
-            s.max_queue) == (16.0, 25.0, 40_000_000, 30.0, 8, 16)
+    lim = s.limits
+    assert (lim.max_upload_mb, lim.max_body_mb, lim.max_image_pixels, lim.max_audio_seconds, lim.max_images_per_turn,
+            lim.max_queue) == (16.0, 25.0, 40_000_000, 30.0, 8, 16)
     assert s.cors_origins == [] and s.trust_remote_code is False and s.api_key is None
     s = parse_settings(["--max-upload-mb", "2", "--max-body-mb", "3", "--max-image-pixels", "1000",
                         "--max-audio-seconds", "5", "--max-images-per-turn", "2", "--max-queue", "3"])
-    assert (s.max_upload_bytes, s.max_body_bytes, s.max_image_pixels, s.max_audio_seconds,
-            s.max_images_per_turn, s.max_queue) == (2 * 2**20, 3 * 2**20, 1000, 5.0, 2, 3)
+    lim = s.limits
+    assert (lim.max_upload_bytes, lim.max_body_bytes, lim.max_image_pixels, lim.max_audio_seconds,
+            lim.max_images_per_turn, lim.max_queue) == (2 * 2**20, 3 * 2**20, 1000, 5.0, 2, 3)
     for name, value in (("MAX_UPLOAD_MB", "4"), ("MAX_BODY_MB", "5"), ("MAX_IMAGE_PIXELS", "77"),
                         ("MAX_AUDIO_SECONDS", "9"), ("MAX_IMAGES_PER_TURN", "3"), ("MAX_QUEUE", "2"),
                         ("CORS_ORIGINS", "http://a.example, http://b.example"), ("TRUST_REMOTE_CODE", "1")):
         monkeypatch.setenv(f"AUTOGLM_{name}", value)
     s = parse_settings([])
-    assert (s.max_upload_mb, s.max_body_mb, s.max_image_pixels, s.max_audio_seconds, s.max_images_per_turn,
-            s.max_queue) == (4.0, 5.0, 77, 9.0, 3, 2)
+    lim = s.limits
+    assert (lim.max_upload_mb, lim.max_body_mb, lim.max_image_pixels, lim.max_audio_seconds, lim.max_images_per_turn,
+            lim.max_queue) == (4.0, 5.0, 77, 9.0, 3, 2)
     assert s.cors_origins == ["http://a.example", "http://b.example"] and s.trust_remote_code is True
     with pytest.raises(SystemExit):
         parse_settings(["--max-images-per-turn", "0"])
 
 
 def test_limit_settings_reach_the_api_the_engine_and_the_page(small, tmp_path):
-    settings = Settings(model="small", max_image_pixels=1000, max_images_per_turn=2, max_audio_seconds=1.0,
-                        max_upload_mb=0.25)
-    eng = make_engine(*small, max_images=settings.max_images_per_turn, max_image_pixels=settings.max_image_pixels,
-                      max_audio_seconds=settings.max_audio_seconds)
+    limits = Limits(max_image_pixels=1000, max_images_per_turn=2, max_audio_seconds=1.0, max_upload_mb=0.25)
+    settings = Settings(model="small", limits=limits)
+    eng = make_engine(*small, max_image_pixels=1000, max_images_per_turn=2, max_audio_seconds=1.0)
     running = serve_in_thread(create_app(eng, settings, ui=False))
     try:
         small_png = data_url(png_bytes(20, 20))  # 400 pixels

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from autoglm_app.config import MultiModalConfig
+from autoglm_app.seed import MultiModalConfig
 from autoglm_app.modeling import AutoGLMConfig, AutoGLMForConditionalGeneration, AutoGLMRouter
 from autoglm_app.modeling.modeling_autoglm import AutoGLMMoE
 from autoglm_app.modeling.small import build_small

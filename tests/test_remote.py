@@ -126,3 +126,38 @@ def test_app_api_forwards_through_the_remote_engine(remote):
         running.stop()
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.usage.completion_tokens > 0
+
+
+def test_remote_engine_gets_every_limit_of_the_settings(upstream):
+    """--max-image-pixels reaches a remote backend: an image the API accepts above the 40 MP default is
+    not refused later by the RemoteEngine (it once kept its own default)."""
+    from autoglm_app.config import parse_settings
+    from autoglm_app.server import load_engine
+
+    big = Image.new("L", (10_000, 5_000))  # 50 MP, over the default
+    request = ChatRequest([Message("user", "what is this?", images=[big])], Options(max_new_tokens=2))
+    default = load_engine(parse_settings(["--backend", "openai", "--base-url", upstream, "--model", "upstream"]))
+    raised = load_engine(parse_settings(["--backend", "openai", "--base-url", upstream, "--model", "upstream",
+                                         "--max-image-pixels", "60000000", "--max-images-per-turn", "1",
+                                         "--context-limit", "4096", "--max-queue", "3"]))
+    try:
+        with pytest.raises(BadRequest, match="limit is 40,000,000"):
+            default.submit(request)
+        assert raised.limits.max_image_pixels == 60_000_000
+        assert (raised.limits.max_images_per_turn, raised.limits.max_queue) == (1, 3)
+        assert raised.info()["context_limit"] == 4096
+        sent = {}
+
+        def create(**kw):
+            sent.update(kw)
+            raise RuntimeError("stop here: the request was accepted and sent")
+
+        raised.client.chat.completions.create = create
+        events = raised.run(request)
+        assert sent["messages"][0]["content"][0]["type"] == "image_url"  # validated and forwarded
+        assert isinstance(events[-1], Error)
+        with pytest.raises(BadRequest, match="limit is 1"):
+            raised.submit(ChatRequest([Message("user", "two", images=[Image.new("RGB", (8, 8))] * 2)]))
+    finally:
+        default.close()
+        raised.close()

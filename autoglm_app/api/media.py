@@ -22,14 +22,15 @@ import soundfile as sf
 from PIL import Image
 
 from ..events import Audio, BadRequest
+from ..config import Limits
 from ..engine.inputs import ImageTooLarge
 from ..engine.inputs import open_image as read_image_bytes
 
 log = logging.getLogger(__name__)
 
-MAX_MEDIA_BYTES = 16 * 2**20  # default for one decoded image or recording (--max-upload-mb)
-MAX_IMAGE_PIXELS = 40_000_000  # default (--max-image-pixels); the engine checks it too (engine/inputs.py)
-MAX_AUDIO_SECONDS = 30.0  # default (--max-audio-seconds)
+MAX_MEDIA_BYTES = Limits().max_upload_bytes
+MAX_IMAGE_PIXELS = Limits.max_image_pixels
+MAX_AUDIO_SECONDS = Limits.max_audio_seconds
 REMOTE_TIMEOUT_S = 10.0
 
 
@@ -57,7 +58,7 @@ class MediaLimits:
 
     @classmethod
     def from_settings(cls, settings) -> MediaLimits:
-        return cls(settings.max_upload_bytes, settings.max_image_pixels, settings.max_audio_seconds)
+        return cls(settings.limits.max_upload_bytes, settings.limits.max_image_pixels, settings.limits.max_audio_seconds)
 
 
 def _mib(n: int) -> str:

@@ -35,7 +35,8 @@ from ..events import (
     Routing,
     Stats,
 )
-from ..engine.inputs import MAX_IMAGES_PER_TURN, clean_text
+from ..config import Limits
+from ..engine.inputs import clean_text
 from .media import MediaError, MediaLimits, load_image_url, load_input_audio
 
 # ----------------------------------------------------------------------------- errors
@@ -181,7 +182,7 @@ class ChatCompletionRequest(_Lenient):
 
 
 def to_message(index: int, m: ChatMessage, allow_remote_images: bool, limits: MediaLimits | None = None,
-               max_images: int = MAX_IMAGES_PER_TURN) -> Message:
+               max_images: int = Limits.max_images_per_turn) -> Message:
     """One wire message -> the engine's Message, decoding its images and recordings."""
     role = "system" if m.role == "developer" else m.role
     if m.content is None or isinstance(m.content, str):
@@ -213,7 +214,7 @@ def to_message(index: int, m: ChatMessage, allow_remote_images: bool, limits: Me
 
 
 def to_chat_request(req: ChatCompletionRequest, allow_remote_images: bool, limits: MediaLimits | None = None,
-                    max_images: int = MAX_IMAGES_PER_TURN) -> ChatRequest:
+                    max_images: int = Limits.max_images_per_turn) -> ChatRequest:
     """The engine request for a wire request; raises APIError for what the client must fix."""
     if not req.messages:
         raise bad_request("messages is empty: send at least one user message", param="messages")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import Settings
+from ..config import Limits, Settings
 from ..events import BadRequest, EngineBusy, Error, Event, Notice, Queued
 from .media import MediaLimits
 from .protocol import (
@@ -44,7 +44,7 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 25 * 2**20  # default; the server passes --max-body-mb
+MAX_BODY_BYTES = Limits().max_body_bytes
 DEFAULT_MODEL_NAME = "autoglm-phone-9b"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -252,11 +252,11 @@ class OpenAIRoutes:
         return self.card(self.resolve_model(model_name)).model_dump()
 
     async def chat_completions(self, request: Request) -> Response:
-        req = parse_request(await read_json(request, self.settings.max_body_bytes))
+        req = parse_request(await read_json(request, self.settings.limits.max_body_bytes))
         model = self.resolve_model(req.model)
         self.check_ready()
         chat = await run_in_threadpool(to_chat_request, req, self.settings.allow_remote_images, self.limits,
-                                       self.settings.max_images_per_turn)
+                                       self.settings.limits.max_images_per_turn)
         handle = await self.submit(chat)
         # never the messages themselves: no text, image or audio bytes in the logs
         log.info("request %s: model=%s stream=%s messages=%d images=%d recordings=%d session=%s", handle.id, model,

@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import torch
 
+from ..config import Limits
 from ..events import Audio
 from .inputs import to_mono_16k
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Transcriber:
-    def __init__(self, name_or_path: str, device: str | None = None, max_seconds: float = 30.0,
+    def __init__(self, name_or_path: str, device: str | None = None, max_seconds: float = Limits.max_audio_seconds,
                  max_new_tokens: int = 200, language: str | None = None):
         from transformers import AutoProcessor, WhisperForConditionalGeneration
 
@@ -46,9 +47,14 @@ class Transcriber:
         if not isinstance(audio, Audio):
             audio = Audio(np.asarray(audio), 16000)
         samples = to_mono_16k(audio, self.max_seconds)
-        features = self.processor.feature_extractor(samples, sampling_rate=16000, return_tensors="pt")
+        # Whisper hears one window (30 s) at a time: a longer recording (--max-audio-seconds 60) is cut
+        # into windows, transcribed as one batch, and the texts joined
+        window = int(self.processor.feature_extractor.n_samples)
+        chunks = [samples[i : i + window] for i in range(0, len(samples), window)] or [samples]
+        features = self.processor.feature_extractor(chunks, sampling_rate=16000, return_tensors="pt")
         inputs = features["input_features"].to(self.device, self.model.dtype)
         kwargs = {"language": self.language, "task": "transcribe"} if self.language else {}
         with self._lock:
             ids = self.model.generate(inputs, max_new_tokens=self.max_new_tokens, **kwargs)
-        return self.processor.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+        texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return " ".join(t.strip() for t in texts if t.strip())

@@ -3,8 +3,7 @@
 Shared by every way in (the API, the page, a remote backend): ``open_image`` reads image bytes
 checking the pixel count before decoding any pixel (decompression bombs) and keeps the first frame
 of an animation; ``clean_text`` drops control characters; ``validate_request`` checks options,
-limits and media. The limits are arguments (the server passes its settings); the constants here
-are only the defaults.
+limits and media against the server's ``Limits`` (``autoglm_app.config``).
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
 
+from ..config import Limits
 from ..events import Audio, BadRequest, ChatRequest, Message
 
 TARGET_RATE = 16000
-MAX_IMAGE_PIXELS = 40_000_000  # default; the server passes --max-image-pixels
-MAX_IMAGES_PER_TURN = 8  # default; the server passes --max-images-per-turn
-MAX_STOP_STRINGS = 16
 MIN_TEMPERATURE = 1e-3  # below this (and above 0) sampling is numerically greedy: treated as 0
 
 # C0 and C1 control characters except tab, newline and carriage return; lone UTF-16 surrogates
@@ -43,7 +40,7 @@ def clean_text(text: str | None) -> str:
     return _CONTROL.sub("", text or "")
 
 
-def open_image(source: bytes | IO[bytes] | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(source: bytes | IO[bytes] | str, max_pixels: int = Limits.max_image_pixels) -> Image.Image:
     """Image bytes, a file object or a path -> a loaded single-frame PIL image.
 
     The header's size is checked against ``max_pixels`` before any pixel is decoded; an animated
@@ -113,7 +110,7 @@ def to_mono_16k(audio: Audio, max_seconds: float) -> np.ndarray:
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
-def check_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def check_image(image, max_pixels: int) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise BadRequest("an image could not be read: send PNG, JPEG, WebP, GIF or BMP data")
     if image.width < 1 or image.height < 1:
@@ -130,8 +127,9 @@ def _number(value, name: str) -> float:
     return float(value)
 
 
-def check_options(o, context_limit: int):
+def check_options(o, limits: Limits):
     """Sampling options in range (a BadRequest naming the field otherwise); returns them normalised."""
+    context_limit = limits.context_limit
     if isinstance(o.max_new_tokens, bool) or not isinstance(o.max_new_tokens, int) \
             or not 1 <= o.max_new_tokens <= context_limit:
         raise BadRequest(f"max_new_tokens (max_tokens) must be an integer between 1 and {context_limit}, "
@@ -149,35 +147,33 @@ def check_options(o, context_limit: int):
                                or not -2**63 <= o.seed < 2**64):
         raise BadRequest(f"seed must be an integer between -2**63 and 2**64 - 1, got {o.seed!r}")
     stop = [clean_text(s) for s in o.stop or []]
-    if len(stop) > MAX_STOP_STRINGS or any(len(s) > 1000 for s in stop):
-        raise BadRequest(f"stop takes at most {MAX_STOP_STRINGS} strings of at most 1000 characters")
+    if len(stop) > limits.max_stop_strings or any(len(s) > 1000 for s in stop):
+        raise BadRequest(f"stop takes at most {limits.max_stop_strings} strings of at most 1000 characters")
     if 0 < temperature < MIN_TEMPERATURE:
         temperature = 0.0  # numerically greedy anyway; dividing the logits by it would overflow
     return replace(o, temperature=temperature, stop=stop)
 
 
-def validate_request(request: ChatRequest, context_limit: int, max_audio_seconds: float,
-                     max_images: int = MAX_IMAGES_PER_TURN, hears_audio: bool = True,
-                     transcribe: Callable[[Audio], str] | None = None,
-                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> ChatRequest:
+def validate_request(request: ChatRequest, limits: Limits, hears_audio: bool = True,
+                     transcribe: Callable[[Audio], str] | None = None) -> ChatRequest:
     """Check a request and convert its media (16 kHz mono audio; a transcript for a model that does
     not hear). Everything a client can get wrong is a BadRequest that says what to change.
 
-    ``max_images`` is per turn (one user message); text loses its control characters."""
+    ``limits.max_images_per_turn`` counts one user message; text loses its control characters."""
     if not request.messages:
         raise BadRequest("messages is empty: send at least one user message")
     if request.messages[-1].role != "user":
         raise BadRequest("the last message must be from the user")
-    options = check_options(request.options, context_limit)
+    options = check_options(request.options, limits)
     messages = []
     for i, m in enumerate(request.messages):
         if m.role not in ("system", "user", "assistant"):
             raise BadRequest(f"unknown role {m.role!r}: use system, user or assistant")
-        if len(m.images) > max_images:
-            raise BadRequest(f"{len(m.images)} images in one turn (message {i}); the limit is {max_images}: "
-                             "send fewer images per message")
-        images = [check_image(img, max_image_pixels) for img in m.images]
-        audios = [Audio(to_mono_16k(a, max_audio_seconds), TARGET_RATE) for a in m.audios]
+        if len(m.images) > limits.max_images_per_turn:
+            raise BadRequest(f"{len(m.images)} images in one turn (message {i}); the limit is "
+                             f"{limits.max_images_per_turn}: send fewer images per message")
+        images = [check_image(img, limits.max_image_pixels) for img in m.images]
+        audios = [Audio(to_mono_16k(a, limits.max_audio_seconds), TARGET_RATE) for a in m.audios]
         text = clean_text(m.text)
         if audios and not hears_audio:
             if transcribe is None:

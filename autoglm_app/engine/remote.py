@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..config import Limits
 from .worker import RequestHandle
 from ..events import (
     Answer,
@@ -83,18 +84,15 @@ def to_openai_messages(messages: list[Message]) -> list[dict]:
 
 
 class RemoteEngine:
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, max_queue: int = 16,
-                 context_limit: int = 8192, max_audio_seconds: float = 30.0, max_images: int = 8,
-                 max_concurrency: int = 8, timeout: float = 600.0, asr=None):
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
+                 limits: Limits | None = None, max_concurrency: int = 8, timeout: float = 600.0, asr=None):
         from openai import OpenAI
 
         self.base_url = base_url.rstrip("/")
         self.client = OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
         self._model = model
-        self.max_queue = max_queue
-        self.max_audio_seconds = max_audio_seconds
-        self.max_images = max_images
-        self.rt = SimpleNamespace(context_limit=context_limit)
+        self.limits = limits or Limits()
+        self.rt = SimpleNamespace(context_limit=self.limits.context_limit)
         self.asr = asr  # a Transcriber: recordings become text before they are sent
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._max_concurrency = max_concurrency
@@ -145,7 +143,7 @@ class RemoteEngine:
         with self._lock:
             if self._closed:
                 raise EngineBusy("the engine is shutting down", retry_after=5.0)
-            if self._waiting >= self.max_queue:
+            if self._waiting >= self.limits.max_queue:
                 raise EngineBusy(f"the server is busy ({self._waiting} requests waiting): retry in a few seconds",
                                  retry_after=max(1.0, 0.5 * self._waiting))
             self._waiting += 1
@@ -171,8 +169,7 @@ class RemoteEngine:
     # ------------------------------------------------------------------ validation (as Engine does)
     def _validate(self, request: ChatRequest) -> ChatRequest:
         # the remote model gets a transcript when an ASR model is configured, the recording otherwise
-        return validate_request(request, self.rt.context_limit, self.max_audio_seconds, self.max_images,
-                                hears_audio=self.asr is None,
+        return validate_request(request, self.limits, hears_audio=self.asr is None,
                                 transcribe=self.asr.transcribe if self.asr is not None else None)
 
     # ------------------------------------------------------------------ one request

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import Limits
 from ..events import (
     BadRequest,
     ChatRequest,
@@ -39,12 +40,11 @@ from ..events import (
 )
 from ..families import ModelFamily, family_for
 from .generation import Generation, Runtime
-from .inputs import MAX_IMAGE_PIXELS, MAX_IMAGES_PER_TURN, validate_request
+from .inputs import validate_request
 
 log = logging.getLogger(__name__)
 
 TERMINAL = (Done, Error)
-MAX_SESSIONS = 1024  # sessions whose memory state / round-robin turn are remembered (least recent dropped)
 OOM_MESSAGE = ("the GPU ran out of memory on this request: send a shorter prompt, fewer or smaller images, "
                "or a lower max_new_tokens (max_tokens); the server is still running")
 
@@ -112,18 +112,11 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, loaded, max_queue: int = 16, context_limit: int = 8192,
-                 max_audio_seconds: float = 30.0, max_images: int = MAX_IMAGES_PER_TURN,
-                 family: ModelFamily | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                 max_sessions: int = MAX_SESSIONS):
+    def __init__(self, loaded, limits: Limits | None = None, family: ModelFamily | None = None, transcribe=None):
         self.loaded = loaded
+        self.limits = limits or Limits()
         self.family = family or family_for(loaded.model)
-        self.rt = Runtime(loaded.model, loaded.processor, self.family, context_limit)
-        self.max_queue = max_queue
-        self.max_audio_seconds = max_audio_seconds
-        self.max_images = max_images  # per turn (one user message)
-        self.max_image_pixels = max_image_pixels
-        self.max_sessions = max_sessions
+        self.rt = Runtime(loaded.model, loaded.processor, self.family, self.limits.context_limit)
         self._waiting: list[RequestHandle] = []
         self._last_served: OrderedDict[str, int] = OrderedDict()
         self._serve_tick = 0  # how many requests the worker has started
@@ -132,7 +125,7 @@ class Engine:
         self._memory: OrderedDict[str, list] = OrderedDict()
         self._lock = threading.Condition()
         self._closed = False
-        self.transcribe = None  # set by load_engine when --asr-model is given: Audio -> str
+        self.transcribe = transcribe  # Audio -> str, with --asr-model (for models that do not hear)
         self._worker = threading.Thread(target=self._work, name="autoglm-engine", daemon=True)
         self._worker.start()
 
@@ -146,7 +139,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineBusy("the engine is shutting down", retry_after=5.0)
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.limits.max_queue:
                 raise EngineBusy(
                     f"the server is busy ({len(self._waiting)} requests waiting): retry in a few seconds",
                     retry_after=max(1.0, 0.5 * len(self._waiting)),
@@ -197,8 +190,7 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
     def _validate(self, request: ChatRequest) -> ChatRequest:
-        return validate_request(request, self.rt.context_limit, self.max_audio_seconds, self.max_images,
-                                self.family.hears_audio, self.transcribe, max_image_pixels=self.max_image_pixels)
+        return validate_request(request, self.limits, self.family.hears_audio, self.transcribe)
 
     # ------------------------------------------------------------------ scheduling
     def _order(self) -> list[RequestHandle]:
@@ -237,7 +229,7 @@ class Engine:
                     self._last_served.move_to_end(h.request.session_id)
                     waiting = {w.request.session_id for w in self._waiting}
                     for old in [s for s in self._last_served if s not in waiting]:
-                        if len(self._last_served) <= self.max_sessions:
+                        if len(self._last_served) <= self.limits.max_sessions:
                             break
                         del self._last_served[old]  # the least recently served first
                     if h.last_position != 0:
@@ -308,7 +300,7 @@ class Engine:
         if gen.memory_state is not None:
             self._memory[session] = gen.memory_state
             self._memory.move_to_end(session)
-            while len(self._memory) > self.max_sessions:
+            while len(self._memory) > self.limits.max_sessions:
                 self._memory.popitem(last=False)  # the least recently used session's memory
         h.put(stats)
         h.put(Done(stats.finish_reason))

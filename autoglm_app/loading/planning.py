@@ -33,6 +33,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..config import normalize_device_text, parse_gpus
+
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
@@ -89,16 +91,7 @@ def normalize_device(device: Any) -> int | str:
         device = str(device) if device.index is None else (device.index if device.type == "cuda" else str(device))
     if isinstance(device, int):
         return device
-    text = str(device).strip().lower()
-    if text.isdigit():
-        return int(text)
-    if text == "cuda":
-        return 0
-    if text.startswith("cuda:") and text[5:].isdigit():
-        return int(text[5:])
-    if text in ("cpu", "mps", "disk") or re.fullmatch(r"(xpu|npu|mps):\d+", text):
-        return text
-    raise ValueError(f"unknown device {device!r}: use a GPU index (0), 'cuda:0' or 'cpu'")
+    return normalize_device_text(device)
 
 
 def device_label(device: int | str) -> str:
@@ -351,11 +344,10 @@ def plan_device_map(
 
 
 def parse_devices(gpus: str | Iterable | None) -> list[int | str]:
-    """'0,1' / 'cuda:0,cpu' / [0, 'cpu'] -> normalized devices."""
-    if gpus is None:
-        return []
-    items = [g for g in re.split(r"[,\s]+", gpus.strip())] if isinstance(gpus, str) else list(gpus)
-    return [normalize_device(g) for g in items if str(g) != ""]
+    """'0,1' / 'cuda:0,cpu' (through the one --gpus parser) / [0, 'cpu', torch.device] -> normalized devices."""
+    if isinstance(gpus, str):
+        return parse_gpus(gpus) or []
+    return [normalize_device(g) for g in gpus or [] if str(g) != ""]
 
 
 def run_plan(gpus: str, gpu_memory: str, quantize: str, model_config: str) -> str:

@@ -170,16 +170,16 @@ def make_turn(text: str, files: list, recording: str | None, options: Options,
     for item in files or []:
         path = _path(item)
         (recordings if Path(path).suffix.lower() in AUDIO_SUFFIXES else image_paths).append(path)
-    if len(image_paths) > s.max_images_per_turn:
-        raise InputError(f"{len(image_paths)} images in one turn; the limit is {s.max_images_per_turn}: "
+    if len(image_paths) > s.limits.max_images_per_turn:
+        raise InputError(f"{len(image_paths)} images in one turn; the limit is {s.limits.max_images_per_turn}: "
                          "send fewer images.")
     if len(recordings) > 1:
         raise InputError("Send one recording per turn (record or attach just one).")
     for path in image_paths:
-        turn.images.append(read_image(path, s.max_image_pixels, s.max_upload_bytes))
+        turn.images.append(read_image(path, s.limits.max_image_pixels, s.limits.max_upload_bytes))
         turn.image_paths.append(path)
     if recordings:
-        turn.audio = read_audio(recordings[0], s.max_audio_seconds, s.max_upload_bytes)
+        turn.audio = read_audio(recordings[0], s.limits.max_audio_seconds, s.limits.max_upload_bytes)
         turn.audio_path = recordings[0]
     if not (turn.text or turn.images or turn.audio is not None):
         raise InputError("Type a question, attach an image, or record a question first.")
@@ -741,4 +741,4 @@ def mount_ui(app, engine, settings: Settings):
     blocks = build_ui(engine, settings)
     blocks.queue(default_concurrency_limit=4)
     return gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, allowed_paths=[str(EXAMPLES_DIR)],
-                               footer_links=["api"], show_error=True, max_file_size=settings.max_upload_bytes)
+                               footer_links=["api"], show_error=True, max_file_size=settings.limits.max_upload_bytes)
