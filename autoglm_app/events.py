@@ -102,6 +102,22 @@ class Focus:
     per_layer_audios: list[np.ndarray] = field(default_factory=list)  # (layers, frames)
 
 
+def aggregate_layers(per_layer: np.ndarray, rule: str = "mean", layers: tuple[int, int] | None = None) -> np.ndarray:
+    """The one rule that turns a (layers, ...) stack of head-mean maps into one map: the mean over
+    decoder layers [start, end) (all when ``layers`` is None), or their maximum. A range outside the
+    stack or an unknown rule is a ValueError: callers with a range from a slider clamp it first."""
+    if layers is not None:
+        start, end = layers
+        if not 0 <= start < end <= per_layer.shape[0]:
+            raise ValueError(f"focus layer range {tuple(layers)} is outside 0..{per_layer.shape[0]}")
+        per_layer = per_layer[start:end]
+    if rule == "max":
+        return np.maximum.reduce(per_layer, axis=0)
+    if rule == "mean":  # add.reduce: the same mean without np.mean's per-call overhead (a hot path)
+        return np.add.reduce(per_layer, axis=0) * (1.0 / per_layer.shape[0])
+    raise ValueError(f"unknown focus aggregation {rule!r}: use 'mean' or 'max'")
+
+
 @dataclass
 class LayerRoute:
     layer: int

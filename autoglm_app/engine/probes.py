@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from ..events import aggregate_layers
 from ..modeling.processing_autoglm import AudioSpan, ImageSpan
 
 # ----------------------------------------------------------------------------- focus
@@ -128,18 +129,7 @@ class FocusProbe:
         return images, audios
 
 
-def aggregate(per_layer: np.ndarray, rule: str = "mean", layers: tuple[int, int] | None = None) -> np.ndarray:
-    """Reduce a (layers, ...) stack of head-mean maps to one map: mean of [start, end) or max."""
-    if layers is not None:
-        start, end = layers
-        if not 0 <= start < end <= per_layer.shape[0]:
-            raise ValueError(f"focus layer range {layers} is outside 0..{per_layer.shape[0]}")
-        per_layer = per_layer[start:end]
-    if rule == "max":
-        return np.maximum.reduce(per_layer, axis=0)
-    if rule == "mean":  # add.reduce: the same mean without np.mean's per-call overhead (a hot path)
-        return np.add.reduce(per_layer, axis=0) * (1.0 / per_layer.shape[0])
-    raise ValueError(f"unknown focus aggregation {rule!r}: use 'mean' or 'max'")
+aggregate = aggregate_layers  # the contract's one rule (events.py)
 
 
 # ----------------------------------------------------------------------------- routing

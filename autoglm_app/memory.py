@@ -1,0 +1,35 @@
+"""Process memory, read one way everywhere (the Model panel, a request's stats, the load test, the
+fused-expert measurement): psutil for the current figures; the kernel's high-water mark for the peak.
+
+psutil reports the resident set (``rss``) and its file-backed and shared part (``shared``), so the
+anonymous part (the heap: tensors, Python objects) is ``rss - shared``. It has no peak on Linux, so
+the peak comes from ``getrusage`` (``ru_maxrss``, KiB on Linux), which is the same as VmHWM.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import psutil
+
+
+def rss_bytes(pid: int | None = None) -> int | None:
+    """Resident memory of a process (None: this one); None when the process is gone or unreadable."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.Error, OSError):
+        return None
+
+
+def anon_rss_bytes(pid: int | None = None) -> int | None:
+    """The anonymous part of the resident memory (heap, tensors): rss less its file-backed and shared pages."""
+    try:
+        info = psutil.Process(pid).memory_info()
+    except (psutil.Error, OSError):
+        return None
+    return int(info.rss - getattr(info, "shared", 0))
+
+
+def peak_rss_bytes() -> int:
+    """The highest resident memory this process has had (VmHWM)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
