@@ -19,7 +19,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL = ROOT / "assets" / "autoglm-phone-tiny"
+# the checkout's assets/ (a source or editable install); an installed copy of the package looks in the
+# working directory instead, so `pip install .` then `autoglm-studio` in the checkout serves the demo
+ASSETS = ROOT / "assets" if (ROOT / "assets").is_dir() else Path.cwd() / "assets"
+DEMO_MODEL = ASSETS / "autoglm-phone-tiny"
 SMALL_MODEL = "small"  # a random-weight small AutoGLM built locally (no download)
 QUANTIZE_CHOICES = ("int4", "int8", "fp16", "bf16", "fp32")
 ENV_PREFIX = "AUTOGLM_"

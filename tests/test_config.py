@@ -55,3 +55,20 @@ def test_the_one_gpus_parser():
     assert parse_gpus("") is None and parse_gpus(None) is None
     with pytest.raises(ValueError, match="unknown device"):
         parse_gpus("gpu0")
+
+
+def test_the_installed_command_starts_the_same_cli(tmp_path):
+    """`pip install -e .` (requirements-test.txt does it) puts `autoglm-studio` on the PATH: it parses the
+    same declared flags and prints a device plan without a GPU."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("autoglm-studio")
+    assert exe, "autoglm-studio is not installed: run `pip install -e .` (the README's test command does)"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--max-images-per-turn" in out.stdout and "AUTOGLM_CONTEXT_LIMIT" in out.stdout
+    plan = subprocess.run([exe, "--plan", "--gpus", "0,1", "--gpu-memory", "24GiB", "--quantize", "int4",
+                           "--model-config", str(ROOT / "assets" / "configs" / "autoglm-phone-9b.json")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "cuda:0" in plan.stderr + plan.stdout and "cuda:1" in plan.stderr + plan.stdout
