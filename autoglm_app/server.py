@@ -7,9 +7,7 @@ runs it with uvicorn in the background (tests, notebooks).
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
-import logging
 import socket
 import threading
 import time
@@ -17,7 +15,6 @@ from dataclasses import dataclass
 
 from .config import SMALL_MODEL, Settings, default_model
 
-log = logging.getLogger(__name__)
 
 
 def load_engine(settings: Settings):
@@ -48,13 +45,9 @@ def load_engine(settings: Settings):
         loaded = LoadedModel(model=model, processor=processor, model_id="autoglm-small-random",
                              quantize="fp32", device_map=None, plan=None)
     else:
-        extra = {}
-        if "trust_remote_code" in inspect.signature(load_model).parameters:
-            extra["trust_remote_code"] = settings.trust_remote_code
-        elif settings.trust_remote_code:
-            log.warning("--trust-remote-code is not supported by this loader: ignored")
         loaded = load_model(settings.model, quantize=settings.quantize, gpus=settings.gpus,
-                            gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation, **extra)
+                            gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation,
+                            trust_remote_code=settings.trust_remote_code)
     return Engine(loaded, limits, transcribe=asr.transcribe if asr is not None else None)
 
 

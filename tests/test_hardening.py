@@ -1028,11 +1028,3 @@ def test_trust_remote_code_is_off_unless_asked_and_reaches_the_loader(monkeypatc
         eng = server.load_engine(parse_settings(["--model", "some/dir", *argv]))
         eng.close()
         assert seen[-1] is expected
-
-    def old_loader(name, quantize=None, gpus=None, gpu_memory=None, attn_implementation="sdpa"):
-        seen.append("old")
-        return load_model(name)
-
-    monkeypatch.setattr(loading, "load_model", old_loader)  # a loader without the keyword still works
-    server.load_engine(parse_settings(["--model", "some/dir"])).close()
-    assert seen[-2] == "old"
