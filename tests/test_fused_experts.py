@@ -92,7 +92,7 @@ def test_streamed_split_gives_the_same_model_as_splitting_after_the_load(tmp_pat
     with streamed_expert_split() as stats:
         from transformers import AutoModelForImageTextToText
 
-        from autoglm_app.loading.checkpoints import quantization_config
+        from autoglm_app.loading.quantize import quantization_config
 
         qconfig = quantization_config("int4", keep_16bit=("visual", "audio_tower", "embed_tokens", "lm_head", "gate"))
         new = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float16, quantization_config=qconfig,
@@ -123,3 +123,14 @@ def test_streamed_split_leaves_other_loads_alone(tmp_path):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float16, device_map={"": "cpu"})
     assert stats["tensors"] == 0
     assert model.model.language_model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+
+
+def test_fused_experts_imports_quantize_not_the_checkpoint_loader():
+    """No import circle: packing experts needs the 4-bit knowledge (quantize), not checkpoint loading."""
+    import subprocess
+    import sys
+
+    code = ("import sys, autoglm_app.loading.fused_experts; "
+            "print('autoglm_app.loading.checkpoints' in sys.modules, 'autoglm_app.loading.quantize' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]

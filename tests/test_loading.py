@@ -16,16 +16,18 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit
 from PIL import Image
 
-from autoglm_app.loading import checkpoints as loading
-from autoglm_app.loading.checkpoints import (
+from autoglm_app.loading.checkpoints import ModelNotFoundError, load_model
+from autoglm_app.loading.planning import build_on_meta, estimate_module_bytes
+from autoglm_app.loading.quantize import (
     KEEP_16BIT,
-    ModelNotFoundError,
     QuantizationError,
-    load_model,
+    default_quantize,
+    guard_cpu_int4_packing,
+    is_kept_16bit,
+    linear4bit,
     quantization_config,
     verify_quantized,
 )
-from autoglm_app.loading.planning import build_on_meta, estimate_module_bytes, is_kept_16bit
 from autoglm_app.modeling import AutoGLMForConditionalGeneration
 from autoglm_app.modeling.small import build_small
 from autoglm_app.modeling.summary import module_rows, total_bytes, total_parameters
@@ -148,7 +150,7 @@ def test_quantization_config_choices():
     assert quantization_config("fp16") is None and quantization_config("fp32") is None
     with pytest.raises(ValueError, match="int4"):
         quantization_config("int3")
-    assert loading.default_quantize() == ("int4" if torch.cuda.is_available() else "fp32")
+    assert default_quantize() == ("int4" if torch.cuda.is_available() else "fp32")
     assert is_kept_16bit("model.layers.3.mlp.router.classifier")
     assert not is_kept_16bit("model.layers.3.mlp.experts.0.gate_proj")
 
@@ -343,18 +345,16 @@ def test_remote_code_is_off_unless_asked_and_reaches_every_from_pretrained(tmp_p
 def test_int4_layers_stay_on_the_portable_cpu_path(small_int4):
     """On an AVX512-BF16 CPU bitsandbytes would repack 4-bit weights in place on first use (another
     layout, bigger statistics, and a crash for layers narrower than one block); loads switch it off."""
-    from autoglm_app.loading.fused_experts import _linear4bit
-
     layers = [m for m in small_int4.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     # a shared expert of a tiny real-config MoE checkpoint: 32 inputs, narrower than one 64-value block
-    narrow = _linear4bit(torch.randn(64, 32, dtype=torch.float16), torch.float16, "cpu")
+    narrow = linear4bit(torch.randn(64, 32, dtype=torch.float16), torch.float16, "cpu")
     narrow.support_avx512bf16_for_cpu = True  # as on a CPU with AVX512-BF16, whatever this one has
     packed = narrow.weight.data.clone()
-    assert loading.guard_cpu_int4_packing(torch.nn.Sequential(narrow)) == 1
+    assert guard_cpu_int4_packing(torch.nn.Sequential(narrow)) == 1
     assert not narrow.support_avx512bf16_for_cpu
     with torch.no_grad():
         y = narrow(torch.randn(3, 32, dtype=torch.float16))
     assert y.shape == (3, 64) and torch.isfinite(y).all()
     assert torch.equal(narrow.weight.data, packed)  # the NF4 bytes are untouched by the forward
-    assert loading.guard_cpu_int4_packing(torch.nn.Sequential(narrow)) == 0
+    assert guard_cpu_int4_packing(torch.nn.Sequential(narrow)) == 0

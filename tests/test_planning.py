@@ -91,9 +91,12 @@ def test_too_small_budget_is_a_clear_error(meta_9b):
         plan_device_map(meta_9b, [0, 1], "4GiB", "bf16")
     message = str(err.value)
     assert "does not fit" in message and "GiB missing in total" in message
-    assert "--quantize int4" in message and "more GPUs" in message
-    with pytest.raises(PlanError, match="over its budget"):
+    assert "--quantize int4" in message and "more GPUs" in message and "--gpu-memory" in message
+    assert "offload" not in message  # no flag offloads to the CPU: only advice the user can follow
+    with pytest.raises(PlanError, match="over its budget") as err:
         plan_device_map(meta_9b, [0, 1], "3GiB", "int4")
+    message = str(err.value)
+    assert "--quantize" not in message and "--gpu-memory" in message and "--gpus" in message
 
 
 def test_one_device_holds_everything(meta_9b):

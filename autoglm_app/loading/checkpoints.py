@@ -1,17 +1,12 @@
-"""Loading an AutoGLM checkpoint: quantization (INT4 NF4 mixed with 16-bit), device placement, processor.
+"""Loading a checkpoint: resolving it (local directory, hub id, HF cache), placing it, reading its processor.
 
 ``load_model`` takes a local directory or a hub id (resolved through the usual HF
 cache; ``HF_HUB_OFFLINE=1`` is honoured and a missing model gives an error that says
-what to do), quantizes the decoder's projections and experts with bitsandbytes
-while the encoders, adapter, router gates, embeddings and output head stay 16-bit
-(``KEEP_16BIT``), places the model on the GPUs with a plan from ``planning`` (or on
-the CPU when there is none), and proves afterwards that every projection that should
-be 4-bit is.
-
-The 16-bit dtype is float16 on GPUs *and* on the CPU: bitsandbytes' 4-bit CPU
-kernels run in float16, and on the small test model float16 compute matched fp32
-logits to 1.5e-3 relative L2 where bfloat16 was off by 1.4e-2 (its 8-bit mantissa),
-at about the same speed.
+what to do), loads it in the format asked for with the bitsandbytes config from
+``quantize`` (the decoder's projections and experts 4-bit, the encoders, adapter,
+router gates, embeddings and output head 16-bit), places it on the GPUs with a plan
+from ``planning`` (or on the CPU when there is none), and proves afterwards, with
+``quantize.verify_quantized``, that every projection that should be 4-bit is.
 """
 
 from __future__ import annotations
@@ -24,42 +19,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from .planning import KEEP_16BIT, Plan, is_kept_16bit, normalize_device, parse_memory, plan_device_map
+from .planning import Plan, normalize_device, parse_memory, plan_device_map
+from .quantize import (
+    QUANTIZE_CHOICES,
+    compute_dtype,
+    default_quantize,
+    guard_cpu_int4_packing,
+    model_dtype,
+    quantization_config,
+    verify_quantized,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "KEEP_16BIT",
-    "QUANTIZE_CHOICES",
     "LoadedModel",
     "ModelNotFoundError",
-    "QuantizationError",
     "UnsafeCheckpointError",
-    "compute_dtype",
-    "default_quantize",
-    "keep_16bit_patterns",
     "load_model",
-    "quantization_config",
     "require_safetensors",
     "resolve_checkpoint",
-    "verify_quantized",
 ]
-
-QUANTIZE_CHOICES = ("int4", "int8", "fp16", "bf16", "fp32")
-
-PLAIN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-# Decoder projections that must be quantized (every layer's attention, every expert).
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class ModelNotFoundError(FileNotFoundError):
     """The checkpoint is neither a local directory nor reachable / cached on the hub."""
-
-
-class QuantizationError(RuntimeError):
-    """A projection that should be quantized was loaded in full precision."""
 
 
 @dataclass
@@ -70,114 +54,6 @@ class LoadedModel:
     quantize: str
     device_map: dict | None
     plan: Plan | None
-
-
-# ----------------------------------------------------------------------------- quantization
-
-
-def default_quantize() -> str:
-    """int4 on a GPU; fp32 on the CPU (the accurate choice where memory is rarely the limit)."""
-    return "int4" if torch.cuda.is_available() else "fp32"
-
-
-def compute_dtype(on_gpu: bool | None = None) -> torch.dtype:
-    """The 16-bit dtype for kept modules and 4-bit compute: float16 on GPU and CPU (see module docstring)."""
-    return torch.float16
-
-
-def keep_16bit_patterns(names: list[str] | tuple[str, ...] | None = None) -> list[str]:
-    """KEEP_16BIT as transformers 5 skip patterns.
-
-    transformers matches ``llm_int8_skip_modules`` from the start of a module's full
-    name or as a suffix, so a bare 'router' would miss 'model.layers.0.mlp.router.classifier'
-    and 'vision_tower' would miss 'model.vision_tower.vit...'. The pattern
-    ``(?:.*\\.)?router`` matches the component anywhere, at a module boundary.
-    """
-    return [rf"(?:.*\.)?{name}" for name in (KEEP_16BIT if names is None else names)]
-
-
-def quantization_config(quantize: str, on_gpu: bool | None = None, keep_16bit: list[str] | tuple | None = None):
-    """BitsAndBytesConfig for int4 (NF4, double quantization) or int8 (LLM.int8); None otherwise."""
-    from transformers import BitsAndBytesConfig
-
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
-    if quantize == "int4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(on_gpu),
-            llm_int8_skip_modules=keep_16bit_patterns(keep_16bit),
-        )
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_16bit_patterns(keep_16bit))
-    return None
-
-
-def model_dtype(quantize: str, on_gpu: bool | None = None) -> torch.dtype:
-    return compute_dtype(on_gpu) if quantize in ("int4", "int8") else PLAIN_DTYPES[quantize]
-
-
-def verify_quantized(model: nn.Module, quantize: str, family=None) -> int:
-    """Raise QuantizationError unless every decoder projection and expert projection is quantized.
-
-    For a transformers-native family (``family.layers_path``) every nn.Linear inside the decoder
-    layers outside the family's 16-bit modules must be quantized, and no fused 3-D expert tensor
-    may be left.
-
-    Returns the number of quantized layers checked. A full-precision projection here would be a
-    silent memory regression (a 9B model would no longer fit its GPUs).
-    """
-    if quantize not in ("int4", "int8"):
-        return 0
-    import bitsandbytes as bnb
-
-    expected = bnb.nn.Linear4bit if quantize == "int4" else bnb.nn.Linear8bitLt
-    layers_path = getattr(family, "layers_path", None)
-    targets = _hf_targets(model, family) if layers_path else _autoglm_targets(model)
-    checked = len(targets)
-    wrong = [f"{name} ({type(m).__name__})" for name, m in targets if not isinstance(m, expected)]
-    if wrong or not checked:
-        raise QuantizationError(
-            f"{quantize} load left {len(wrong)} of {checked} decoder projections unquantized "
-            f"(expected {expected.__name__}): {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}"
-        )
-    return checked
-
-
-def guard_cpu_int4_packing(model: nn.Module) -> int:
-    """Keep every 4-bit layer on bitsandbytes' portable CPU path.
-
-    On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place on its first
-    inference forward: the NF4 bytes change layout and the quantization statistics are unpacked to
-    float32, so the layer no longer holds what the planner estimated and the Model tab reports (the
-    small test model grew from 34.8 kB to 50.2 kB), and layers narrower than one quantization block
-    (in_features 32 with 64-value blocks, as in tiny real-config MoE checkpoints) fail with a reshape
-    error. The app's int4 path is for GPUs; on a CPU it must behave, and take the memory it said it
-    would, whatever the CPU. Returns how many layers were switched."""
-    import bitsandbytes as bnb
-
-    switched = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
-            m.support_avx512bf16_for_cpu = False
-            switched += 1
-    return switched
-
-
-def _autoglm_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules()
-            if name.startswith("model.layers.") and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS
-            and not is_kept_16bit(name)]
-
-
-def _hf_targets(model: nn.Module, family) -> list[tuple[str, nn.Module]]:
-    """Every nn.Linear and every fused 3-D expert module inside the decoder layers, outside the kept modules."""
-    prefix, keep = family.layers_path + ".", set(family.keep_16bit)
-    return [(name, m) for name, m in model.named_modules()
-            if name.startswith(prefix) and not keep & set(name.split("."))
-            and (isinstance(m, nn.Linear) or any(p.dim() == 3 for p in m.parameters(recurse=False)))]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -261,21 +137,6 @@ def _resolve_devices(gpus: list | None) -> list[int | str]:
     return devices
 
 
-def _offload_map(config, devices: list[int | str], gpu_memory: str | None, quantize: str) -> dict:
-    """Fill the GPUs first, then the CPU (accelerate), when the model does not fit the GPUs alone."""
-    from accelerate import infer_auto_device_map
-
-    from .planning import build_on_meta
-
-    meta = build_on_meta(config)
-    max_memory: dict = {d: _device_budget(d, gpu_memory) for d in devices if d != "cpu"}
-    max_memory["cpu"] = _device_budget("cpu", None)
-    dtype = model_dtype(quantize)
-    return infer_auto_device_map(
-        meta, max_memory=max_memory, no_split_module_classes=["AutoGLMDecoderLayer"], dtype=dtype
-    )
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -285,7 +146,6 @@ def load_model(
     gpus: list[int | str] | None = None,
     gpu_memory: str | None = None,
     attn_implementation: str = "sdpa",
-    offload_cpu: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load an AutoGLM checkpoint and its processor.
@@ -294,7 +154,6 @@ def load_model(
     gpus: devices to shard over (indices, 'cuda:N', or 'cpu' as a test stand-in); default
         all visible GPUs, or the CPU when there is none.
     gpu_memory: per-device weight budget ('24GiB'); default 90% of each GPU's free memory.
-    offload_cpu: when the plan does not fit the GPUs, put what is left on the CPU.
     trust_remote_code: let transformers run Python code shipped with the checkpoint (config, model or
         processor classes). Off by default; only for checkpoints you trust.
 
@@ -305,7 +164,6 @@ def load_model(
     from transformers import AutoConfig
 
     from ..families import family_for
-    from .planning import PlanError
 
     quantize = quantize or default_quantize()
     if quantize not in QUANTIZE_CHOICES:
@@ -315,27 +173,18 @@ def load_model(
     family = family_for(config)  # an unsupported model_type fails here, before any weight is read
     require_safetensors(path)
     devices = _resolve_devices(gpus)
-    on_gpu = any(isinstance(d, int) for d in devices)
     if family.name != "autoglm":
         return _load_hf(path, model_id_of(name_or_path), family, quantize, devices, gpu_memory, attn_implementation,
                         config=config, trust_remote_code=trust_remote_code)
-    qconfig = quantization_config(quantize, on_gpu)
-    dtype = model_dtype(quantize, on_gpu)
+    qconfig = quantization_config(quantize)
+    dtype = model_dtype(quantize)
 
     plan: Plan | None = None
     if devices:
         budget = min(_device_budget(d, gpu_memory) for d in devices)
-        try:
-            plan = plan_device_map(config, devices, budget, quantize)
-            device_map: dict = dict(plan.device_map)
-            logger.info("loading %s (%s) with device plan:\n%s", name_or_path, quantize, plan.table())
-        except PlanError:
-            if not offload_cpu:
-                raise
-            device_map = _offload_map(config, devices, gpu_memory, quantize)
-            logger.warning("model does not fit the GPUs; offloading to the CPU with device map %s", device_map)
-            if qconfig is not None:
-                qconfig.llm_int8_enable_fp32_cpu_offload = True
+        plan = plan_device_map(config, devices, budget, quantize)  # PlanError when it does not fit
+        device_map: dict = dict(plan.device_map)
+        logger.info("loading %s (%s) with device plan:\n%s", name_or_path, quantize, plan.table())
     else:
         device_map = {"": "cpu"}
         logger.info("loading %s (%s) on the CPU", name_or_path, quantize)
@@ -411,8 +260,7 @@ def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu
     import transformers
     from transformers import AutoProcessor
 
-    on_gpu = any(isinstance(d, int) for d in devices)
-    qconfig = quantization_config(quantize, on_gpu, keep_16bit=family.keep_16bit)
+    qconfig = quantization_config(quantize, keep_16bit=family.keep_16bit)
     gpu_ids = [d for d in devices if isinstance(d, int)]
     if gpu_ids:
         device_map: Any = "auto"
@@ -425,16 +273,16 @@ def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu
     sub = getattr(config, family.sub_config, None) if family.sub_config and config is not None else None
     if sub is not None:
         extra["config"] = sub  # the Thinker of an Omni checkpoint
-    kwargs = dict(dtype=model_dtype(quantize, on_gpu), quantization_config=qconfig, device_map=device_map,
+    kwargs = dict(dtype=model_dtype(quantize), quantization_config=qconfig, device_map=device_map,
                   max_memory=max_memory, attn_implementation=attn_implementation, use_safetensors=True,
                   trust_remote_code=trust_remote_code, **extra)
     if quantize == "int4" and family.fused_experts:
         from .fused_experts import check_split, split_fused_experts, streamed_expert_split
 
         # each fused expert tensor is packed to 4-bit as it is read, so the 16-bit experts are never all held
-        with streamed_expert_split(compute_dtype(on_gpu)) as streamed:
+        with streamed_expert_split(compute_dtype()) as streamed:
             model = auto_class.from_pretrained(path, **kwargs).eval()
-        late = split_fused_experts(model, compute_dtype(on_gpu))  # whatever the stream did not see (none, normally)
+        late = split_fused_experts(model, compute_dtype())  # whatever the stream did not see (none, normally)
         logger.info("fused experts: %d modules packed to 4-bit while loading, %d after", streamed["modules"], late)
         check_split(model)
     else:

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .quantize import linear4bit, quantization_config
+
 log = logging.getLogger(__name__)
 
 FUSED_NAMES = ("gate_up_proj", "down_proj")
@@ -39,20 +41,6 @@ FUSED_NAMES = ("gate_up_proj", "down_proj")
 def is_fused_experts(module: nn.Module) -> bool:
     p = getattr(module, "gate_up_proj", None)
     return isinstance(p, nn.Parameter) and p.dim() == 3 and getattr(module, "down_proj", None) is not None
-
-
-def _linear4bit(weight: torch.Tensor, compute_dtype: torch.dtype, device) -> nn.Module:
-    """(out, in) 16-bit weight -> a packed NF4 Linear4bit on ``device`` (quantized as it moves there)."""
-    import bitsandbytes as bnb
-
-    out_f, in_f = weight.shape
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, compress_statistics=True,
-                              quant_type="nf4", device="meta")
-    layer.weight = bnb.nn.Params4bit(weight.detach().to("cpu", compute_dtype).contiguous(), requires_grad=False,
-                                     quant_type="nf4", compress_statistics=True)
-    layer = layer.to(device)
-    layer.support_avx512bf16_for_cpu = False  # the portable CPU path, as loading.guard_cpu_int4_packing
-    return layer
 
 
 class SplitExperts(nn.Module):
@@ -85,7 +73,7 @@ class SplitExperts(nn.Module):
             raise ValueError(f"expected {FUSED_NAMES} of shape ({self.num_experts}, out, in), got {name} "
                              f"{tuple(tensor.shape)}")
         device = tensor.device if device is None else device
-        setattr(self, name, nn.ModuleList(_linear4bit(tensor[e], self.compute_dtype, device)
+        setattr(self, name, nn.ModuleList(linear4bit(tensor[e], self.compute_dtype, device)
                                           for e in range(self.num_experts)))
 
     @property
@@ -228,14 +216,6 @@ def module_bytes(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------- measurement (docs/PERFORMANCE.md)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def build_measure_checkpoint(path: str, layers: int = 8, experts: int = 16, hidden: int = 512,
                              moe_intermediate: int = 768) -> str:
     """A random-weight Qwen3-VL-MoE-style checkpoint (bf16 safetensors), text-heavy: experts dominate the bytes."""
@@ -261,9 +241,8 @@ def load_int4(path: str, streamed: bool) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
     from ..families.hf import HF_FAMILIES
-    from .checkpoints import quantization_config
 
-    qconfig = quantization_config("int4", False, keep_16bit=HF_FAMILIES["qwen3_vl_moe"].keep_16bit)
+    qconfig = quantization_config("int4", keep_16bit=HF_FAMILIES["qwen3_vl_moe"].keep_16bit)
     kwargs = dict(dtype=torch.float16, quantization_config=qconfig, device_map={"": "cpu"}, use_safetensors=True)
     if streamed:
         with streamed_expert_split(torch.float16):
@@ -279,20 +258,22 @@ def _measure_one(path: str, streamed: bool) -> dict:
     """Run in a fresh process: load, then report peak RSS (VmHWM) and the sampled peak anonymous RSS."""
     import time
 
+    from ..memory import anon_rss_bytes, peak_rss_bytes, rss_bytes
+
     # the libraries first, so the baseline holds them and the peaks above it are the load's own
     import bitsandbytes  # noqa: F401
     import transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe  # noqa: F401
     from transformers import AutoModelForImageTextToText  # noqa: F401
 
-    peak = {"anon": _status_kib("RssAnon")}
+    peak = {"anon": anon_rss_bytes() or 0}
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak["anon"] = max(peak["anon"], _status_kib("RssAnon"))
+            peak["anon"] = max(peak["anon"], anon_rss_bytes() or 0)
             time.sleep(0.002)
 
-    base = {"rss": _status_kib("VmRSS"), "anon": _status_kib("RssAnon")}
+    base = {"rss": rss_bytes() or 0, "anon": anon_rss_bytes() or 0}
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -301,10 +282,11 @@ def _measure_one(path: str, streamed: bool) -> dict:
     stop.set()
     sampler.join()
     experts = [m for m in model.modules() if isinstance(m, SplitExperts)]
-    return {"streamed": streamed, "seconds": round(seconds, 2), "baseline_rss_mib": base["rss"] / 1024,
-            "end_anon_mib": _status_kib("RssAnon") / 1024,
-            "baseline_anon_mib": base["anon"] / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024,
-            "peak_anon_mib": peak["anon"] / 1024, "experts_4bit_bytes": sum(module_bytes(m) for m in experts),
+    mib = 2**20
+    return {"streamed": streamed, "seconds": round(seconds, 2), "baseline_rss_mib": base["rss"] / mib,
+            "end_anon_mib": (anon_rss_bytes() or 0) / mib,
+            "baseline_anon_mib": base["anon"] / mib, "peak_rss_mib": peak_rss_bytes() / mib,
+            "peak_anon_mib": peak["anon"] / mib, "experts_4bit_bytes": sum(module_bytes(m) for m in experts),
             "model_bytes": module_bytes(model)}
 
 

@@ -10,21 +10,13 @@ multimodal prefix is built there), ``norm`` and ``lm_head`` on the last, and the
 decoder layers are cut into contiguous runs, one per device, chosen to minimise
 the largest per-device total. Everything here runs on the ``meta`` device: the
 9B configuration is planned in about a second without allocating its weights.
-
-Byte estimates follow what bitsandbytes actually stores (see
-``bitsandbytes.functional.quantize_4bit``): an NF4 weight of ``n`` values is
-``ceil(n / 2)`` packed bytes plus a ``QuantState`` with, under double
-quantization, one uint8 absmax per 64-value block, a float32 ``offset``, the
-16-entry float32 NF4 code, and a nested state of one float32 absmax per 256
-blocks with its own 256-entry float32 code book. This is the same accounting as
-``autoglm_app.modeling.summary.total_bytes``.
+The bytes of a quantized weight come from ``quantize`` (what bitsandbytes stores).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,21 +26,11 @@ import torch
 from torch import nn
 
 from ..config import normalize_device_text, parse_gpus
+from .quantize import int8_weight_bytes, is_kept_16bit, nf4_weight_bytes
 
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
-
-# Module names (path components) kept out of quantization, in a 16-bit dtype: the
-# encoders, the adapter, the MoE router gates, the embeddings and the output head.
-# Norms are not nn.Linear, so they are never quantized anyway.
-KEEP_16BIT = ["vision_tower", "audio_tower", "adapter", "router", "embed_tokens", "lm_head"]
-
-NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block size
-NESTED_BLOCKSIZE = 256  # double quantization: the absmax values are quantized in blocks of 256
-NF4_CODE_BYTES = 16 * 4  # the NF4 code: 16 float32 values
-NESTED_CODE_BYTES = 256 * 4  # the 8-bit dynamic code book of the nested state
-OFFSET_BYTES = 4  # float32 mean subtracted from the absmax before nesting
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int4": 2, "int8": 2}  # non-quantized tensors
 
@@ -61,12 +43,6 @@ class PlanError(ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def is_kept_16bit(module_name: str) -> bool:
-    """True when ``module_name`` lies inside one of the KEEP_16BIT modules."""
-    parts = module_name.split(".")
-    return any(key in parts for key in KEEP_16BIT)
 
 
 def parse_memory(text: str | int) -> int:
@@ -110,21 +86,6 @@ def placement_unit(param_name: str) -> str:
 
 def placement_units(num_layers: int) -> list[str]:
     return [*ENCODER_UNITS, *(f"model.layers.{i}" for i in range(num_layers)), *HEAD_UNITS]
-
-
-def nf4_weight_bytes(numel: int, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes holds for one NF4 weight of ``numel`` values (packed data + QuantState)."""
-    blocks = math.ceil(numel / NF4_BLOCKSIZE)
-    packed = (numel + 1) // 2
-    if not double_quant:
-        return packed + blocks * 4 + NF4_CODE_BYTES
-    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
-    return packed + blocks + OFFSET_BYTES + NF4_CODE_BYTES + nested_blocks * 4 + NESTED_CODE_BYTES
-
-
-def int8_weight_bytes(out_features: int, in_features: int) -> int:
-    """LLM.int8: one int8 per value plus one float32 scale per output row (SCB)."""
-    return out_features * in_features + out_features * 4
 
 
 # ----------------------------------------------------------------------------- estimation
@@ -332,11 +293,9 @@ def plan_device_map(
             f"; the busiest device ({busiest}) would need {worst / GiB:.2f} GiB, "
             f"{(worst - budget) / GiB:.2f} GiB over its budget (decoder layers are never split)"
         )
-        hint = "use --quantize int4" if quantize != "int4" else "raise --gpu-memory"
-        raise PlanError(
-            f"the model does not fit: {detail}. Fix: {hint}, add more GPUs (--gpus 0,1,...) "
-            f"or offload to the CPU.\n{plan.table()}"
-        )
+        fixes = (["use --quantize int4"] if quantize != "int4" else []) + [
+            "raise --gpu-memory if the GPUs have that much free", "list more GPUs in --gpus (e.g. --gpus 0,1)"]
+        raise PlanError(f"the model does not fit: {detail}. Fix: {', or '.join(fixes)}.\n{plan.table()}")
     return plan
 
 
@@ -360,16 +319,3 @@ def run_plan(gpus: str, gpu_memory: str, quantize: str, model_config: str) -> st
     table = plan.table()
     logger.info("device plan for %s:\n%s", model_config, table)
     return table
-
-
-def main_plan(args) -> int:
-    """CLI entry for ``app.py --plan``: args has gpus, gpu_memory, quantize, model_config. Prints the table."""
-    import sys
-
-    try:
-        table = run_plan(args.gpus or "0", args.gpu_memory or "24GiB", args.quantize or "int4", args.model_config)
-    except PlanError as err:
-        sys.stderr.write(f"{err}\n")
-        return 1
-    sys.stdout.write(table + "\n")
-    return 0
