@@ -359,6 +359,18 @@ def test_speech_perturbation_is_deterministic_bounded_and_keeps_the_level() -> N
     assert np.allclose(same, audio, atol=1e-6)
 
 
+def test_speed_perturbation_moves_pitch_and_length_by_the_drawn_factor() -> None:
+    """The resampler keeps a tone a tone: factor f shortens by f and raises the pitch by f."""
+    t = np.arange(48000) / 16000
+    audio = (0.6 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    for seed in (5, 6, 7):
+        factor = random.Random(seed).uniform(0.88, 1.12)  # perturb's first draw
+        y = speech.perturb(audio, random.Random(seed), tilt=0.0)
+        assert abs(y.size * factor / audio.size - 1) < 1e-3  # the factor, to its rational approximation
+        peak_hz = np.fft.rfftfreq(y.size, 1 / 16000)[np.abs(np.fft.rfft(y)).argmax()]
+        assert abs(peak_hz - 220 * factor) < 1.0, (seed, factor, peak_hz)
+
+
 def test_speech_equaliser_changes_the_spectrum_within_its_range() -> None:
     rng = np.random.default_rng(0)
     audio = (0.1 * rng.standard_normal(16000)).astype(np.float32)  # flat spectrum

@@ -309,7 +309,7 @@ speed, spectral-tilt and equaliser augmentation, in stage 10 also masked mel ban
 for 25% of the English questions (up to 70% in later stages). AdamW (peak LR 2e-3, betas 0.9/0.95,
 weight decay 0.01), warm-up then cosine, gradient clip 1.0, loss on the assistant tokens only, on
 the CPU (stage 8 on a GPU). From stage 3 on, two auxiliary heads (training only, not in this
-checkpoint; `autoglm_app/demo/aux.py`, weight `--aux 0.5`) give the encoders their own targets: the adapter's image features pooled per cell of the 3x3 grid must name what the cell holds
+checkpoint; `training/losses.py`, weight `--aux 0.5`) give the encoders their own targets: the adapter's image features pooled per cell of the 3x3 grid must name what the cell holds
 (empty or one of 12 colour-shape pairs), and the adapter's speech features pooled per recording
 must name the spoken question's task and the colour and shape words in it. From stage 5 on, a
 focus-supervision loss (training only, `--focus`, `--focus-layers`) asks that while the model writes

@@ -1,8 +1,8 @@
 """Spoken questions for ShapesWorld, synthesised with the ``espeak-ng`` CLI.
 
 ``synthesize`` runs ``espeak-ng`` (no shell) with a random voice, speed and
-pitch, parses the WAV it writes to stdout with the stdlib ``wave`` module, and
-returns 16 kHz mono float32 audio in [-1, 1] with random level, light noise and
+pitch, reads the WAV it writes to stdout with soundfile, resamples it with
+torchaudio, and returns 16 kHz mono float32 audio in [-1, 1] with random level, light noise and
 short leading/trailing silence.  All randomness comes from the given
 ``random.Random``, so the same rng state gives the same samples.
 
@@ -17,10 +17,11 @@ import os
 import random
 import shutil
 import subprocess
-import wave
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
+import soundfile as sf
 
 __all__ = [
     "VOICES_TRAIN",
@@ -88,26 +89,26 @@ def espeak_available() -> bool:
 
 
 def _decode_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode (possibly streamed, size-less) WAV bytes to mono float32 and its rate."""
-    with wave.open(io.BytesIO(data), "rb") as w:
-        channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-        frames = w.readframes(w.getnframes())  # streamed headers over-report; reads to EOF
-    if width != 2:
-        raise ValueError(f"expected 16-bit PCM, got {8 * width}-bit")
-    usable = len(frames) - len(frames) % (2 * channels)
-    audio = np.frombuffer(frames[:usable], dtype="<i2").astype(np.float32) / 32768.0
-    if channels > 1:
-        audio = audio.reshape(-1, channels).mean(axis=1)
-    return audio, rate
+    """Decode WAV bytes (espeak-ng streams them with placeholder sizes) to mono float32 and its rate."""
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0], rate
 
 
 def _resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Linear-interpolation resampling (adequate for 22.05 kHz speech -> 16 kHz)."""
+    """Band-limited (windowed-sinc) resampling of mono float audio from ``src_rate`` to ``dst_rate`` Hz."""
+    import torch
+    import torchaudio.functional as AF
+
     if src_rate == dst_rate or audio.size == 0:
         return audio.astype(np.float32)
-    n_out = max(1, int(round(audio.size * dst_rate / src_rate)))
-    t_out = np.arange(n_out, dtype=np.float64) * (src_rate / dst_rate)
-    return np.interp(t_out, np.arange(audio.size), audio).astype(np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    return AF.resample(x, int(src_rate), int(dst_rate)).numpy()
+
+
+# torchaudio resamples between integer rates (its kernel has one phase per output sample of a
+# period), so a fractional speed factor becomes the nearest fraction p/q with q <= this bound:
+# within 1e-4 of the drawn factor for factors near 1, and a kernel of a few hundred phases at most.
+SPEED_DENOMINATOR = 200
 
 
 def _espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
@@ -184,7 +185,8 @@ def perturb(audio: np.ndarray, rng: random.Random, speed: float = 0.12, tilt: fl
     x = np.asarray(audio, dtype=np.float32)
     if x.size < 2:
         return x
-    x = _resample(x, factor, 1.0)  # factor input samples per output sample
+    ratio = Fraction(factor).limit_denominator(SPEED_DENOMINATOR)  # factor input samples per output sample
+    x = _resample(x, ratio.numerator, ratio.denominator)
     y = x.copy()
     y[1:] -= a * x[:-1]
     if gains_db is not None:
@@ -201,16 +203,11 @@ def perturb(audio: np.ndarray, rng: random.Random, speed: float = 0.12, tilt: fl
 def write_wav(path: str | os.PathLike[str], audio: np.ndarray,
               sample_rate: int = SAMPLE_RATE) -> None:
     """Write mono float audio in [-1, 1] as 16-bit PCM WAV."""
-    pcm = (np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
-           * 32767.0).round().astype("<i2")
-    with wave.open(os.fspath(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
+    pcm = (np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0) * 32767.0).round().astype(np.int16)
+    sf.write(os.fspath(path), pcm, sample_rate, subtype="PCM_16", format="WAV")  # int16 in: written as is
 
 
 def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
-    """Read a 16-bit PCM WAV as mono float32 in [-1, 1]; returns ``(audio, rate)``."""
+    """Read a WAV file as mono float32 in [-1, 1]; returns ``(audio, rate)``."""
     with open(path, "rb") as f:
         return _decode_wav_bytes(f.read())
