@@ -1,2 +1,3 @@
-"""Benchmarks and the load test: entry-point scripts (``python -m tools.bench ...``), each prints a table
-and writes JSON. Not part of the installed package and never run as timed tests."""
+"""Benchmarks and the load test: entry-point scripts, each with its own parser, each printing a table and
+writing JSON (``python -m tools.bench engine ...``, ``python -m tools.loadtest ...``). Not part of the
+installed package and never run as timed tests."""

@@ -1,8 +1,6 @@
-"""Benchmarks: print a table, write JSON. Never run as timed tests.
+"""The engine benchmark: prints a table, writes JSON. Never run as a timed test.
 
-    python -m tools.bench engine [--model DIR] [--quantize fp32|int4] [--tokens 64] [--repeats 3]
-    python -m tools.bench load [--clients 16] [--duration 120] [--bad 0.1] [--disconnect 0.1]
-                                     [--max-requests N] [--seed 0] [--spawn | --url URL [--pid PID]]
+    python -m tools.bench engine [--model DIR] [--quantize fp32|int4] [--tokens 64] [--repeats 5]
 
 engine: in one run on one machine, on the same model and prompt, greedy decoding with
 end-of-text suppressed so every run makes exactly ``--tokens`` tokens:
@@ -11,11 +9,7 @@ end-of-text suppressed so every run makes exactly ``--tokens`` tokens:
   (c) time to first token with one image, thinking on
 Ratios are what to quote from a CPU (machines are noisy); absolute times only from a GPU.
 
-load: concurrent clients on loopback mixing API streams, non-streamed API calls and UI turns
-(gradio_client), bad requests and mid-stream disconnects, bounded in time and count; every good
-answer is checked against the same request run alone at warm-up (temperature 0, fixed seed).
-Prints requests served, outcomes by kind, p50/p95 time to first token and resident memory at
-start, after warm-up and at the end (see autoglm_app/loadtest.py and docs/RELIABILITY.md).
+The load test is its own command: ``python -m tools.loadtest`` (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -132,35 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--tokens", type=int, default=64)
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--out", type=Path, default=Path("bench-results") / "engine.json")
-    ld = sub.add_parser("load", help="load test: concurrent UI + API clients, bad requests, disconnects (loopback)",
-                        description="Load test on 127.0.0.1; see autoglm_app/loadtest.py and docs/RELIABILITY.md.")
-    ld.add_argument("--clients", type=int, default=16, help="concurrent client threads")
-    ld.add_argument("--duration", type=float, default=120.0, help="seconds of load (at most 3600)")
-    ld.add_argument("--bad", type=float, default=0.1, help="share of bad requests (must get a 4xx)")
-    ld.add_argument("--disconnect", type=float, default=0.1, help="share of requests that hang up mid-stream")
-    ld.add_argument("--ui", type=float, default=0.25, help="share of the good requests sent through the UI (0: none)")
-    ld.add_argument("--max-requests", type=int, default=None, help="stop after this many requests in all")
-    ld.add_argument("--seed", type=int, default=0, help="seeds the request pool and every client's mix")
-    ld.add_argument("--max-tokens", type=int, default=48, help="max new tokens of a good request")
-    ld.add_argument("--pool", type=int, default=8, help="distinct good requests (each gets a reference at warm-up)")
-    ld.add_argument("--warm-burst", type=int, default=2, help="good requests per client, concurrently, in warm-up")
-    ld.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
-    ld.add_argument("--url", default=None, help="an already-running server on loopback (default: start one here)")
-    ld.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for its resident memory")
-    ld.add_argument("--api-key", default=None, help="with --url: the server's API key (enables the wrong-key case)")
-    ld.add_argument("--spawn", action="store_true", help="start the server as a child process (python app.py)")
-    ld.add_argument("--model", default=None, help="model for the server started here (default: the demo model)")
-    ld.add_argument("--context-limit", type=int, default=8192, help="with --url: the server's context limit")
-    ld.add_argument("--api-user", action="store_true",
-                    help="good API requests send user=<client id>: one engine session per client, as the UI has")
-    ld.add_argument("--out", type=Path, default=Path("bench-results") / "load.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.what == "load":
-        from tools.loadtest import main as load_main
-
-        load_main(args)
-        return
     result = run_engine_bench(args.model, args.quantize, args.tokens, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,5 @@
+"""``python -m tools.loadtest``."""
+
+from .run import main
+
+main()
