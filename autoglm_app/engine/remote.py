@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..config import Limits
-from .worker import RequestHandle
+from .handle import RequestHandle
 from ..events import (
     Answer,
     BadRequest,

@@ -18,10 +18,8 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import Iterator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -40,11 +38,11 @@ from ..events import (
 )
 from ..families import ModelFamily, family_for
 from .generation import Generation, Runtime
+from .handle import RequestHandle
 from .inputs import validate_request
 
 log = logging.getLogger(__name__)
 
-TERMINAL = (Done, Error)
 OOM_MESSAGE = ("the GPU ran out of memory on this request: send a shorter prompt, fewer or smaller images, "
                "or a lower max_new_tokens (max_tokens); the server is still running")
 
@@ -63,46 +61,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
                                   and "cuda" in str(e).lower())
-
-
-class RequestHandle:
-    """One request's event stream; ``cancel()`` stops it within one token."""
-
-    def __init__(self, request: ChatRequest, request_id: int):
-        self.request = request
-        self.id = request_id
-        self._events: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
-        self.submitted = time.perf_counter()
-        self.last_position: int | None = None
-        self.arrival_tick: float = -1.0  # set by Engine.submit (see Engine._order)
-        self._on_cancel = None  # set by Engine.submit while the request waits
-
-    def put(self, event: Event) -> None:
-        self._events.put(event)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-        if self._on_cancel is not None:  # still queued: leave the queue now, not when the worker gets to it
-            self._on_cancel(self)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Yield events until Done or Error. Closing the iterator early cancels the request."""
-        finished = False
-        try:
-            while True:
-                event = self._events.get(timeout=timeout)
-                yield event
-                if isinstance(event, TERMINAL):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.cancel()
 
 
 @dataclass(order=True)

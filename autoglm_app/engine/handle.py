@@ -1,0 +1,102 @@
+"""One request's event stream: the producer ``put``s events, one consumer reads them.
+
+A thread reads with ``events()`` (the page, tests); an asyncio task reads with ``aevents()``
+(the API), which the producer wakes through the consumer's loop, so no thread sits between
+the engine and the route and a burst of events (a token's text, focus and routing) costs one
+wake-up. Both iterators end after ``Done`` or ``Error``; leaving either one early cancels the
+request, and ``cancel()`` stops it within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from ..events import ChatRequest, Done, Error, Event
+
+TERMINAL = (Done, Error)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class RequestHandle:
+    """One request's event stream; ``cancel()`` stops it within one token."""
+
+    def __init__(self, request: ChatRequest, request_id: int):
+        self.request = request
+        self.id = request_id
+        self._events: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._wake: Callable[[], None] | None = None  # set while an asyncio consumer waits for an event
+        self.submitted = time.perf_counter()
+        self.last_position: int | None = None
+        self.arrival_tick: float = -1.0  # set by Engine.submit (see Engine._order)
+        self._on_cancel = None  # set by Engine.submit while the request waits
+
+    def put(self, event: Event) -> None:
+        """Add an event (from any thread) and wake a waiting asyncio consumer."""
+        self._events.put(event)
+        wake, self._wake = self._wake, None  # one wake-up per wait, however many events arrive
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self._on_cancel is not None:  # still queued: leave the queue now, not when the worker gets to it
+            self._on_cancel(self)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Yield events until Done or Error (blocking). Closing the iterator early cancels the request."""
+        finished = False
+        try:
+            while True:
+                event = self._events.get(timeout=timeout)
+                yield event
+                if isinstance(event, TERMINAL):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel()
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """The same events for an asyncio consumer, without a thread: ``put`` wakes this task's loop.
+        Closing the iterator early (or cancelling the task) cancels the request."""
+        loop = asyncio.get_running_loop()
+        finished = False
+        try:
+            while True:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    await self._next_put(loop)
+                    continue
+                yield event
+                if isinstance(event, TERMINAL):
+                    finished = True
+                    return
+        finally:
+            self._wake = None
+            if not finished:
+                self.cancel()
+
+    async def _next_put(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until ``put`` has been called (returns at once if an event is already there)."""
+        woken = loop.create_future()
+        self._wake = lambda: loop.call_soon_threadsafe(_resolve, woken)
+        if self._events.empty():  # checked after arming: an event put just before is not missed
+            await woken
+        self._wake = None
