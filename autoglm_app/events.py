@@ -11,8 +11,10 @@ The UI and the API are two renderers of this stream; neither touches the model.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -126,25 +128,76 @@ class LayerRoute:
 
 
 @dataclass
-class Routing:
-    """Experts chosen for one generated token, plus the running load so far.
+class ExpertCounts:
+    """The running routing counts of one request as of one token: copies the probe will not touch again."""
 
-    ``load`` (see probes.RoutingProbe.snapshot(): per-layer counts and balance figures) may be
-    handed over as a zero-argument function that builds it: most consumers read only the newest
-    record's load, so the engine does not spend time building every token's dict.
+    layers: list[int]  # decoder layer index of each MoE layer
+    experts: int  # experts per layer
+    top_k: int  # experts per token
+    tokens: dict[str, int]  # tokens routed in "prefill" / "decode"
+    prefill: np.ndarray  # (moe layers, experts) int64 expert choices
+    decode: np.ndarray  # (moe layers, experts) int64
+    by_modality: dict[str, np.ndarray]  # "text" / "image" / "audio" -> (moe layers, experts) int64
+    dropped: np.ndarray  # (moe layers,) choices dropped by an expert's capacity limit
+
+
+def balance_cv_rows(load: np.ndarray) -> list[float]:
+    """Coefficient of variation of each row of a (layers, experts) load (0 = perfectly even), written
+    with bare ufunc reductions rather than np.mean / np.std (it can run once per token)."""
+    x = load.astype(np.float64)
+    E = x.shape[1]
+    mean = np.add.reduce(x, axis=1) / E
+    var = np.add.reduce(x * x, axis=1) / E - mean * mean
+    std = np.sqrt(np.maximum(var, 0.0))
+    return (std / np.maximum(mean, 1e-12) * (mean > 0)).tolist()
+
+
+def balance_entropy_rows(load: np.ndarray) -> list[float]:
+    """Entropy of each row of a (layers, experts) load normalised to [0, 1] (1 = perfectly even)."""
+    if load.shape[1] < 2:
+        return [0.0] * load.shape[0]
+    total = np.add.reduce(load, axis=1)
+    p = load / np.maximum(total, 1)[:, None]
+    plogp = p * np.log(p + (p == 0))  # 0 log 0 = 0
+    return (0.0 - np.add.reduce(plogp, axis=1) / math.log(load.shape[1])).tolist()
+
+
+def expert_load(counts: ExpertCounts) -> dict:
+    """The running load as consumers read it (``Routing.load``): per-layer counts as lists, and balance figures."""
+    total = counts.prefill + counts.decode
+    return {
+        "layers": counts.layers,
+        "experts": counts.experts,
+        "top_k": counts.top_k,
+        "tokens": counts.tokens,
+        "prefill": counts.prefill.tolist(),
+        "decode": counts.decode.tolist(),
+        "total": total.tolist(),
+        "by_modality": {m: v.tolist() for m, v in counts.by_modality.items()},
+        "dropped": counts.dropped.tolist(),
+        "cv": balance_cv_rows(total),
+        "entropy": balance_entropy_rows(total),
+    }
+
+
+@dataclass
+class Routing:
+    """Experts chosen for one generated token, plus the running counts so far.
+
+    ``counts`` is what the engine sends (copies of the small count arrays); a dict already in
+    ``load``'s shape is accepted too (a recorded or hand-built stream). ``load`` is built from the
+    counts on first read, not per token: most consumers read only the newest record's load.
     """
 
     index: int
     token: str
     phase: Literal["reasoning", "answer"]
     layers: list[LayerRoute]
-    load_source: dict | Callable[[], dict] = field(default_factory=dict, repr=False)
+    counts: ExpertCounts | dict = field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def load(self) -> dict:
-        if callable(self.load_source):
-            self.load_source = self.load_source()
-        return self.load_source
+        return self.counts if isinstance(self.counts, dict) else expert_load(self.counts)
 
 
 @dataclass

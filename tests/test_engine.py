@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autoglm_app.engine import generation
+from autoglm_app.engine import generation, sampling
 from autoglm_app.events import (
     Answer,
     Audio,
@@ -61,7 +61,7 @@ def scripted(monkeypatch, processor, text: str):
     """Make the loop choose the tokens of ``text`` (then end-of-text) instead of sampling."""
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
     it = iter(ids)
-    monkeypatch.setattr(generation, "sample", lambda *a, **k: next(it))
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: next(it))
 
 
 # ----------------------------------------------------------------------------- event stream
@@ -416,13 +416,13 @@ def test_media_placeholders_are_never_sampled(engine, small, monkeypatch):
     banned = [processor.image_token_id, processor.audio_token_id, processor.boi, processor.eoa,
               processor.tokenizer.pad_token_id]
     seen = []
-    real = generation.sample
+    real = sampling.sample
 
     def checking(logits, *args):
         seen.append(bool(torch.isinf(logits[banned]).all()))
         return real(logits, *args)
 
-    monkeypatch.setattr(generation, "sample", checking)
+    monkeypatch.setattr(sampling, "sample", checking)
     events = engine.run(ask(text="Tell me a very long story.", enable_thinking=False, temperature=0,
                             max_new_tokens=30))
     assert isinstance(events[-1], Done)
@@ -442,3 +442,145 @@ def test_model_that_does_not_hear_gets_the_transcript(small, monkeypatch):
         assert isinstance(list(handle.events())[-1], Done)
     finally:
         eng.close()
+
+
+# ----------------------------------------------------------------------------- the loop's pieces
+
+
+def greedy_by_hand(model, inputs: dict, banned: list[int], n: int) -> list[int]:
+    """Reference: the plain cached loop (one forward per token, banned ids masked, argmax), no engine code."""
+    from transformers.cache_utils import DynamicCache
+
+    cache, tokens, memory = DynamicCache(), [], None
+    with torch.inference_mode():
+        out = model(**inputs, past_key_values=cache, use_cache=True, memory_state=None)
+        for _ in range(n):
+            logits = out.logits[0, -1].float().clone()
+            logits[banned] = float("-inf")
+            tokens.append(int(logits.argmax()))
+            memory = out.memory_state
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
+                        memory_state=memory)
+    return tokens
+
+
+def test_prefill_and_decode_step_pick_the_tokens_of_the_plain_cached_loop(engine, small):
+    from transformers.cache_utils import DynamicCache
+
+    model, processor = small
+    rt = engine.rt
+    request = ask(images=[scene()], audios=[tone(0.5)], temperature=0)
+    inputs = AUTOGLM.prepare(processor, request.messages, True).inputs
+    sampler = sampling.Sampler(request.options, inputs["input_ids"][0], rt.banned_ids, [])
+    cache = DynamicCache()
+    with torch.inference_mode():
+        token, memory = generation.prefill(rt, inputs, cache, None, sampler)
+        tokens = [token]
+        for _ in range(5):
+            token, memory = generation.decode_step(rt, token, cache, memory, sampler)
+            tokens.append(token)
+    assert tokens == greedy_by_hand(model, inputs, rt.banned_ids, 6)
+
+
+def test_engine_answer_is_the_decoded_greedy_tokens(engine, small):
+    model, processor = small
+    request = ask(text="Describe the image.", images=[scene()], temperature=0, max_new_tokens=6,
+                  enable_thinking=False, min_new_tokens=6)
+    events = engine.run(request)
+    inputs = AUTOGLM.prepare(processor, request.messages, False).inputs
+    banned = sorted(set(engine.rt.banned_ids) | set(engine.rt.stop_list))  # min_new_tokens keeps the stops out
+    expected = processor.tokenizer.decode(greedy_by_hand(model, inputs, banned, 6), skip_special_tokens=False)
+    assert texts(events) == ("", expected)
+    assert events[-2].completion_tokens == 6 and events[-2].finish_reason == "length"
+
+
+def test_sampler_keeps_stop_ids_out_until_min_new_tokens_and_never_picks_banned_ids():
+    opts = Options(temperature=0, min_new_tokens=2)
+    sampler = sampling.Sampler(opts, torch.tensor([5, 6]), banned_ids=[3], stop_ids=[0])
+    logits = torch.tensor([9.0, 1.0, 2.0, 8.0, 0.0])  # 0 is the stop id, 3 banned
+    picks = []
+    for _ in range(3):
+        picks.append(sampler.pick(logits.clone()))
+        sampler.accept(picks[-1])
+    assert picks == [2, 2, 0]
+    assert sampler.kept == 3 and sampler.seen.tolist() == [5, 6]  # no penalty: nothing more is kept
+
+
+def test_sampler_repetition_penalty_lowers_tokens_already_seen():
+    opts = Options(temperature=0, repetition_penalty=4.0)
+    sampler = sampling.Sampler(opts, torch.tensor([1]), banned_ids=[], stop_ids=[])
+    logits = torch.tensor([0.0, 4.0, 3.0, 2.5])
+    assert sampler.pick(logits.clone()) == 2  # 4.0 / 4 for the prompt's token 1
+    sampler.accept(2)
+    assert sampler.seen.tolist() == [1, 2]
+    assert sampler.pick(logits.clone()) == 3
+
+
+def test_the_same_seed_gives_the_same_sampled_tokens():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for _ in range(2):
+        sampler = sampling.Sampler(Options(temperature=1.0, top_p=1.0, seed=7), torch.tensor([0]), [], [])
+        runs.append([sampler.pick(logits.clone()) for _ in range(20)])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
+def test_the_family_is_asked_once_per_engine_not_per_request(small, monkeypatch):
+    eng = make_engine(*small)
+    try:
+        asked = []
+        for name in ("stop_ids", "banned_ids", "attention_modules", "routers", "num_experts", "num_layers",
+                     "default_focus"):
+            real = getattr(eng.family, name)
+            monkeypatch.setattr(eng.family, name, lambda *a, _n=name, _r=real, **k: asked.append(_n) or _r(*a, **k))
+        for _ in range(2):
+            events = eng.run(ask(images=[scene()], max_new_tokens=3))
+            assert isinstance(events[-1], Done)
+            assert any(isinstance(e, Routing) for e in events) and any(isinstance(e, Focus) for e in events)
+    finally:
+        eng.close()
+    assert asked == []
+    assert eng.rt.num_layers == small[0].config.num_hidden_layers
+    assert (eng.rt.num_experts, eng.rt.top_k) == (small[0].config.num_experts, small[0].config.num_experts_per_tok)
+
+
+def test_a_prompt_that_fits_is_prepared_once_and_never_counted(small, monkeypatch):
+    model, processor = small
+    calls = []
+    real_prepare, real_count = AUTOGLM.prepare, AUTOGLM.count_tokens
+    monkeypatch.setattr(AUTOGLM, "prepare", lambda *a, **k: calls.append("prepare") or real_prepare(*a, **k))
+    monkeypatch.setattr(AUTOGLM, "count_tokens", lambda *a, **k: calls.append("count") or real_count(*a, **k))
+    messages = [Message("user", "hi"), Message("assistant", "A red circle."), Message("user", "and?", [scene()])]
+    prep, dropped = generation.fit_context(AUTOGLM, processor, messages, Options(max_new_tokens=8), 8192)
+    assert calls == ["prepare"] and dropped == 0
+    assert prep.inputs["input_ids"].shape == real_prepare(processor, messages, True).inputs["input_ids"].shape
+
+
+def test_dropping_turns_counts_the_shorter_prompts_and_prepares_the_one_that_fits(small, monkeypatch):
+    model, processor = small
+    long = "describe the shapes in the picture please " * 4
+    messages = [Message("system", "Be brief.")]
+    for i in range(4):
+        messages += [Message("user", f"{i} {long}"), Message("assistant", "A red circle.")]
+    messages.append(Message("user", "And now?"))
+    calls = []
+    real_prepare, real_count = AUTOGLM.prepare, AUTOGLM.count_tokens
+    monkeypatch.setattr(AUTOGLM, "prepare", lambda *a, **k: calls.append("prepare") or real_prepare(*a, **k))
+    monkeypatch.setattr(AUTOGLM, "count_tokens", lambda *a, **k: calls.append("count") or real_count(*a, **k))
+    opts = Options(max_new_tokens=8)
+    prep, dropped = generation.fit_context(AUTOGLM, processor, messages, opts, 120)
+    kept = [messages[0]] + messages[1 + 2 * dropped:]
+    assert dropped >= 1 and calls == ["prepare"] + ["count"] * dropped + ["prepare"]
+    assert torch.equal(prep.inputs["input_ids"], real_prepare(processor, kept, True).inputs["input_ids"])
+    assert prep.inputs["input_ids"].shape[1] + 8 <= 120
+    assert real_count(processor, kept[:1] + messages[1 + 2 * (dropped - 1):], True) + 8 > 120  # one fewer drop: too long
+
+
+def test_autoglm_count_tokens_is_the_prepared_prompt_length(small):
+    processor = small[1]
+    for messages in ([Message("user", "hi")],
+                     [Message("system", "Be brief."), Message("user", "what is it?", [scene(), scene()], [tone(0.7)])],
+                     [Message("user", "", [], [tone(1.3)]), Message("assistant", "A tone."), Message("user", "more")]):
+        for thinking in (True, False):
+            prepared = AUTOGLM.prepare(processor, messages, thinking).inputs["input_ids"].shape[1]
+            assert AUTOGLM.count_tokens(processor, messages, thinking) == prepared

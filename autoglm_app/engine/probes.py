@@ -13,12 +13,12 @@ split by prefill / decode and by the modality of the token.
 
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..events import aggregate_layers
+from ..events import ExpertCounts
 from ..modeling.processing_autoglm import AudioSpan, ImageSpan
 
 # ----------------------------------------------------------------------------- focus
@@ -114,7 +114,7 @@ class FocusProbe:
             for j, i in enumerate(ids):
                 out[i] = picked[j]
         self.rows.clear()
-        return RoutingProbe._stack([out[i] for i in layers]).numpy()
+        return host_stack([out[i] for i in layers]).numpy()
 
     def split(self, per_layer: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(layers, K) -> per image (layers, rows, cols) and per recording (layers, frames)."""
@@ -129,9 +129,6 @@ class FocusProbe:
         return images, audios
 
 
-aggregate = aggregate_layers  # the contract's one rule (events.py)
-
-
 # ----------------------------------------------------------------------------- routing
 
 
@@ -139,11 +136,11 @@ class RoutingProbe:
     MODALITIES = ("text", "image", "audio")
 
     def __init__(self, routers: list[tuple[int, torch.nn.Module]], num_experts: int, top_k: int,
-                 read_route=None):
+                 read_route: Callable[..., tuple]):
         """read_route(module, args, output) -> (experts (N, k), weights (N, k), kept (N, k) bool): how to read one
-        router's forward; the default is AutoGLMRouter's ``(probs, experts, weights, kept)`` output."""
+        router's forward (the family's ``read_route``)."""
         self.routers = routers
-        self.read_route = read_route or _read_autoglm_route
+        self.read_route = read_route
         self.layer_ids = [i for i, _ in routers]
         self.E, self.k = num_experts, top_k
         L = len(routers)
@@ -178,7 +175,7 @@ class RoutingProbe:
         if not self._step:
             return []
         slots = sorted(self._step)
-        experts, weights, kept = (self._stack([self._step[s][i] for s in slots]) for i in range(3))  # (L, N, k)
+        experts, weights, kept = (host_stack([self._step[s][i] for s in slots]) for i in range(3))  # (L, N, k)
         self._step.clear()
         L, n, _ = experts.shape
         e = experts.numpy()
@@ -208,78 +205,28 @@ class RoutingProbe:
         last_w = weights[:, -1].float().tolist()
         return [(self.layer_ids[s], last_e[i], last_w[i]) for i, s in enumerate(slots)]
 
-    @staticmethod
-    def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-        """One host copy for all layers when they share a device (one copy per layer otherwise)."""
-        if all(t.device == tensors[0].device for t in tensors):
-            return torch.stack(tensors).cpu()
-        return torch.stack([t.cpu() for t in tensors])
+    def start_decode(self) -> None:
+        """From here on the forwards are decode steps, and their one token each is text."""
+        self.phase = "decode"
+        self.modality = None
 
-    def snapshot(self) -> dict:
-        return self.frozen()()
-
-    def frozen(self):
-        """A function that builds ``snapshot()`` as of now, later: copies of the counts are all
-        that is taken on the hot path."""
-        pre, dec = self.load["prefill"].copy(), self.load["decode"].copy()
-        mods = {m: v.copy() for m, v in self.by_modality.items()}
-        dropped, tokens = self.dropped.copy(), dict(self.tokens)
-
-        def build() -> dict:
-            total = pre + dec
-            return {
-                "layers": self.layer_ids,
-                "experts": self.E,
-                "top_k": self.k,
-                "tokens": tokens,
-                "prefill": pre.tolist(),
-                "decode": dec.tolist(),
-                "total": total.tolist(),
-                "by_modality": {m: v.tolist() for m, v in mods.items()},
-                "dropped": dropped.tolist(),
-                "cv": balance_cv_rows(total),
-                "entropy": balance_entropy_rows(total),
-            }
-
-        return build
+    def counts(self) -> ExpertCounts:
+        """Copies of the running counts as of now (the event's data; ``events.expert_load`` builds the dict)."""
+        return ExpertCounts(
+            layers=self.layer_ids, experts=self.E, top_k=self.k, tokens=dict(self.tokens),
+            prefill=self.load["prefill"].copy(), decode=self.load["decode"].copy(),
+            by_modality={m: v.copy() for m, v in self.by_modality.items()}, dropped=self.dropped.copy(),
+        )
 
 
-def _read_autoglm_route(module, args, output) -> tuple:
-    _, experts, weights, kept = output
-    return experts, weights, kept
-
-
-def balance_cv_rows(load: np.ndarray) -> list[float]:
-    """balance_cv of each row of a (layers, experts) load, vectorised (runs once per token, so
-    written with bare ufunc reductions rather than np.mean / np.std)."""
-    x = load.astype(np.float64)
-    E = x.shape[1]
-    mean = np.add.reduce(x, axis=1) / E
-    var = np.add.reduce(x * x, axis=1) / E - mean * mean
-    std = np.sqrt(np.maximum(var, 0.0))
-    return (std / np.maximum(mean, 1e-12) * (mean > 0)).tolist()
-
-
-def balance_entropy_rows(load: np.ndarray) -> list[float]:
-    """balance_entropy of each row of a (layers, experts) load, vectorised."""
-    if load.shape[1] < 2:
-        return [0.0] * load.shape[0]
-    total = np.add.reduce(load, axis=1)
-    p = load / np.maximum(total, 1)[:, None]
-    plogp = p * np.log(p + (p == 0))  # 0 log 0 = 0
-    return (0.0 - np.add.reduce(plogp, axis=1) / math.log(load.shape[1])).tolist()
+def host_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack on the host: one copy for all layers when they share a device (one copy per layer otherwise)."""
+    if all(t.device == tensors[0].device for t in tensors):
+        return torch.stack(tensors).cpu()
+    return torch.stack([t.cpu() for t in tensors])
 
 
 def balance_cv(load: np.ndarray) -> float:
     """Coefficient of variation of per-expert load (0 = perfectly even)."""
     mean = load.mean()
     return float(load.std() / mean) if mean > 0 else 0.0
-
-
-def balance_entropy(load: np.ndarray) -> float:
-    """Entropy of the load distribution normalised to [0, 1] (1 = perfectly even)."""
-    total = load.sum()
-    if total <= 0 or len(load) < 2:
-        return 0.0
-    p = load[load > 0] / total
-    return float(-(p * np.log(p)).sum() / math.log(len(load)))

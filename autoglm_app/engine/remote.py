@@ -40,6 +40,7 @@ from ..events import (
     Stats,
 )
 from .inputs import validate_request
+from .stats import Timeline, timing_stats
 from .thinksplit import ThinkSplitter
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class RemoteEngine:
 
     def _stream(self, h: RequestHandle) -> Stats:
         req, o = h.request, h.request.options
-        t0 = time.perf_counter()
+        timeline = Timeline(time.perf_counter())
         extra = {"chat_template_kwargs": {"enable_thinking": o.enable_thinking}, "skip_special_tokens": False}
         if o.top_k:
             extra["top_k"] = o.top_k
@@ -212,8 +213,6 @@ class RemoteEngine:
             max_tokens=o.max_new_tokens, seed=o.seed, stop=o.stop or None, user=req.session_id, extra_body=extra,
         )
         splitter = ThinkSplitter(o.enable_thinking)
-        counts = {"reasoning": 0, "answer": 0}
-        t_first = t_think = None
         finish, usage = "length", None
         try:
             for chunk in stream:
@@ -229,10 +228,7 @@ class RemoteEngine:
                     pieces += splitter.feed(d.content) if d.content else []
                     now = time.perf_counter()
                     for phase, text in pieces:
-                        t_first = t_first or now
-                        counts[phase] += 1
-                        if phase == "answer" and t_think is None and counts["reasoning"]:
-                            t_think = now
+                        timeline.piece(phase, now)
                         h.put(Reasoning(text) if phase == "reasoning" else Answer(text))
                     if choice.finish_reason:
                         finish = "stop" if choice.finish_reason == "stop" else choice.finish_reason
@@ -240,22 +236,15 @@ class RemoteEngine:
             stream.close()
         for phase, text in splitter.finish():
             h.put(Reasoning(text) if phase == "reasoning" else Answer(text))
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
-        r_n, a_n = counts["reasoning"], counts["answer"]  # chunks, until the final usage says tokens
+        r_n, a_n = timeline.reasoning, timeline.answer  # chunks, until the final usage says tokens
         details = getattr(usage, "completion_tokens_details", None) if usage else None
         reasoning_tokens = getattr(details, "reasoning_tokens", None) or r_n
         completion = usage.completion_tokens if usage else r_n + a_n
         answer_tokens = max(completion - reasoning_tokens, 0) if usage else a_n
-        reasoning_end = t_think or (t_end if r_n else t_first)  # no reasoning: the answer ran from the first token
-        return Stats(
-            ttft_s=t_first - t0, think_s=(t_think - t0) if t_think else None,
-            reasoning_tokens=reasoning_tokens, answer_tokens=answer_tokens,
-            reasoning_tps=reasoning_tokens / max(reasoning_end - t_first, 1e-9) if reasoning_tokens > 1 else 0.0,
-            answer_tps=answer_tokens / max(t_end - reasoning_end, 1e-9) if answer_tokens > 1 else 0.0,
-            tokens_per_second=completion / max(t_end - t_first, 1e-9) if completion > 1 else 0.0,
-            prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=completion,
-            queue_s=0.0, total_s=t_end - t0, peak_memory={}, finish_reason=finish, attention="remote",
+        return timing_stats(
+            timeline, time.perf_counter(), reasoning_tokens=reasoning_tokens, answer_tokens=answer_tokens,
+            completion_tokens=completion, prompt_tokens=usage.prompt_tokens if usage else 0,
+            finish_reason=finish, attention="remote", peak_memory={},
         )
 
 

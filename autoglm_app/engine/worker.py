@@ -37,9 +37,10 @@ from ..events import (
     Stats,
 )
 from ..families import ModelFamily, family_for
-from .generation import Generation, Runtime
+from .generation import Generation
 from .handle import RequestHandle
 from .inputs import validate_request
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class Engine:
         self.loaded = loaded
         self.limits = limits or Limits()
         self.family = family or family_for(loaded.model)
-        self.rt = Runtime(loaded.model, loaded.processor, self.family, self.limits.context_limit)
+        # what the loop needs of the model, asked of its family once
+        self.rt = Runtime.build(loaded.model, loaded.processor, self.family, self.limits.context_limit)
         self._waiting: list[RequestHandle] = []
         self._last_served: OrderedDict[str, int] = OrderedDict()
         self._serve_tick = 0  # how many requests the worker has started

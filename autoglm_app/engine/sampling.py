@@ -1,0 +1,82 @@
+"""Sampling: one request's logits -> its next token id, and token ids -> text deltas.
+
+``sample`` is the rule (repetition penalty, greedy at temperature 0, else temperature, top-k and
+top-p); ``Sampler`` holds what one request needs around it (banned ids, the stop ids kept out
+before ``min_new_tokens``, the ids seen so far, the seeded generator). ``IncrementalDecoder``
+turns the token stream into text without ever splitting a multi-byte character.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..events import Options
+
+
+def sample(logits: torch.Tensor, opts: Options, seen: torch.Tensor, gen: torch.Generator) -> int:
+    """logits (V,) float32 on CPU -> next token id."""
+    if opts.repetition_penalty != 1.0 and seen.numel():
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / opts.repetition_penalty, picked * opts.repetition_penalty)
+    if opts.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / opts.temperature
+    if opts.top_k > 0:
+        kth = torch.topk(logits, min(opts.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if 0 < opts.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p > opts.top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def request_generator(seed: int | None) -> torch.Generator:
+    """The request's own random stream: seeded by the client, else fresh from torch's entropy."""
+    return torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+
+
+class Sampler:
+    """One request's token picker: ``pick(logits)`` for the next token, ``accept(token)`` once it is kept."""
+
+    def __init__(self, opts: Options, prompt_ids: torch.Tensor, banned_ids: list[int], stop_ids: list[int]):
+        self.opts = opts
+        self.banned = banned_ids
+        self.stop = stop_ids
+        self.seen = prompt_ids.cpu()  # (T,) what the repetition penalty lowers
+        self.kept = 0  # tokens accepted so far
+        self.gen = request_generator(opts.seed)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """logits (V,) of the newest position, any device and dtype -> the next token id."""
+        logits = logits.float().cpu()
+        logits[self.banned] = float("-inf")
+        if self.kept < self.opts.min_new_tokens:  # end-of-text waits until the minimum length
+            logits[self.stop] = float("-inf")
+        return sample(logits, self.opts, self.seen, self.gen)
+
+    def accept(self, token: int) -> None:
+        self.kept += 1
+        if self.opts.repetition_penalty != 1.0:  # only the penalty reads what was seen
+            self.seen = torch.cat([self.seen, torch.tensor([token])])
+
+
+class IncrementalDecoder:
+    """Token ids -> text deltas, never splitting a multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=False)
+        after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
