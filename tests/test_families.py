@@ -167,6 +167,35 @@ def test_a_text_only_prompt_does_not_reuse_the_last_images_rope_offset(served):
     assert deltas is None or not deltas.any()
 
 
+def test_a_request_prepares_its_prompt_once_and_again_only_after_dropping_turns(served, monkeypatch):
+    name, loaded, engine, size, *_ = served
+    if name != "qwen2_5_vl":  # the path is the same for every HF family: one is enough
+        pytest.skip("checked on qwen2_5_vl")
+    calls = []
+    real = engine.family.prepare
+    monkeypatch.setattr(engine.family, "prepare", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    events = _ask(engine, Image.new("RGB", size, "red"))
+    assert calls == [1] and events[-1].__class__.__name__ == "Done"
+
+    calls.clear()
+    turn = "describe the picture and every shape in it please " * 3
+    history = []
+    for i in range(8):
+        history += [Message("user", f"{i} {turn}"), Message("assistant", "A red circle.")]
+    request = ChatRequest(history + [Message("user", "And now?")], Options(max_new_tokens=12, temperature=0))
+    events = engine.run(request)
+    notices = [e for e in events if e.__class__.__name__ == "Notice"]
+    stats = next(e for e in events if isinstance(e, Stats))
+    assert notices and "oldest" in notices[0].message
+    dropped = int(notices[0].message.split("oldest ")[1].split(" ")[0])
+    kept = history[2 * dropped:] + request.messages[-1:]
+    # the whole conversation, then the shorter candidates (each counted by preparing it), then the one kept
+    assert calls == [len(request.messages)] + [len(request.messages) - 2 * d for d in range(1, dropped + 1)] + \
+        [len(kept)]
+    assert stats.prompt_tokens == real(loaded.processor, kept, True).inputs["input_ids"].shape[1]
+    assert stats.prompt_tokens + 12 <= 512
+
+
 def test_omni_prompt_spans_follow_the_processor_placeholders(served):
     """Image and audio spans sit on the runs of their pad tokens, audio after the image, and the modality array
     marks them; a recording's span has exactly as many positions as the audio encoder has frames for it."""

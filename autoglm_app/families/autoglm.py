@@ -80,6 +80,4 @@ class AutoGLMFamily(ModelFamily):
         return Prepared(enc, image_spans, audio_spans, modality)
 
 
-
-
 AUTOGLM = AutoGLMFamily("autoglm")

@@ -71,7 +71,9 @@ class ModelFamily:
         raise NotImplementedError
 
     def count_tokens(self, processor, messages: list[Message], enable_thinking: bool) -> int:
-        raise NotImplementedError
+        """Prompt length of ``messages``; by default that of the prepared prompt (a family with a cheaper
+        count, one that skips the pixels, overrides it)."""
+        return int(self.prepare(processor, messages, enable_thinking).inputs["input_ids"].shape[1])
 
     def prepare(self, processor, messages: list[Message], enable_thinking: bool) -> Prepared:
         raise NotImplementedError

@@ -31,7 +31,7 @@ model hears audio. The shared behaviour is the same for all of them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,7 +77,6 @@ class HFFamily(ModelFamily):
     # a composite checkpoint (Qwen-Omni: thinker + talker) loads only this part of its config
     # (the model class is then ``auto_class``, a transformers class name, built from that sub-config)
     sub_config: str | None = None
-    extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ forward passes
     def begin(self, model) -> None:
@@ -86,9 +85,6 @@ class HFFamily(ModelFamily):
         owner = _get(model, self.rope_owner) if self.rope_owner else None
         if owner is not None and hasattr(owner, "rope_deltas"):
             owner.rope_deltas = None
-
-    def forward_kwargs(self, memory_state) -> dict:
-        return {}
 
     @staticmethod
     def read_route(module, args, output) -> tuple:
@@ -147,9 +143,6 @@ class HFFamily(ModelFamily):
         if not enable_thinking and self.think_close not in text[-len(self.thinking_off_suffix) - 8:]:
             text += self.thinking_off_suffix  # the template ignored the switch: close an empty think block
         return text
-
-    def count_tokens(self, processor, messages: list[Message], enable_thinking: bool) -> int:
-        return int(self.prepare(processor, messages, enable_thinking).inputs["input_ids"].shape[1])
 
     def prepare(self, processor, messages: list[Message], enable_thinking: bool) -> Prepared:
         dicts, images, audios = self.template_messages(messages)
