@@ -110,7 +110,7 @@ def test_loss_is_minus_log_of_the_eager_head_mean_image_attention_on_the_target(
     encoded = [encode(processor, s) for s in samples]
     from training.data import collate
 
-    batch = collate(encoded, processor.tokenizer.pad_token_id, processor.num_mel_bins)
+    batch = collate(encoded, processor.tokenizer.pad_token_id)
     rows = focus_rows(samples, encoded, model.config.image_token_id, 4)
     assert rows
     layer = model.config.num_hidden_layers - 1

@@ -117,7 +117,7 @@ def mask_features(features: torch.Tensor, rng: random.Random, freq_masks: int = 
     return out
 
 
-def collate(encoded: list[dict], pad_id: int, num_mel_bins: int) -> dict:
+def collate(encoded: list[dict], pad_id: int) -> dict:
     T = max(len(e["input_ids"]) for e in encoded)
     B = len(encoded)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

@@ -134,7 +134,7 @@ class StepBatches(torch.utils.data.Dataset):
         # masking draws from its own stream, so turning it on leaves the samples themselves unchanged
         mask_rng = random.Random(draw * 7 + 1) if a.mask_speech else None
         encoded = [encode(self.processor, s, mask_rng) for s in samples]
-        batch = collate(encoded, self.processor.tokenizer.pad_token_id, self.processor.num_mel_bins)
+        batch = collate(encoded, self.processor.tokenizer.pad_token_id)
         cells = [cell_labels(s.scene) for s in samples if s.images]
         questions = [question_labels(s.qa) for s in samples if s.audios]
         rows = focus_rows(samples, encoded, self.image_token_id, self.grid) if a.focus > 0 else []
