@@ -15,12 +15,12 @@ import io
 import json
 import re
 import time
-import wave
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from .render import audio_focus_image, overlay_heatmap
 from .session import Session, Turn
@@ -82,18 +82,14 @@ def _png(image) -> bytes:
 
 
 def _wav(samples: np.ndarray, rate: int) -> bytes:
+    """Samples of any type -> a 16-bit PCM WAV file."""
     x = np.asarray(samples)
     if np.issubdtype(x.dtype, np.floating):
         x = (np.clip(x, -1, 1) * 32767).astype(np.int16)
     elif x.dtype != np.int16:
         x = (x.astype(np.float64) / (np.iinfo(x.dtype).max + 1) * 32767).astype(np.int16)
-    channels = 1 if x.ndim == 1 else x.shape[1]
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(int(rate))
-        w.writeframes(np.ascontiguousarray(x).tobytes())
+    sf.write(buf, x, int(rate), format="WAV", subtype="PCM_16")
     return buf.getvalue()
 
 
