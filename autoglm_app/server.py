@@ -92,7 +92,7 @@ def create_app(engine, settings: Settings, ui: bool = True):
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     mount_api(app, engine, settings)
     if ui:
-        from .ui.app import mount_ui
+        from .ui.layout import mount_ui
 
         app = mount_ui(app, engine, settings)
     return app

@@ -44,10 +44,11 @@ from autoglm_app.events import (
 )
 from autoglm_app.engine.inputs import clean_text, open_image, to_mono_16k
 from autoglm_app.server import create_app, serve_in_thread, startup_warnings
-from autoglm_app.ui.app import Studio
+from autoglm_app.ui.handlers import Handlers as Studio
+from autoglm_app.ui.layout import build_page
 from autoglm_app.ui.session import Session
-from tests.conftest import make_engine
-from tests.test_api import (
+from tests.helpers import make_engine
+from tests.api_helpers import (
     LONG_PROMPT,
     assert_error,
     body,
@@ -186,9 +187,7 @@ def assert_alive(url: str, reference: str) -> None:
 
 @pytest.fixture(scope="module")
 def studio(engine) -> Studio:
-    s = Studio(engine, Settings(model="small"))
-    s.build()
-    return s
+    return build_page(engine, Settings(model="small"))[1]
 
 
 class _Warnings:
@@ -343,7 +342,7 @@ def test_a_long_recording_is_refused_from_its_header_before_decoding(monkeypatch
     monkeypatch.setattr(media.sf, "read", no_decoding)
     raw = base64.b64encode(BAD_RECORDINGS["10-minute recording"][0]).decode()
     with pytest.raises(media.MediaError, match="600.0 s long; the limit is 30 s") as info:
-        media.load_input_audio(raw, "wav")
+        media.load_input_audio(raw, "wav", Limits())
     assert info.value.code == "audio_too_long"
     # the engine's own check also looks at the length before converting any sample
     samples = np.zeros((600 * 8000, 2), np.int16)
@@ -604,8 +603,7 @@ def test_limit_settings_reach_the_api_the_engine_and_the_page(small, tmp_path):
         with pytest.raises(BadRequest, match="3 images in one turn"):
             eng.submit(ChatRequest([Message("user", "x", [Image.new("RGB", (4, 4))] * 3)]))
         # the page
-        studio = Studio(eng, settings)
-        studio.build()
+        studio = build_page(eng, settings)[1]
         for files, words in (([write(tmp_path, "big.png", png_bytes(40, 40))], "limit is 1,000"),
                              ([write(tmp_path, f"s{k}.png", png_bytes(4, 4)) for k in range(3)], "limit is 2"),
                              ([write(tmp_path, "heavy.png", noise_png(400, 400))], "limit is 0.25 MiB")):
@@ -635,8 +633,7 @@ def test_a_full_queue_is_a_busy_warning_in_the_page_and_429_on_the_api(small):
         while eng.queue_length() and time.time() < deadline:
             time.sleep(0.01)
         handles.append(eng.submit(long))  # waits: the queue is full now
-        studio = Studio(eng, Settings(model="small"))
-        studio.build()
+        studio = build_page(eng, Settings(model="small"))[1]
         session = Session()
         _, warned = ui_send(studio, session, "hi")
         assert len(warned) == 1 and warned[0].startswith("The server is busy") and "try again in about" in warned[0]
@@ -810,7 +807,7 @@ def test_two_page_sessions_never_see_each_others_history_or_telemetry(studio, tm
     # focus: only alpha's turn has an image, and only alpha's tokens carry image maps
     assert all(t.images for t in ta.tokens.values()) and not any(t.images for t in tb.tokens.values())
     final_b = results["beta"][0][-1]
-    assert final_b[studio.focus_image]["visible"] is False
+    assert final_b[studio.page.focus_image]["visible"] is False
     # routing: each turn's load counts its own prompt and tokens only
     for turn in (ta, tb):
         assert turn.load["tokens"]["prefill"] == turn.stats.prompt_tokens

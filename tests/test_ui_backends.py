@@ -10,15 +10,18 @@
 
 from __future__ import annotations
 
+import re
 import warnings
-import wave
 
 import numpy as np
 import pytest
+import soundfile as sf
 from PIL import Image
 
 from autoglm_app.config import Settings
-from autoglm_app.ui.app import NO_EARS, Studio
+from autoglm_app.ui.handlers import NO_EARS, Handlers
+from autoglm_app.ui.inputs import read_audio
+from autoglm_app.ui.layout import build_page, mount_ui
 from autoglm_app.ui.session import Session, Turn, stream_turn
 
 SPOKEN = "where is the red circle"
@@ -27,23 +30,24 @@ NEEDS_ENGINE = "needs the in-process engine"
 
 def write_wav(path, seconds: float = 0.5, rate: int = 16000) -> str:
     x = (np.sin(np.arange(int(seconds * rate)) / rate * 440 * 2 * np.pi) * 12000).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(x.tobytes())
+    sf.write(str(path), x, rate, format="WAV", subtype="PCM_16")
     return str(path)
 
 
-def send(studio: Studio, session: Session, text: str = "", files=(), recording: str | None = None) -> list[dict]:
+def send(studio: Handlers, session: Session, text: str = "", files=(), recording: str | None = None) -> list[dict]:
     """Drive the page's Send handler as Gradio would (thinking off, greedy, 6 new tokens)."""
     return list(studio.send({"text": text, "files": list(files)}, recording, False, 0.0, 1.0, 6, 1, session, None))
 
 
-def build(engine) -> Studio:
-    studio = Studio(engine, Settings(model="small"))
-    studio.build()
+def build(engine) -> Handlers:
+    """The page's handlers (``.page`` the components they update, ``.blocks`` the page)."""
+    blocks, studio = build_page(engine, Settings(model="small"))
+    studio.blocks = blocks
     return studio
+
+
+def component(studio: Handlers, elem_id: str):
+    return next(b for b in studio.blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id)
 
 
 # ----------------------------------------------------------------------------- remote backend
@@ -63,11 +67,11 @@ def remote(engine):
 
 def test_remote_backend_streams_a_turn_and_the_panels_say_they_need_the_in_process_engine(remote, tmp_path):
     studio = build(remote)
-    assert not studio.focus_ok and not studio.routing_ok and studio.remote
+    assert not studio.caps.focus and not studio.caps.routing and studio.caps.remote
     session = Session()
-    empty = studio.panel_updates(session)  # before any turn: the note, not "ask a question"
-    assert NEEDS_ENGINE in empty[studio.focus_caption] and NEEDS_ENGINE in empty[studio.routing_html]
-    assert "in-process engine (the model" in empty[studio.focus_caption]  # the engine's own reason is shown
+    empty = studio.panels.all(session)  # before any turn: the note, not "ask a question"
+    assert NEEDS_ENGINE in empty[studio.page.focus_caption] and NEEDS_ENGINE in empty[studio.page.routing_html]
+    assert "in-process engine (the model" in empty[studio.page.focus_caption]  # the engine's own reason is shown
 
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 64), "red").save(image)
@@ -76,25 +80,26 @@ def test_remote_backend_streams_a_turn_and_the_panels_say_they_need_the_in_proce
     assert turn.ok, turn.error
     assert (turn.answer + turn.reasoning).strip() and not turn.tokens  # text streamed, no probe events
     assert len(updates) >= 3  # first (inputs cleared), streamed chunk(s), final
-    history = updates[-1][studio.chatbot]
+    history = updates[-1][studio.page.chatbot]
     assert history[0] == {"role": "user", "content": "what shape is this?"}
     assert history[-1]["role"] == "assistant" and history[-1]["content"].strip()
     final = updates[-1]
-    assert NEEDS_ENGINE in final[studio.focus_caption] and NEEDS_ENGINE in final[studio.routing_html]
-    assert final[studio.focus_image]["visible"] is False and final[studio.words]["visible"] is False
-    assert final[studio.token_html] == "" and final[studio.split_html] == ""
+    assert NEEDS_ENGINE in final[studio.page.focus_caption] and NEEDS_ENGINE in final[studio.page.routing_html]
+    assert final[studio.page.focus_image]["visible"] is False and final[studio.page.words]["visible"] is False
+    assert final[studio.page.token_html] == "" and final[studio.page.split_html] == ""
 
-    panel = final[studio.model_md]
+    panel = final[studio.page.model_md]
     assert "openai" in panel and remote.base_url in panel and "Last answer" in panel
     assert "#### Devices" not in panel and "#### Modules" not in panel and "memory in use" not in panel
 
 
 def test_local_engine_panels_keep_their_usual_placeholders(engine):
     studio = build(engine)  # Engine.info() has no "focus" key: treated as available
-    assert studio.focus_ok and studio.routing_ok and studio.hears and not studio.remote
-    empty = studio.panel_updates(Session())
-    assert NEEDS_ENGINE not in empty[studio.focus_caption] and "Caption focus" in empty[studio.focus_caption]
-    assert "#### Devices" in studio.model_panel(Session())
+    assert studio.caps.focus and studio.caps.routing and studio.caps.hears and not studio.caps.remote
+    empty = studio.panels.all(Session())
+    assert NEEDS_ENGINE not in empty[studio.page.focus_caption] and "Caption focus" in empty[studio.page.focus_caption]
+    assert "#### Devices" in studio.model(Session())
+    assert re.search(r"\| cpu \(process RSS\) \| [^|]+ \| \d+\.\d [MG]iB \|", studio.model(Session()))  # psutil
 
 
 # ----------------------------------------------------------------------------- a model that does not hear
@@ -131,8 +136,9 @@ def spy_submit(engine, monkeypatch) -> list:
 def test_transcript_fills_the_text_box_and_the_edited_text_is_sent_without_the_audio(deaf_engine, monkeypatch,
                                                                                    tmp_path):
     studio = build(deaf_engine)
-    assert studio.transcribing and "transcribed" in studio.mic_label()
-    assert "transcribed to text" in studio.model_panel(Session())
+    assert studio.caps.transcribing and "transcribed" in component(studio, "mic").label
+    assert component(studio, "transcribe").visible is True
+    assert "transcribed to text" in studio.model(Session())
     wav = write_wav(tmp_path / "question.wav")
     session = Session()
 
@@ -152,7 +158,7 @@ def test_transcript_fills_the_text_box_and_the_edited_text_is_sent_without_the_a
     history = session.history()
     assert history[0] == {"role": "user", "content": edited}
     assert history[1] == {"role": "user", "content": {"path": wav}}  # the recording stays playable
-    assert studio.panel_updates(session)[studio.audio_focus]["visible"] is False
+    assert studio.panels.all(session)[studio.page.audio_focus]["visible"] is False
 
     # regenerate keeps it that way
     list(studio.regenerate(False, 0.0, 1.0, 4, 1, session, None))
@@ -181,7 +187,6 @@ def test_transcribe_via_gradio_client(deaf_engine, tmp_path):
     from gradio_client import Client, handle_file
 
     from autoglm_app.server import serve_in_thread
-    from autoglm_app.ui.app import mount_ui
 
     server = serve_in_thread(mount_ui(FastAPI(), deaf_engine, Settings(model="small")))
     try:
@@ -200,8 +205,8 @@ def test_model_that_neither_hears_nor_transcribes_asks_for_typed_text(engine, mo
     monkeypatch.setattr(engine.family, "hears_audio", False)
     assert engine.transcribe is None
     studio = build(engine)
-    assert not studio.transcribing and studio.transcribe_btn.visible is False
-    assert "type your question" in studio.mic_label()
+    assert not studio.caps.transcribing and component(studio, "transcribe").visible is False
+    assert "type your question" in component(studio, "mic").label
     wav = write_wav(tmp_path / "q.wav")
     session = Session()
     with pytest.warns(UserWarning, match="type your question"):
@@ -214,8 +219,6 @@ def test_model_that_neither_hears_nor_transcribes_asks_for_typed_text(engine, mo
         list(studio.api_chat("", None, wav, False, 0.0, 1.0, 4, 1, Session(), None))
 
     # a recording that reaches the engine anyway (another client) is refused in plain words
-    from autoglm_app.ui.app import read_audio
-
     session.start(Turn(text="", audio=read_audio(wav), audio_path=wav))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -194,7 +194,7 @@ def serve_ui(engine):
 
     from autoglm_app.config import Settings
     from autoglm_app.server import serve_in_thread
-    from autoglm_app.ui.app import mount_ui
+    from autoglm_app.ui.layout import mount_ui
 
     return serve_in_thread(mount_ui(FastAPI(), engine, Settings(model="small")))
 

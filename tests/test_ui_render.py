@@ -30,8 +30,11 @@ from autoglm_app.events import (
     Stats,
 )
 from autoglm_app.ui import render
+from autoglm_app.ui.layout import build_page
+from autoglm_app.ui.panels import clamp_layers
 from autoglm_app.ui.export import build_trace, write_trace_zip
 from autoglm_app.ui.session import Session, Turn, stream_turn
+from autoglm_app.ui.words import merge_words
 
 LAYERS, ROWS, COLS, FRAMES = 3, 4, 4, 10
 
@@ -153,7 +156,7 @@ def test_merge_words_joins_pieces_and_splits_on_spaces_phases_and_cjk():
     tokens = [(0, "<think>", "reasoning"), (1, "Hmm", "reasoning"), (2, " The", "answer"), (3, " cir", "answer"),
               (4, "cle", "answer"), (5, ",", "answer"), (6, "", "answer"), (7, " red", "answer"), (8, "\n", "answer"),
               (9, "我", "answer"), (10, "是", "answer"), (11, "。", "answer")]
-    words = render.merge_words(tokens)
+    words = merge_words(tokens)
     assert [(w.text.strip(), w.phase) for w in words] == [
         ("Hmm", "reasoning"), ("The", "answer"), ("circle,", "answer"), ("red", "answer"), ("我", "answer"),
         ("是。", "answer")]
@@ -161,7 +164,7 @@ def test_merge_words_joins_pieces_and_splits_on_spaces_phases_and_cjk():
 
 
 def test_word_chips_mark_the_selected_word():
-    words = render.merge_words([(0, "The", "answer"), (1, " cat", "answer")])
+    words = merge_words([(0, "The", "answer"), (1, " cat", "answer")])
     assert render.word_chips(words, 1) == [("The ", "answer"), ("cat ", "selected")]
 
 
@@ -179,9 +182,18 @@ def test_layer_reaggregation_uses_per_layer_maps_and_the_range():
     assert top[1, 1] == pytest.approx(0.3, rel=1e-3)  # stored as float16
     first = turn.focus_map([2], "image", 0, "mean", (0, 1))
     assert first[1, 1] == pytest.approx(0.1, rel=1e-3)
-    assert render.aggregate_layers(focus_map((0, 0)), "mean", (5, 9))[0, 0] == pytest.approx(0.3)  # clamped
-    with pytest.raises(ValueError):
-        render.aggregate_layers(focus_map((0, 0)), "median")
+    with pytest.raises(ValueError, match="outside"):  # the contract's rule is strict: the page clamps first
+        turn.focus_map([2], "image", 0, "mean", (5, 9))
+    with pytest.raises(ValueError, match="median"):
+        turn.focus_map([2], "image", 0, "median", (0, 1))
+
+
+def test_the_page_clamps_the_layer_sliders_to_the_models_layers():
+    assert clamp_layers((5, 9), LAYERS) == (2, 3)  # past the top: the top layer
+    assert clamp_layers((-4, 0), LAYERS) == (0, 1)  # below the bottom: the first layer
+    assert clamp_layers((1, 1), LAYERS) == (1, 2)  # an empty range: one layer
+    assert clamp_layers((0, 7), LAYERS) == (0, 3)
+    assert clamp_layers(None, LAYERS) is None
 
 
 def test_selection_follows_the_newest_token_live_then_the_whole_answer_then_a_clicked_word():
@@ -392,22 +404,27 @@ def two_image_turn() -> Turn:
 
 def test_panels_pick_the_image_the_word_and_the_layer_aggregation():
     from autoglm_app.config import Settings
-    from autoglm_app.ui.app import Studio
 
-    studio = Studio(InfoOnlyEngine(), Settings(model="small"))
-    studio.build()
+    _, studio = build_page(InfoOnlyEngine(), Settings(model="small"))
+    page = studio.page
     session = Session()
     session.start(two_image_turn())
 
     def shown(update: dict) -> np.ndarray:
-        return np.asarray(update[studio.focus_image]["value"])
+        return np.asarray(update[page.focus_image]["value"])
 
-    first = studio.panel_updates(session)
-    assert first[studio.image_pick]["visible"] and first[studio.image_pick]["choices"] == ["image 1", "image 2"]
-    assert first[studio.layer_to]["maximum"] == LAYERS
+    first = studio.panels.all(session)
+    assert first[page.image_pick]["visible"] and first[page.image_pick]["choices"] == ["image 1", "image 2"]
+    assert first[page.layer_to]["maximum"] == LAYERS
     second = studio.change_view(-1, "image 2", "inferno", 0.55, "default", 0, LAYERS, "total", session)
     assert session.view.image == 1 and not np.array_equal(shown(first), shown(second))
     studio.select_word(session, type("Evt", (), {"index": 1})())
-    assert session.view.word == 1 and ("right ", "selected") in studio.panel_updates(session)[studio.words]
+    assert session.view.word == 1 and ("right ", "selected") in studio.panels.all(session)[page.words]
     top_layer = studio.change_view(-1, "image 2", "inferno", 0.55, "max", LAYERS - 1, LAYERS, "total", session)
-    assert session.view.layers == (LAYERS - 1, LAYERS) and "Focus of" in top_layer[studio.focus_caption]
+    assert session.view.layers == (LAYERS - 1, LAYERS) and "Focus of" in top_layer[page.focus_caption]
+    # slider values past the model's layers show the top layer's map, as the clamped range does
+    beyond = studio.change_view(-1, "image 2", "inferno", 0.55, "max", LAYERS + 3, LAYERS + 5, "total", session)
+    assert "32% of the attention on image 2" in top_layer[page.focus_caption]  # layer 2: 0.3 + 15 x 0.001
+    assert beyond[page.focus_caption] == top_layer[page.focus_caption]
+    bottom = studio.change_view(-1, "image 2", "inferno", 0.55, "max", 0, 1, "total", session)
+    assert "11% of the attention on image 2" in bottom[page.focus_caption]  # layer 0: 0.1 + 15 x 0.001 (float16)

@@ -10,32 +10,17 @@ from __future__ import annotations
 
 import html
 import math
-import unicodedata
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from .words import Word
+
 COLORMAPS = ("inferno", "viridis", "magma", "jet", "turbo", "hot")
 AGGREGATIONS = ("default", "mean", "max")  # "default" = the maps the engine aggregated itself
-THINK_TAGS = {"<think>", "</think>", "<answer>", "</answer>"}
 DISPLAY_MAX_SIDE = 448  # overlays are for looking at, not for analysis
 
 # ----------------------------------------------------------------------------- focus maps
-
-
-def aggregate_layers(per_layer: np.ndarray, rule: str, layers: tuple[int, int] | None = None) -> np.ndarray:
-    """(layers, ...) head-mean maps -> one map: mean or max over layers [start, end) (clamped)."""
-    n = per_layer.shape[0]
-    start, end = layers if layers is not None else (0, n)
-    start = min(max(int(start), 0), n - 1)
-    end = min(max(int(end), start + 1), n)
-    chosen = per_layer[start:end].astype(np.float32)
-    if rule == "max":
-        return chosen.max(0)
-    if rule == "mean":
-        return chosen.mean(0)
-    raise ValueError(f"unknown focus aggregation {rule!r}: use one of {AGGREGATIONS}")
 
 
 def normalise(heat: np.ndarray) -> np.ndarray:
@@ -134,47 +119,6 @@ def _envelope(x: np.ndarray, seconds: float, bins: int) -> tuple[np.ndarray, np.
 
 
 # ----------------------------------------------------------------------------- words
-
-
-@dataclass
-class Word:
-    """Consecutive generated tokens shown as one clickable word."""
-
-    text: str
-    phase: str  # "reasoning" | "answer"
-    tokens: list[int] = field(default_factory=list)  # generated-token indices
-
-
-def _is_cjk(ch: str) -> bool:
-    return bool(ch) and unicodedata.east_asian_width(ch) in ("W", "F")
-
-
-def merge_words(tokens: list[tuple[int, str, str]]) -> list[Word]:
-    """(index, text, phase) tokens in order -> words.
-
-    A token starts a new word when it begins with whitespace, follows whitespace,
-    changes phase, or is a wide (CJK) character; punctuation and word pieces join the
-    word before them. Think tags are markup, not words, and are left out.
-    """
-    words: list[Word] = []
-    for index, text, phase in tokens:
-        if text.strip() in THINK_TAGS:
-            continue
-        prev = words[-1] if words else None
-        if prev is not None and prev.phase == phase and (text == "" or _continues(prev.text, text)):
-            prev.text += text
-            prev.tokens.append(index)
-        else:
-            words.append(Word(text, phase, [index]))
-    return [w for w in words if w.text.strip()]  # a lone newline is layout, not a word
-
-
-def _continues(before: str, token: str) -> bool:
-    if not before or before[-1].isspace() or token[0].isspace():
-        return False
-    if unicodedata.category(token[0]).startswith("P"):
-        return True  # punctuation belongs to the word before it
-    return not (_is_cjk(token[0]) or _is_cjk(before[-1]))  # each CJK character is a word
 
 
 def word_chips(words: list[Word], selected: int | None) -> list[tuple[str, str]]:

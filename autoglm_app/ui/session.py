@@ -35,8 +35,9 @@ from ..events import (
     Reasoning,
     Routing,
     Stats,
+    aggregate_layers,
 )
-from .render import Word, aggregate_layers, merge_words
+from .words import Word, merge_words
 
 THINKING_TITLE = "Thinking"
 
@@ -169,7 +170,9 @@ class Turn:
 
     def focus_map(self, indices: list[int], kind: str, i: int, rule: str = "default",
                   layers: tuple[int, int] | None = None) -> np.ndarray | None:
-        """Mean focus of the given tokens on image / recording ``i`` (None when none has one)."""
+        """Mean focus of the given tokens on image / recording ``i`` (None when none has one): the engine's
+        own maps for ``rule`` "default", else the per-layer maps aggregated by the contract's rule over
+        ``layers`` (which must lie within the stack: the page clamps its slider range first)."""
         maps = []
         for idx in indices:
             t = self.tokens.get(idx)
@@ -178,7 +181,7 @@ class Turn:
             aggregated = t.images if kind == "image" else t.audios
             per_layer = t.per_layer_images if kind == "image" else t.per_layer_audios
             if rule != "default" and i < len(per_layer):
-                maps.append(aggregate_layers(per_layer[i], rule, layers))
+                maps.append(aggregate_layers(per_layer[i].astype(np.float32), rule, layers))
             elif i < len(aggregated):
                 maps.append(aggregated[i])
         return np.mean(maps, axis=0) if maps else None

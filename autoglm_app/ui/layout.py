@@ -1,0 +1,204 @@
+"""The AutoGLM Studio page: chat on the left, Focus | Routing | Model | Export tabs on the right.
+
+``build_ui(engine, settings)`` lays the page out top to bottom as it looks, then wires its events to
+the handlers (``handlers.py``); ``mount_ui`` mounts it at "/" of the server's FastAPI app.
+
+Named API endpoints (gradio_client): ``/chat`` (text, images, audio, settings -> history), ``/stop``,
+``/regenerate``, ``/clear``, ``/export``; ``/send`` is the page's own multimodal-box endpoint;
+``/transcribe`` exists for a model that does not hear but has a speech-to-text model (recording ->
+editable text in the box).
+
+What the engine can do (``panels.Capabilities``): without focus or routing (a remote backend) those
+panels say they need the in-process engine and the Model panel shows the backend and base URL; a
+model that does not hear but can transcribe puts a recording's transcript in the text box for
+editing, and the turn then sends that text (the recording stays in the history, not sent as audio).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..config import Settings
+from . import render
+from .handlers import Handlers
+from .inputs import EXAMPLES_DIR, chat_example, example_caption, load_examples
+from .panels import (WORDS_PLACEHOLDER, Capabilities, Page, focus_placeholder, mic_label, model_panel,
+                     routing_placeholder)
+from .session import Session
+
+EXPORT_HELP = ("**QA trace.** Download the whole conversation as a zip: `trace.json` with the prompts, reasoning, "
+               "answers, settings, model id, speed, per-token focus maps and expert routing, plus the input images, "
+               "the recording, and a heatmap PNG for every word of each reply.")
+
+CSS = """
+.gradio-container {max-width: 100% !important; padding-top: 6px !important;}
+#title h2 {margin: 0;}
+#title p {margin: 0; color: var(--body-text-color-subdued);}
+.placeholder {color: var(--body-text-color-subdued); padding: 18px; border: 1px dashed var(--border-color-primary);
+              border-radius: 8px; text-align: center; line-height: 1.5;}
+.caption {padding: 4px 2px;}
+.routing {overflow-x: auto; margin-bottom: 8px;}
+.routing table {border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums;}
+.routing table.heat {min-width: 60%;}
+.routing caption {caption-side: top; text-align: left; font-size: 12px; padding: 4px 0;
+                  color: var(--body-text-color-subdued);}
+.routing th, .routing td {padding: 5px 10px; border: 1px solid var(--border-color-primary); text-align: center;}
+.routing td.fig {color: var(--body-text-color-subdued);}
+.routing td.chosen {outline: 3px solid #f97316; outline-offset: -3px; font-weight: 700;}
+.routing td.chosen sup {font-weight: 400; margin-left: 2px;}
+.routing td.bar {width: 240px; text-align: left; white-space: nowrap;}
+.routing td.bar span {display: inline-block; height: 12px; vertical-align: middle;}
+.routing .key {display: inline-block; width: 10px; height: 10px; margin: 0 3px 0 8px; border-radius: 2px;}
+.routing .gate {display: inline-block; margin-right: 12px; white-space: nowrap;}
+.routing .gate i {display: inline-block; height: 8px; background: #6366f1; margin: 0 4px; vertical-align: middle;}
+#words {max-height: 340px; overflow-y: auto;}
+"""
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange")
+
+
+def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
+    """The page as Blocks (not yet mounted), and the handlers its events call."""
+    caps = Capabilities.of(engine)
+    info, examples = caps.info, load_examples()
+    limit = int(info.get("context_limit") or 8192)
+    focus_shown = caps.focus  # without focus (remote backend) its controls have nothing to act on
+    watch = "watch its reasoning, where it looked, and which experts it used" if caps.focus else "watch its reasoning"
+
+    with gr.Blocks(title="AutoGLM Studio") as demo:
+        state = gr.State(Session())  # deep-copied for each browser session
+        gr.Markdown(f"## AutoGLM Studio\n`{info.get('model_id', 'model')}` · ask about an image or a "
+                    f"recording; {watch}.", elem_id="title")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=420):  # ---------------------------------------- chat
+                chatbot = gr.Chatbot(
+                    label="Chat", height="calc(100vh - 330px)", min_height=320, elem_id="chat",
+                    placeholder="**Ask AutoGLM about a picture or a recording.** Attach or paste images, record a "
+                                "question with the microphone, or start with an example:",
+                    examples=[chat_example(ex) for ex in examples], buttons=["copy"], feedback_options=None)
+                prompt = gr.MultimodalTextbox(
+                    placeholder="Type a question; attach or paste images (several per turn are fine)…",
+                    file_types=["image", "audio"], file_count="multiple", sources=["upload"],
+                    submit_btn=False, show_label=False, elem_id="prompt")
+                with gr.Row(equal_height=True):
+                    mic = gr.Audio(sources=["microphone", "upload"], type="filepath", label=mic_label(caps),
+                                   scale=3, elem_id="mic")
+                    with gr.Column(scale=2, min_width=200):
+                        with gr.Row():
+                            send_btn = gr.Button("Send", variant="primary", min_width=80, elem_id="send")
+                            stop_btn = gr.Button("Stop", variant="stop", min_width=80, elem_id="stop")
+                        with gr.Row():
+                            regen_btn = gr.Button("Regenerate", min_width=80, elem_id="regenerate")
+                            clear_btn = gr.Button("Clear", min_width=80, elem_id="clear")
+                        transcribe_btn = gr.Button("Transcribe", min_width=80, visible=caps.transcribing,
+                                                   elem_id="transcribe")
+                with gr.Accordion("Generation settings", open=False):
+                    with gr.Row():
+                        thinking = gr.Checkbox(value=True, label="Thinking (reasoning before the answer)",
+                                               elem_id="thinking")
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed")
+                    with gr.Row():
+                        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
+                                                elem_id="temperature")
+                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top-p")
+                        max_new_tokens = gr.Slider(1, min(limit, 4096), value=512, step=1, label="Max new tokens",
+                                                   elem_id="max-tokens")
+                example_set = gr.Dataset(label="Examples: click one to run it", components=["textbox"],
+                                         samples=[[example_caption(ex)] for ex in examples], type="index",
+                                         samples_per_page=8, elem_id="examples")
+            with gr.Column(scale=6, min_width=480), gr.Tabs():  # --------------------------- panels
+                with gr.Tab("Focus", id="focus", elem_id="tab-focus"):
+                    focus_caption = gr.HTML(focus_placeholder(caps), elem_id="focus-caption")
+                    with gr.Row(equal_height=False, visible=focus_shown or caps.routing):
+                        turn_pick = gr.Dropdown([("latest", -1)], value=-1, label="Turn", min_width=140,
+                                                elem_id="turn-pick")
+                        image_pick = gr.Radio([], label="Image", visible=False, min_width=140, elem_id="image-pick")
+                        colormap = gr.Dropdown(list(render.COLORMAPS), value="inferno", label="Colour map",
+                                               min_width=120, visible=focus_shown)
+                        opacity = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="Opacity", min_width=140,
+                                            visible=focus_shown)
+                    with gr.Row(equal_height=False):
+                        focus_image = gr.Image(type="pil", format="png", label="Focus heatmap", visible=False,
+                                               interactive=False, height="40vh", buttons=["download", "fullscreen"],
+                                               scale=3, min_width=240, elem_id="focus-image")
+                        words = gr.HighlightedText(WORDS_PLACEHOLDER, label="Reply word by word: click a word",
+                                                   color_map=render.WORD_COLORS, show_legend=False,
+                                                   show_inline_category=False, interactive=False, scale=2,
+                                                   min_width=200, visible=focus_shown, elem_id="words")
+                    audio_focus = gr.Image(type="pil", format="png", label="Focus over the recording", visible=False,
+                                           interactive=False, height=190, buttons=["download"], elem_id="audio-focus")
+                    with gr.Accordion("Layers: aggregate the focus maps again", open=False, visible=focus_shown):
+                        with gr.Row(equal_height=False):
+                            aggregation = gr.Radio(list(render.AGGREGATIONS), value="default", label="Aggregation",
+                                                   info="default = the model's own choice; mean / max use the range")
+                            layer_from = gr.Slider(0, 1, value=0, step=1, label="from layer")
+                            layer_to = gr.Slider(1, 2, value=2, step=1, label="to layer (exclusive)")
+                with gr.Tab("Routing", id="routing", elem_id="tab-routing"):
+                    load_view = gr.Radio(list(render.LOAD_VIEWS), value="total", label="Expert load",
+                                         info="all tokens, prompt (prefill) or generated (decode) tokens, or by the "
+                                              "modality of the token", visible=caps.routing, elem_id="load-view")
+                    routing_html = gr.HTML(routing_placeholder(caps), elem_id="routing")
+                    with gr.Row(equal_height=False):
+                        token_html = gr.HTML("", elem_id="token-routes")
+                        split_html = gr.HTML("", elem_id="modality-split")
+                with gr.Tab("Model", id="model", elem_id="tab-model"):
+                    model_md = gr.Markdown(model_panel(caps, Session()), elem_id="model-panel")
+                    refresh_btn = gr.Button("Refresh memory figures", size="sm", visible=not caps.remote)
+                with gr.Tab("Export", id="export", elem_id="tab-export"):
+                    gr.Markdown(EXPORT_HELP)
+                    export_btn = gr.Button("Build QA trace (.zip)", variant="primary", elem_id="export")
+                    export_file = gr.File(label="QA trace", visible=False, elem_id="export-file")
+        with gr.Column(visible=False):  # the clean /chat API endpoint takes plain inputs; no place on the page
+            api_text = gr.Textbox(label="text")
+            api_images = gr.File(label="images", file_count="multiple", file_types=["image"])
+            api_audio = gr.Audio(label="audio", type="filepath")
+            api_btn = gr.Button("chat")
+
+        # ------------------------------------------------------------------------------------ wiring
+        page = Page(chatbot, prompt, mic, turn_pick, focus_caption, image_pick, focus_image, words, audio_focus,
+                    layer_from, layer_to, routing_html, token_html, split_html, model_md, export_file)
+        h = Handlers(engine, settings, caps, page, examples)
+        options = [thinking, temperature, top_p, max_new_tokens, seed]
+        turn_outputs, panel_outputs = page.turn_outputs(), page.panel_outputs()
+        send = dict(fn=h.send, inputs=[prompt, mic, *options, state], outputs=turn_outputs,
+                    concurrency_limit=None)  # the engine queues fairly and reports positions
+        send_btn.click(**send, api_name="send")
+        prompt.submit(**send, api_visibility="private")
+        stop_btn.click(h.stop, [state], None, api_name="stop", concurrency_limit=None)
+        regen_btn.click(h.regenerate, [*options, state], turn_outputs, api_name="regenerate", concurrency_limit=None)
+        clear_btn.click(h.clear, [state], turn_outputs + [export_file], api_name="clear")
+        example_set.click(h.fill_example, [example_set], [prompt, mic],
+                          api_visibility="private").then(**send, api_visibility="private")
+        chatbot.example_select(h.pick_chat_example, None, [prompt, mic],
+                               api_visibility="private").then(**send, api_visibility="private")
+
+        words.select(h.select_word, [state], panel_outputs, api_visibility="private")
+        view = [turn_pick, image_pick, colormap, opacity, aggregation, layer_from, layer_to, load_view]
+        for control in view:
+            control.input(h.change_view, [*view, state], panel_outputs, api_visibility="private")
+
+        if caps.transcribing:  # a model that does not hear: recording -> editable text in the box
+            transcribe = dict(fn=h.transcribe, inputs=[prompt, mic, state], outputs=[prompt])
+            transcribe_btn.click(**transcribe, api_name="transcribe")
+            mic.stop_recording(**transcribe, api_visibility="private")
+            mic.upload(**transcribe, api_visibility="private")
+
+        refresh_btn.click(h.model, [state], [model_md], api_visibility="private")
+        demo.load(h.model, [state], [model_md], api_visibility="private")
+        export_btn.click(h.export, [state], [export_file], api_name="export")
+        api_btn.click(h.api_chat, [api_text, api_images, api_audio, *options, state], [chatbot], api_name="chat",
+                      concurrency_limit=None)
+    return demo, h
+
+
+def build_ui(engine, settings: Settings) -> gr.Blocks:
+    """The page as Blocks (not yet mounted)."""
+    return build_page(engine, settings)[0]
+
+
+def mount_ui(app, engine, settings: Settings):
+    """Mount the page at "/" of the FastAPI ``app``; returns the app."""
+    blocks = build_ui(engine, settings)
+    blocks.queue(default_concurrency_limit=4)
+    return gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, allowed_paths=[str(EXAMPLES_DIR)],
+                               footer_links=["api"], show_error=True, max_file_size=settings.limits.max_upload_bytes)
