@@ -8,26 +8,22 @@ thinks on cue nor fails on cue.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
-import struct
 import threading
 import time
-import zlib
 from http.server import HTTPServer, SimpleHTTPRequestHandler
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
-from PIL import Image
 
-from autoglm_app.api import media, routes
-from autoglm_app.api.protocol import ChatCompletionRequest, ChunkBuilder, CompletionBuilder, Extras, to_chat_request
-from autoglm_app.config import Settings
-from autoglm_app.engine.worker import RequestHandle
+from autoglm_app.api import media
+from autoglm_app.api.protocol import ChatCompletionRequest
+from autoglm_app.api.serving import ChunkBuilder, CompletionBuilder, Extras, to_chat_request, to_options
+from autoglm_app.config import Limits
+from autoglm_app.engine.handle import RequestHandle
 from autoglm_app.events import (
     Answer,
     Done,
@@ -39,129 +35,28 @@ from autoglm_app.events import (
     Queued,
     Reasoning,
     Routing,
-    Stats,
 )
 from autoglm_app.modeling.small import build_small
-from autoglm_app.server import create_app, serve_in_thread
-
-from tests.conftest import make_engine
-
-# a prompt the small random model (seed 0) answers at length when decoding greedily
-LONG_PROMPT = "The quick brown fox"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def png_bytes(width: int = 32, height: int = 24, color: str = "red") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(raw: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
-
-
-def huge_png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (the pixel data is a 1x1 image's): cheap to send."""
-    raw = bytearray(png_bytes(1, 1))
-    ihdr = struct.pack(">II", width, height) + raw[24:29]
-    raw[16:29] = ihdr
-    raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
-    return bytes(raw)
-
-
-def audio_b64(fmt: str = "WAV", seconds: float = 0.5, rate: int = 16000) -> str:
-    t = np.arange(int(seconds * rate)) / rate
-    buf = io.BytesIO()
-    sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format=fmt)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def user(*parts) -> dict:
-    return {"role": "user", "content": list(parts)}
-
-
-def text(t: str) -> dict:
-    return {"type": "text", "text": t}
-
-
-def image(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def body(**kw) -> dict:
-    out = {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": "hi"}],
-           "max_tokens": 4, "temperature": 0}
-    out.update(kw)
-    return out
-
-
-def post(url: str, payload=None, **kw) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", json=payload, timeout=30, **kw)
-
-
-def sse_events(response: httpx.Response) -> list:
-    """The data payloads of an SSE response, JSON-decoded ('[DONE]' kept as is)."""
-    out = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["message"]
-    if code is not None:
-        assert err["code"] == code
-    return err
-
-
-def assert_serves(url: str) -> None:
-    r = post(url, body())
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] is not None
-
-
-def serve(engine, **settings):
-    return serve_in_thread(create_app(engine, Settings(model="small", **settings), ui=False))
-
-
-class ScriptedEngine:
-    """Engine stand-in for wire-format tests: every request gets the same scripted events."""
-
-    ready = True
-    max_queue = 4
-
-    def __init__(self, events: list):
-        self.script = events
-        self.requests = []
-
-    def info(self) -> dict:
-        return {"model_id": "scripted"}
-
-    def submit(self, request) -> RequestHandle:
-        self.requests.append(request)
-        handle = RequestHandle(request, len(self.requests))
-        for event in self.script:
-            handle.put(event)
-        return handle
-
-
-def stats(**kw) -> Stats:
-    base = dict(ttft_s=0.01, think_s=0.02, reasoning_tokens=3, answer_tokens=2, reasoning_tps=100.0,
-                answer_tps=100.0, tokens_per_second=100.0, prompt_tokens=7, completion_tokens=5, queue_s=0.0,
-                total_s=0.05, peak_memory={"cpu": 1}, finish_reason="stop", attention="sdpa+probe")
-    return Stats(**{**base, **kw})
-
-
-THINKING_SCRIPT = [Queued(0), Reasoning("Let me "), Reasoning("look."), Answer("A red "), Answer("square."),
-                   stats(), Done("stop")]
+from tests.api_helpers import (
+    LONG_PROMPT,
+    THINKING_SCRIPT,
+    ScriptedEngine,
+    assert_error,
+    assert_serves,
+    audio_b64,
+    body,
+    data_url,
+    huge_png_header,
+    image,
+    png_bytes,
+    post,
+    serve,
+    sse_events,
+    stats,
+    text,
+    user,
+)
+from tests.helpers import make_engine
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -342,14 +237,16 @@ def test_focus_routing_and_stats_are_present_and_shaped_when_asked(api_url, smal
         for f in token_focus:
             grid = np.array(f["grid"])
             assert grid.shape == (rows, cols) and (grid >= 0).all()
-            assert isinstance(f["token"], str) and isinstance(f["index"], int)
+    # every image's map of a token carries that token, in generation order
+    assert [{f["index"] for f in token_focus} for token_focus in message["focus"]] == [{i} for i in range(n_tokens)]
     assert [r["index"] for r in message["routing"]] == list(range(n_tokens))
+    assert [token_focus[0]["token"] for token_focus in message["focus"]] == [r["token"] for r in message["routing"]]
     layer = message["routing"][0]["layers"][0]
     assert set(layer) == {"layer", "experts", "weights"} and len(layer["experts"]) == len(layer["weights"]) == 2
     s = data["stats"]
-    assert s["ttft_ms"] > 0 and s["tokens_per_second"] >= 0
+    assert s["ttft_ms"] > 0 and s["total_ms"] >= s["ttft_ms"]
     assert s["prompt_tokens"] == data["usage"]["prompt_tokens"] and s["completion_tokens"] == n_tokens
-    assert "expert_load" in s
+    assert s["expert_load"]["tokens"]["prefill"] == data["usage"]["prompt_tokens"]
 
 
 def test_streamed_telemetry_rides_on_each_tokens_delta(api_url, small):
@@ -450,12 +347,12 @@ def test_completion_builder_without_telemetry_keeps_only_text():
 
 def test_request_model_maps_thinking_switches_with_top_level_first():
     def thinking(**kw) -> bool:
-        return ChatCompletionRequest(messages=[], **kw).options().enable_thinking
+        return to_options(ChatCompletionRequest(messages=[], **kw)).enable_thinking
 
     assert thinking() is True
     assert thinking(chat_template_kwargs={"enable_thinking": False}) is False
     assert thinking(enable_thinking=True, chat_template_kwargs={"enable_thinking": False}) is True
-    assert ChatCompletionRequest(messages=[]).options() == Options(focus=False, routing=False)
+    assert to_options(ChatCompletionRequest(messages=[])) == Options(focus=False, routing=False)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -522,7 +419,7 @@ def test_declared_body_over_the_limit_gets_413_before_it_is_sent(api_url):
     host, port = urlsplit(api_url).hostname, urlsplit(api_url).port
     with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {routes.MAX_BODY_BYTES + 1}\r\n\r\n".encode())
+                  f"Content-Length: {Limits().max_body_bytes + 1}\r\n\r\n".encode())
         reply = b""
         while piece := s.recv(65536):  # the server closes the connection after a 413
             reply += piece
@@ -571,13 +468,13 @@ def test_a_full_queue_gets_429_with_retry_after():
                                  temperature=0)
     handles = []
     try:
-        handles.append(engine.submit(to_chat_request(long, False)))
+        handles.append(engine.submit(to_chat_request(long, Limits())))
         deadline = time.time() + 10
         while engine.queue_length() and time.time() < deadline:  # wait until it runs
             time.sleep(0.01)
-        handles.append(engine.submit(to_chat_request(long, False)))  # waits: the queue is now full
+        handles.append(engine.submit(to_chat_request(long, Limits())))  # waits: the queue is now full
         with pytest.raises(EngineBusy):
-            engine.submit(to_chat_request(long, False))
+            engine.submit(to_chat_request(long, Limits()))
         r = post(running.url, body())
         err = assert_error(r, 429, "queue_full")
         assert int(r.headers["Retry-After"]) >= 1 and "busy" in err["message"]
@@ -628,18 +525,133 @@ def test_remote_images_are_fetched_only_when_allowed(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     try:
-        assert media.load_image_url(url + "/cat.png", allow_remote=True).size == (20, 10)
+        assert media.load_image_url(url + "/cat.png", allow_remote=True, limits=Limits()).size == (20, 10)
         with pytest.raises(media.MediaError, match="turned off"):
-            media.load_image_url(url + "/cat.png", allow_remote=False)
+            media.load_image_url(url + "/cat.png", allow_remote=False, limits=Limits())
         with pytest.raises(media.MediaError, match="HTTP 404"):
-            media.load_image_url(url + "/dog.png", allow_remote=True)
+            media.load_image_url(url + "/dog.png", allow_remote=True, limits=Limits())
     finally:
         server.shutdown()
 
 
 def test_data_urls_must_be_base64_images():
-    assert media.load_image_url(data_url(png_bytes(5, 4)), allow_remote=False).size == (5, 4)
+    assert media.load_image_url(data_url(png_bytes(5, 4)), allow_remote=False, limits=Limits()).size == (5, 4)
     with pytest.raises(media.MediaError, match="not an image"):
-        media.load_image_url(data_url(b"abc", "text/plain"), allow_remote=False)
+        media.load_image_url(data_url(b"abc", "text/plain"), allow_remote=False, limits=Limits())
     with pytest.raises(media.MediaError, match="base64"):
-        media.load_image_url("data:image/png,rawbytes", allow_remote=False)
+        media.load_image_url("data:image/png,rawbytes", allow_remote=False, limits=Limits())
+
+
+# ----------------------------------------------------------------------------- the typed body in the docs
+
+
+def test_openapi_documents_the_chat_completions_request_body(api_url):
+    doc = httpx.get(api_url + "/v1/openapi.json").json()
+    post_op = doc["paths"]["/v1/chat/completions"]["post"]
+    schema = post_op["requestBody"]["content"]["application/json"]["schema"]
+    assert post_op["requestBody"]["required"] is True
+    assert schema == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    components = doc["components"]["schemas"]
+    request = components["ChatCompletionRequest"]
+    assert request["required"] == ["messages"]
+    assert {"model", "messages", "temperature", "max_tokens", "stream", "return_focus"} <= set(request["properties"])
+    # every model the body refers to is there too (a message, its content parts)
+    refs = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            refs.update(v for k, v in node.items() if k == "$ref")
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, list):
+            for v in node:
+                collect(v)
+
+    collect(request)
+    assert {"#/components/schemas/ChatMessage", "#/components/schemas/StreamOptions"} <= refs
+    assert all(ref.rsplit("/", 1)[1] in components for ref in refs)
+    collect(components["ChatMessage"])
+    assert {"#/components/schemas/TextPart", "#/components/schemas/ImagePart",
+            "#/components/schemas/AudioPart"} <= refs
+    assert all(ref.rsplit("/", 1)[1] in components for ref in refs)
+    # the answers and the error object are documented as well
+    responses = post_op["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
+    assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "422" not in responses  # FastAPI's own validation answer is never sent on /v1
+
+
+def test_a_wrong_field_is_an_openai_400_that_names_it(api_url):
+    r = post(api_url, body(temperature="hot"))
+    assert r.status_code == 400
+    assert r.json() == {"error": {
+        "message": "invalid request: temperature: Input should be a valid number, unable to parse string as a number",
+        "type": "invalid_request_error", "param": "temperature", "code": None}}
+    err = assert_error(post(api_url, body(messages=[{"role": 7, "content": "hi"}])), 400)
+    assert err["param"] == "messages[0].role" and err["message"].startswith("invalid request: messages.0.role: ")
+    err = assert_error(post(api_url, body(messages=[{"role": "user", "content": 5}])), 400)
+    assert err["param"] == "messages[0].content"  # not pydantic's union labels (content.str, content.list[...])
+    assert assert_error(post(api_url, [body()]), 400)["param"] is None  # the body itself is wrong
+
+
+# ----------------------------------------------------------------------------- events reach asyncio
+
+
+SCRIPT = [Queued(1), Queued(0), Reasoning("r"), Answer("a"), Answer("b"), stats(), Done("stop")]
+
+
+def produce(handle: RequestHandle, events: list, pause_s: float = 0.002) -> threading.Thread:
+    """Put ``events`` from another thread, as the engine's worker does, pausing between them."""
+    def run():
+        for event in events:
+            time.sleep(pause_s)
+            handle.put(event)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_async_events_are_the_sync_events_woken_by_the_producer():
+    import asyncio
+
+    sync_handle = RequestHandle(None, 1)
+    produce(sync_handle, SCRIPT)
+    sync_events = list(sync_handle.events(timeout=5))
+
+    async def consume() -> tuple[list, bool]:
+        handle = RequestHandle(None, 2)
+        handle.put(SCRIPT[0])  # one event before the consumer starts, the others while it waits
+        produce(handle, SCRIPT[1:])
+        got = [event async for event in handle.aevents()]
+        return got, handle.cancelled
+
+    async_events, cancelled = asyncio.run(asyncio.wait_for(consume(), 5))
+    assert async_events == sync_events == SCRIPT
+    assert not cancelled  # it ran to Done
+
+
+def test_closing_the_async_iterator_early_cancels_the_request():
+    import asyncio
+
+    async def read_two_then_leave() -> RequestHandle:
+        handle = RequestHandle(None, 1)
+        produce(handle, SCRIPT)
+        events = handle.aevents()
+        got = [await anext(events), await anext(events)]
+        assert got == SCRIPT[:2] and not handle.cancelled
+        await events.aclose()
+        return handle
+
+    assert asyncio.run(asyncio.wait_for(read_two_then_leave(), 5)).cancelled
+
+    async def cancelled_while_waiting() -> RequestHandle:
+        handle = RequestHandle(None, 2)  # nothing is ever put: the consumer waits
+        task = asyncio.create_task(anext(handle.aevents()))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return handle
+
+    assert asyncio.run(asyncio.wait_for(cancelled_while_waiting(), 5)).cancelled

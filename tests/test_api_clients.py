@@ -14,16 +14,10 @@ from langchain_openai import ChatOpenAI
 from openai import OpenAI
 from PIL import Image
 
-from autoglm_app.config import Settings
 from autoglm_app.events import Answer, EngineBusy, Error, Queued
-from autoglm_app.server import create_app, serve_in_thread
-from tests.test_api import THINKING_SCRIPT, ScriptedEngine
+from tests.api_helpers import THINKING_SCRIPT, ScriptedEngine, serve
 
 MODEL = "autoglm-phone-9b"
-
-
-def serve(engine, **settings):
-    return serve_in_thread(create_app(engine, Settings(model="small", **settings), ui=False))
 
 
 @pytest.fixture(scope="session")
@@ -189,24 +183,35 @@ def chat_model(base_url: str, **kw) -> ChatOpenAI:
                       max_retries=0, extra_body={"enable_thinking": True, "return_reasoning": True}, **kw)
 
 
-def test_langchain_invoke(base_url):
-    reply = chat_model(base_url, streaming=True).invoke("Who are you?")
-    assert isinstance(reply.content, str)
+def sdk_answer(client: OpenAI, content) -> tuple[str, int, str]:
+    """(text, completion tokens, finish reason) of the greedy answer through the openai SDK, thinking on as
+    chat_model() asks: what LangChain must give back for the same question."""
+    r = ask(client, content, extra_body={"enable_thinking": True, "return_reasoning": True})
+    return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
+
+
+def test_langchain_invoke(base_url, client):
+    text, tokens, finish = sdk_answer(client, "Who are you?")
+    assert chat_model(base_url, streaming=True).invoke("Who are you?").content == text
     reply = chat_model(base_url).invoke("Who are you?")
-    assert reply.usage_metadata["output_tokens"] >= 1
-    assert reply.response_metadata["finish_reason"] in ("stop", "length")
+    assert reply.content == text
+    assert reply.usage_metadata["output_tokens"] == tokens >= 1
+    assert reply.response_metadata["finish_reason"] == finish
 
 
-def test_langchain_stream(base_url):
+def test_langchain_stream(base_url, client):
+    text, _, finish = sdk_answer(client, "Who are you?")
     chunks = list(chat_model(base_url, streaming=True).stream("Who are you?"))
     assert len(chunks) >= 2
-    assert isinstance("".join(c.content for c in chunks), str)
-    assert any(c.response_metadata.get("finish_reason") in ("stop", "length") for c in chunks)
+    assert "".join(c.content for c in chunks) == text
+    assert [c.response_metadata["finish_reason"] for c in chunks if c.response_metadata.get("finish_reason")] \
+        == [finish]
 
 
-def test_langchain_with_an_image(base_url):
-    message = HumanMessage(content=[{"type": "text", "text": "What is this?"}, image_url()])
-    assert isinstance(chat_model(base_url).invoke([message]).content, str)
+def test_langchain_with_an_image(base_url, client):
+    content = [{"type": "text", "text": "What is this?"}, image_url()]
+    text, _, _ = sdk_answer(client, content)
+    assert chat_model(base_url).invoke([HumanMessage(content=content)]).content == text
 
 
 def test_langchain_sees_only_the_answer_as_content(thinking_url):

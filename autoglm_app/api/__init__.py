@@ -1,4 +1,5 @@
-"""The OpenAI-compatible /v1 API: wire format in ``protocol``, media decoding in ``media``, routes in ``routes``."""
+"""The OpenAI-compatible /v1 API: wire models in ``protocol``, conversion and chunk builders in
+``serving``, media decoding in ``media``, thin routes in ``routes``."""
 
 from .routes import mount_api
 

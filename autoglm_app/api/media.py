@@ -4,8 +4,11 @@ Images come as data URLs (``data:image/png;base64,...``) or, only when the serve
 as remote http(s) URLs. Local ``file:`` URLs are never read. Audio comes as base64 bytes of
 a WAV / FLAC (anything libsndfile reads: OGG, MP3 with libsndfile >= 1.1) file.
 
-Problems raise ``MediaError`` with a message that says what to send instead; ``too_large``
-marks the ones that are about size (the API turns those into 413).
+This is the API's edge: what must be checked before anything is decoded is checked here, against
+the server's ``Limits`` (decoded bytes from the base64 length, or while a remote image streams in;
+pixels from the image header; seconds from the audio header). Everything else about the media is
+the engine's ``validate_request``. Problems raise ``MediaError`` with a message that says what to
+send instead; ``too_large`` marks the ones that are about size (the API turns those into 413).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import base64
 import binascii
 import io
 import logging
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -28,37 +30,7 @@ from ..engine.inputs import open_image as read_image_bytes
 
 log = logging.getLogger(__name__)
 
-MAX_MEDIA_BYTES = Limits().max_upload_bytes
-MAX_IMAGE_PIXELS = Limits.max_image_pixels
-MAX_AUDIO_SECONDS = Limits.max_audio_seconds
 REMOTE_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class MediaLimits:
-    """What one image or recording may be (the server builds this from its settings).
-
-    ``None`` fields fall back to the module defaults above, read at call time."""
-
-    max_bytes: int | None = None
-    max_pixels: int | None = None
-    max_audio_seconds: float | None = None
-
-    @property
-    def bytes(self) -> int:
-        return self.max_bytes if self.max_bytes is not None else MAX_MEDIA_BYTES
-
-    @property
-    def pixels(self) -> int:
-        return self.max_pixels if self.max_pixels is not None else MAX_IMAGE_PIXELS
-
-    @property
-    def seconds(self) -> float:
-        return self.max_audio_seconds if self.max_audio_seconds is not None else MAX_AUDIO_SECONDS
-
-    @classmethod
-    def from_settings(cls, settings) -> MediaLimits:
-        return cls(settings.limits.max_upload_bytes, settings.limits.max_image_pixels, settings.limits.max_audio_seconds)
 
 
 def _mib(n: int) -> str:
@@ -74,11 +46,15 @@ class MediaError(ValueError):
         self.code = code
 
 
-def decode_base64(data: str, what: str, max_bytes: int | None = None) -> bytes:
+def decoded_size(data: str) -> int:
+    """The number of bytes base64 ``data`` (whitespace removed) decodes to, read from its length."""
+    return len(data) * 3 // 4 - data[-2:].count("=")
+
+
+def decode_base64(data: str, what: str, max_bytes: int) -> bytes:
     """Strict base64 (whitespace ignored), refusing anything over the byte limit before decoding it."""
-    max_bytes = MediaLimits(max_bytes).bytes
     data = "".join(data.split())
-    if len(data) // 4 * 3 > max_bytes + 2:
+    if decoded_size(data) > max_bytes:
         raise MediaError(f"the {what} is over {_mib(max_bytes)}: send a smaller one", too_large=True)
     try:
         return base64.b64decode(data, validate=True)
@@ -86,7 +62,7 @@ def decode_base64(data: str, what: str, max_bytes: int | None = None) -> bytes:
         raise MediaError(f"the {what} is not valid base64") from None
 
 
-def split_data_url(url: str, max_bytes: int | None = None) -> tuple[str, bytes]:
+def split_data_url(url: str, max_bytes: int) -> tuple[str, bytes]:
     """'data:image/png;base64,AAAA' -> ('image/png', raw bytes)."""
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:"):
@@ -97,11 +73,10 @@ def split_data_url(url: str, max_bytes: int | None = None) -> tuple[str, bytes]:
     return mime, decode_base64(payload, "image", max_bytes)
 
 
-def fetch_remote(url: str, max_bytes: int | None = None) -> bytes:
-    """GET an http(s) URL, refusing bodies over the byte limit."""
+def fetch_remote(url: str, max_bytes: int) -> bytes:
+    """GET an http(s) URL, refusing a body over the byte limit as soon as it is (not after it is all read)."""
     import httpx
 
-    max_bytes = MediaLimits(max_bytes).bytes
     try:
         with httpx.stream("GET", url, timeout=REMOTE_TIMEOUT_S, follow_redirects=True) as r:
             if r.status_code != 200:
@@ -117,37 +92,33 @@ def fetch_remote(url: str, max_bytes: int | None = None) -> bytes:
                          "check the URL, or send the image as a data URL") from None
 
 
-def open_image(raw: bytes, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Image bytes -> a loaded single-frame PIL image, checking the pixel count before decoding the pixels
-    (an animation gives its first frame)."""
-    limits = MediaLimits(max_bytes, max_pixels)
-    if len(raw) > limits.bytes:
-        raise MediaError(f"the image is over {_mib(limits.bytes)}: send a smaller one", too_large=True)
+def open_image(raw: bytes, max_pixels: int) -> Image.Image:
+    """Image bytes (already within the byte limit) -> a loaded single-frame PIL image, checking the
+    pixel count from the header before decoding the pixels (an animation gives its first frame)."""
     try:
-        return read_image_bytes(raw, limits.pixels)
+        return read_image_bytes(raw, max_pixels)
     except ImageTooLarge as e:
         raise MediaError(str(e), too_large=True) from None
     except BadRequest as e:
         raise MediaError(str(e)) from None
 
 
-def load_image_url(url: str, allow_remote: bool, limits: MediaLimits | None = None) -> Image.Image:
+def load_image_url(url: str, allow_remote: bool, limits: Limits) -> Image.Image:
     """An OpenAI ``image_url.url`` -> PIL image. Only data URLs (and http(s) when allowed) are read:
     ``file:`` URLs and local paths never are."""
-    limits = limits or MediaLimits()
     scheme = urlsplit(url.strip()[:16]).scheme.lower()
     if scheme == "data":
-        mime, raw = split_data_url(url.strip(), limits.bytes)
+        mime, raw = split_data_url(url.strip(), limits.max_upload_bytes)
         if mime and not mime.startswith("image/"):
             raise MediaError(f"the data URL holds {mime!r}, not an image")
-        return open_image(raw, limits.bytes, limits.pixels)
+        return open_image(raw, limits.max_image_pixels)
     if scheme in ("http", "https"):
         if not allow_remote:
             raise MediaError("remote image URLs are turned off on this server: send the image inline as a "
                              "data URL (data:image/png;base64,...), or start the server with --allow-remote-images",
                              code="remote_url_disabled")
         log.info("fetching remote image %s", url[:200])
-        return open_image(fetch_remote(url, limits.bytes), limits.bytes, limits.pixels)
+        return open_image(fetch_remote(url, limits.max_upload_bytes), limits.max_image_pixels)
     if scheme == "file":
         raise MediaError("file: URLs are never read: send the image inline as a data URL (data:image/png;base64,...)",
                          code="local_file_refused")
@@ -157,12 +128,11 @@ def load_image_url(url: str, allow_remote: bool, limits: MediaLimits | None = No
     raise MediaError(f"unsupported image URL scheme {scheme!r}: send a data URL (data:image/png;base64,...)")
 
 
-def load_input_audio(data: str, fmt: str | None, limits: MediaLimits | None = None) -> Audio:
+def load_input_audio(data: str, fmt: str | None, limits: Limits) -> Audio:
     """An OpenAI ``input_audio`` ({"data": base64, "format": "wav"}) -> Audio at its own rate.
 
     The length is read from the header first: an over-long recording is refused before decoding."""
-    limits = limits or MediaLimits()
-    raw = decode_base64(data, "recording", limits.bytes)
+    raw = decode_base64(data, "recording", limits.max_upload_bytes)
     undecodable = MediaError(f"the input_audio could not be decoded as {fmt or 'audio'}: "
                              "send base64 WAV or FLAC data with the matching format")
     if not raw:
@@ -173,9 +143,10 @@ def load_input_audio(data: str, fmt: str | None, limits: MediaLimits | None = No
         raise undecodable from None
     if info.frames <= 0:
         raise MediaError("the recording is empty (no samples): send a few seconds of audio")
-    if info.samplerate > 0 and info.frames / info.samplerate > limits.seconds:
-        raise MediaError(f"the recording is {info.frames / info.samplerate:.1f} s long; the limit is "
-                         f"{limits.seconds:g} s: send a shorter clip", code="audio_too_long")
+    seconds = info.frames / info.samplerate if info.samplerate > 0 else 0.0
+    if seconds > limits.max_audio_seconds:
+        raise MediaError(f"the recording is {seconds:.1f} s long; the limit is "
+                         f"{limits.max_audio_seconds:g} s: send a shorter clip", code="audio_too_long")
     try:
         samples, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):

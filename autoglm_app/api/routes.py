@@ -1,10 +1,12 @@
 """HTTP routes of the OpenAI-compatible API: ``GET /v1/models``, ``POST /v1/chat/completions``, ``GET /health``.
 
-Thin by design: check the request (size, key, model name), convert it with ``protocol``,
-submit it to the engine, and render the engine's event stream as one JSON response or
-as server-sent events. The engine's blocking event generator is read in a worker
-thread; when the client goes away, the request is cancelled so the engine is free.
-Every error a client can cause leaves as an OpenAI error object.
+Thin by design: check the request (key, body size, strict JSON, the ``protocol`` model, model
+name), convert it with ``serving``, submit it to the engine, and render the engine's event stream
+as one JSON response or as server-sent events. The route reads the stream with
+``RequestHandle.aevents()``: the engine wakes the event loop, no thread sits in between. When the
+client goes away, the request is cancelled so the engine is free. Every error a client can cause
+leaves as an OpenAI error object. The request body is read here (so the size limit holds before
+it is all read) and documented in ``/v1/openapi.json`` as ``ChatCompletionRequest``.
 """
 
 from __future__ import annotations
@@ -27,24 +29,28 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import Limits, Settings
+from ..config import Settings
 from ..events import BadRequest, EngineBusy, Error, Event, Notice, Queued
-from .media import MediaLimits
 from .protocol import (
     APIError,
+    AudioPart,
+    ChatCompletion,
     ChatCompletionRequest,
-    ChunkBuilder,
-    CompletionBuilder,
+    ChatMessage,
+    ErrorResponse,
+    ImagePart,
+    ImageURL,
+    InputAudio,
     ModelCard,
     ModelList,
+    StreamOptions,
+    TextPart,
     bad_request,
-    engine_error,
-    to_chat_request,
 )
+from .serving import ChunkBuilder, CompletionBuilder, Extras, engine_error, sse, to_chat_request
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = Limits().max_body_bytes
 DEFAULT_MODEL_NAME = "autoglm-phone-9b"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -62,6 +68,7 @@ def mount_api(app: FastAPI, engine, settings: Settings) -> None:
     app.add_exception_handler(APIError, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
+    document_schemas(app, ChatCompletionRequest)
 
 
 # ----------------------------------------------------------------------------- error handlers
@@ -84,7 +91,7 @@ async def validation_error_response(request: Request, exc: RequestValidationErro
     """FastAPI's 422 becomes an OpenAI 400 on /v1; elsewhere (the UI) FastAPI's own answer stands."""
     if not is_api_path(request):
         return await request_validation_exception_handler(request, exc)
-    return error_response(bad_request(describe_validation(exc.errors())))
+    return error_response(validation_error(exc.errors()))
 
 
 async def http_error_response(request: Request, exc: StarletteHTTPException) -> Response:
@@ -105,6 +112,28 @@ def describe_validation(errors: list[dict]) -> str:
     return "invalid request: " + "; ".join(parts) + more
 
 
+FIELD_NAMES = frozenset(name for model in (ChatCompletionRequest, ChatMessage, TextPart, ImagePart, ImageURL,
+                                            InputAudio, AudioPart, StreamOptions) for name in model.model_fields)
+
+
+def error_param(errors: list[dict]) -> str | None:
+    """The field the first error is about, written as the media errors write it ('messages[0].role'):
+    its location up to the first part that is not a field name (pydantic's union labels)."""
+    param = ""
+    for part in errors[0].get("loc", ()) if errors else ():
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in FIELD_NAMES:
+            param += f".{part}" if param else part
+        elif part != "body":
+            break
+    return param or None
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    return bad_request(describe_validation(errors), param=error_param(errors))
+
+
 # ----------------------------------------------------------------------------- request helpers
 
 
@@ -117,10 +146,9 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON: send numbers as finite values")
 
 
-async def read_json(request: Request, max_bytes: int | None = None) -> Any:
-    """The request body as strict JSON (UTF-8, no NaN / Infinity), refusing bodies over ``max_bytes``
-    (declared or actual)."""
-    limit = MAX_BODY_BYTES if max_bytes is None else max_bytes
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as strict JSON (UTF-8, no NaN / Infinity), refusing a body over ``limit`` bytes
+    from its Content-Length, or else as soon as more has been read."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large("request body (Content-Length)", limit)
@@ -144,7 +172,36 @@ def parse_request(payload: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as e:
-        raise bad_request(describe_validation(e.errors())) from None
+        raise validation_error(e.errors()) from None
+
+
+def document_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Add ``models`` (and the models they use) to the app's OpenAPI components, so a route that reads
+    its body itself can still point its requestBody at them (see OpenAIRoutes)."""
+    schemas = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}), **{model.__name__: schema})
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            build().setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route whose JSON body is ``model`` (listed by ``document_schemas``)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "invalid request (the error's param names the field)"), (401, "invalid or missing API key"),
+    (404, "unknown model"), (413, "request body or media over the limits"), (429, "queue full: retry after"),
+    (503, "model not ready, or out of memory"))}
 
 
 async def cancel_on_disconnect(request: Request, handle) -> None:
@@ -156,21 +213,16 @@ async def cancel_on_disconnect(request: Request, handle) -> None:
 
 
 async def engine_events(handle, request: Request) -> AsyncIterator[Event]:
-    """The handle's events, read from its blocking generator in a worker thread.
-
-    Leaving early (client gone, error, cancellation) cancels the engine request.
-    """
+    """The handle's events as the engine puts them (``aevents``: no thread in between), while a
+    watcher cancels the request if the client hangs up. Leaving early (client gone, error,
+    cancellation) cancels the engine request."""
     watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
-    events = handle.events()
-    finished = False
     try:
-        while (event := await run_in_threadpool(next, events, None)) is not None:
-            yield event
-        finished = True
+        async with aclosing(handle.aevents()) as events:
+            async for event in events:
+                yield event
     finally:
         watcher.cancel()
-        if not finished:
-            handle.cancel()
 
 
 async def first_events(events: AsyncIterator[Event]) -> list[Event]:
@@ -188,10 +240,6 @@ async def first_events(events: AsyncIterator[Event]) -> list[Event]:
     return head
 
 
-def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
-
-
 # ----------------------------------------------------------------------------- routes
 
 
@@ -201,15 +249,23 @@ class OpenAIRoutes:
         self.settings = settings
         self.model_names = served_model_names(engine, settings)
         self.created = int(time.time())
-        self.limits = MediaLimits.from_settings(settings)
+        self.limits = settings.limits
         self.router = APIRouter()
         self.router.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         auth = [Depends(self.check_key)]
         self.router.add_api_route("/v1/models", self.list_models, methods=["GET"], dependencies=auth)
         self.router.add_api_route("/v1/models/{model_name:path}", self.get_model, methods=["GET"],
                                   dependencies=auth)
-        self.router.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"],
-                                  dependencies=auth, response_model=None)
+        body = Depends(self.read_request)
+
+        async def chat_completions(request: Request, req: ChatCompletionRequest = body) -> Response:
+            return await self.chat_completions(request, req)
+
+        self.router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
+                                  dependencies=auth, response_model=None, openapi_extra=json_body(
+                                      ChatCompletionRequest), responses={200: {
+                                          "model": ChatCompletion, "description": "the completion, or with "
+                                          "stream: true server-sent chat.completion.chunk events"}, **ERRORS})
 
     # ------------------------------------------------------------------ checks
     def check_key(self, request: Request) -> None:
@@ -251,19 +307,21 @@ class OpenAIRoutes:
     def get_model(self, model_name: str) -> dict:
         return self.card(self.resolve_model(model_name)).model_dump()
 
-    async def chat_completions(self, request: Request) -> Response:
-        req = parse_request(await read_json(request, self.settings.limits.max_body_bytes))
+    async def read_request(self, request: Request) -> ChatCompletionRequest:
+        """The body as a ChatCompletionRequest: size-limited, strict JSON, then the pydantic model."""
+        return parse_request(await read_json(request, self.limits.max_body_bytes))
+
+    async def chat_completions(self, request: Request, req: ChatCompletionRequest) -> Response:
         model = self.resolve_model(req.model)
         self.check_ready()
-        chat = await run_in_threadpool(to_chat_request, req, self.settings.allow_remote_images, self.limits,
-                                       self.settings.limits.max_images_per_turn)
+        chat = await run_in_threadpool(to_chat_request, req, self.limits, self.settings.allow_remote_images)
         handle = await self.submit(chat)
         # never the messages themselves: no text, image or audio bytes in the logs
         log.info("request %s: model=%s stream=%s messages=%d images=%d recordings=%d session=%s", handle.id, model,
                  req.stream, len(chat.messages), sum(len(m.images) for m in chat.messages),
                  sum(len(m.audios) for m in chat.messages), chat.session_id)
         if req.stream:
-            builder = ChunkBuilder(model=model, extras=req.extras(), include_usage=req.include_usage)
+            builder = ChunkBuilder(model=model, extras=Extras.of(req), include_usage=req.include_usage)
             events = engine_events(handle, request)
             try:
                 head = await first_events(events)
@@ -272,7 +330,7 @@ class OpenAIRoutes:
                 raise
             return StreamingResponse(self.stream(head, events, builder, handle), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
-        builder = CompletionBuilder(model=model, extras=req.extras())
+        builder = CompletionBuilder(model=model, extras=Extras.of(req))
         async with aclosing(engine_events(handle, request)) as events:
             async for event in events:
                 builder.add(event)
