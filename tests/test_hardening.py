@@ -47,8 +47,8 @@ from autoglm_app.server import create_app, serve_in_thread, startup_warnings
 from autoglm_app.ui.handlers import Handlers as Studio
 from autoglm_app.ui.layout import build_page
 from autoglm_app.ui.session import Session
-from tests.conftest import make_engine
-from tests.test_api import (
+from tests.helpers import make_engine
+from tests.api_helpers import (
     LONG_PROMPT,
     assert_error,
     body,
@@ -342,7 +342,7 @@ def test_a_long_recording_is_refused_from_its_header_before_decoding(monkeypatch
     monkeypatch.setattr(media.sf, "read", no_decoding)
     raw = base64.b64encode(BAD_RECORDINGS["10-minute recording"][0]).decode()
     with pytest.raises(media.MediaError, match="600.0 s long; the limit is 30 s") as info:
-        media.load_input_audio(raw, "wav")
+        media.load_input_audio(raw, "wav", Limits())
     assert info.value.code == "audio_too_long"
     # the engine's own check also looks at the length before converting any sample
     samples = np.zeros((600 * 8000, 2), np.int16)
