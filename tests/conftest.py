@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import make_engine
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -21,17 +23,6 @@ def small():
     from autoglm_app.modeling.small import build_small
 
     return build_small(seed=0)
-
-
-def make_engine(model, processor, **limits):
-    """An Engine on (model, processor); keyword arguments are Limits fields (max_queue=1, context_limit=160)."""
-    from autoglm_app.config import Limits
-    from autoglm_app.engine.worker import Engine
-    from autoglm_app.loading.checkpoints import LoadedModel
-
-    loaded = LoadedModel(model=model, processor=processor, model_id="autoglm-small-random", quantize="fp32",
-                         device_map=None, plan=None)
-    return Engine(loaded, Limits(**limits))
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from autoglm_app.events import (
     Stats,
 )
 from autoglm_app.families import AUTOGLM
-from tests.conftest import make_engine
+from tests.helpers import make_engine
 
 
 def scene(color=(220, 30, 30)) -> Image.Image:
