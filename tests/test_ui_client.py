@@ -62,7 +62,7 @@ def assert_answered(history: list[dict]) -> None:
     assert last["role"] == "assistant" and not last.get("metadata")
     assert text_of(last).strip() and "Traceback" not in text_of(last)
     for m in thinking(history):  # whenever the model reasoned, the thinking message is finished
-        assert m["metadata"]["status"] == "done" and m["metadata"]["duration"] >= 0
+        assert m["metadata"]["status"] == "done" and m["metadata"]["duration"] > 0  # seconds it took, rounded to 0.01
 
 
 # ----------------------------------------------------------------------------- the real engine
