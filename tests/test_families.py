@@ -169,8 +169,6 @@ def test_a_text_only_prompt_does_not_reuse_the_last_images_rope_offset(served):
 
 def test_a_request_prepares_its_prompt_once_and_again_only_after_dropping_turns(served, monkeypatch):
     name, loaded, engine, size, *_ = served
-    if name != "qwen2_5_vl":  # the path is the same for every HF family: one is enough
-        pytest.skip("checked on qwen2_5_vl")
     calls = []
     real = engine.family.prepare
     monkeypatch.setattr(engine.family, "prepare", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
