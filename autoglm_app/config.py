@@ -25,6 +25,7 @@ ASSETS = ROOT / "assets" if (ROOT / "assets").is_dir() else Path.cwd() / "assets
 DEMO_MODEL = ASSETS / "autoglm-phone-tiny"
 SMALL_MODEL = "small"  # a random-weight small AutoGLM built locally (no download)
 QUANTIZE_CHOICES = ("int4", "int8", "fp16", "bf16", "fp32")
+DEFAULT_MODEL_NAME = "autoglm-phone-9b"  # a name the API always answers to unless --served-model-name is given
 ENV_PREFIX = "AUTOGLM_"
 
 
@@ -92,7 +93,7 @@ class Settings:
     share: bool = setting(False, "also open a public Gradio share link")
     served_model_names: list[str] = setting(help="a name the API answers to (repeatable)", repeat=True,
                                             default_factory=list, metavar="NAME",
-                                            shown_default="the model id and `autoglm-phone-9b`")
+                                            shown_default=f"the model id and `{DEFAULT_MODEL_NAME}`")
     api_key: str | None = setting(None, "require this Bearer key on /v1", shown_default="none: any key accepted")
     allow_remote_images: bool = setting(False, "let the API fetch http(s) image URLs")
     cors_origins: list[str] = setting(help="browser origins allowed to call /v1 cross-origin, comma-separated",

@@ -584,3 +584,20 @@ def test_autoglm_count_tokens_is_the_prepared_prompt_length(small):
         for thinking in (True, False):
             prepared = AUTOGLM.prepare(processor, messages, thinking).inputs["input_ids"].shape[1]
             assert AUTOGLM.count_tokens(processor, messages, thinking) == prepared
+
+
+def test_engine_is_idle_when_nothing_runs_or_waits(small):
+    eng = make_engine(*small)
+    try:
+        assert eng.idle
+        handle = eng.submit(ChatRequest([Message("user", "hi")], Options(max_new_tokens=64, min_new_tokens=64)))
+        events = handle.events()
+        next(events)  # queued / running
+        assert not eng.idle
+        events.close()  # cancels
+        deadline = time.time() + 10
+        while not eng.idle and time.time() < deadline:
+            time.sleep(0.02)
+        assert eng.idle
+    finally:
+        eng.close()

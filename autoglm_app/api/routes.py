@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import Settings
+from ..config import DEFAULT_MODEL_NAME, Settings
 from ..events import BadRequest, EngineBusy, Error, Event, Notice, Queued
 from .protocol import (
     APIError,
@@ -51,7 +51,6 @@ from .serving import ChunkBuilder, CompletionBuilder, Extras, engine_error, sse,
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "autoglm-phone-9b"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -159,6 +159,12 @@ class RemoteEngine:
     def queue_length(self) -> int:
         return self._waiting
 
+    @property
+    def idle(self) -> bool:
+        """No request in flight against the remote server and none waiting."""
+        with self._lock:
+            return not self._live
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

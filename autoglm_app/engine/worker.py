@@ -123,6 +123,12 @@ class Engine:
         with self._lock:
             return len(self._waiting)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting (a cancelled request's work is over)."""
+        with self._lock:
+            return self._running is None and not self._waiting
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from autoglm_app.api.routes import DEFAULT_MODEL_NAME as MODEL_NAME
+from autoglm_app.config import DEFAULT_MODEL_NAME as MODEL_NAME
 
 from .answers import Malformed, Outcome, classify_refusal, completion_signature, error_object_ok, read_sse, \
     ui_problem, ui_signature

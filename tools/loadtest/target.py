@@ -199,11 +199,11 @@ def start_target(cfg: LoadConfig, workdir: Path) -> Target:
 
 def engine_idle(engine, timeout: float = 20.0) -> bool | None:
     """In-process only: True once the engine has nothing running or waiting (cancelled work freed)."""
-    if engine is None or not hasattr(engine, "_waiting"):
+    if engine is None:
         return None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if getattr(engine, "_running", None) is None and not getattr(engine, "_waiting", []):
+        if engine.idle:
             return True
         time.sleep(0.1)
     return False
