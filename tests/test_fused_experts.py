@@ -14,12 +14,12 @@ import pytest
 
 from autoglm_app.loading.fused_experts import (
     SplitExperts,
-    load_int4,
     module_bytes,
     split_fused_experts,
     streamed_expert_split,
 )
 from autoglm_app.loading.checkpoints import load_model
+from tools.fused_memory import load_int4
 
 
 def _fused(E=8, H=256, I=256):
