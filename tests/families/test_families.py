@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import tiny_families as tiny
+from tests import tiny_families as tiny
 from autoglm_app.config import Limits
 from autoglm_app.engine.worker import Engine
 from autoglm_app.events import Answer, Audio, BadRequest, ChatRequest, Focus, Message, Options, Reasoning, Routing, Stats

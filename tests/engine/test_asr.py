@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tiny_families as tiny
+from tests import tiny_families as tiny
 from autoglm_app.events import Audio, BadRequest, ChatRequest, Message, Options
 
 

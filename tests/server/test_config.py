@@ -9,7 +9,7 @@ import pytest
 
 from autoglm_app.config import Limits, Settings, flag_table, parse_gpus, parse_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_readme_flag_table_is_the_declared_one():

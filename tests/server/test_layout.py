@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "autoglm_app"
 MAX_LINES = 500  # per file, outside modeling/ (one model, one file, as transformers does)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import torch
 
-import tiny_families as tiny
+from tests import tiny_families as tiny
 import logging
 
 import pytest

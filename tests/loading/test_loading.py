@@ -32,7 +32,7 @@ from autoglm_app.modeling import AutoGLMForConditionalGeneration
 from autoglm_app.modeling.small import build_small
 from autoglm_app.modeling.summary import module_rows, total_bytes, total_parameters
 
-SCENE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "scene1.png"
+SCENE = Path(__file__).resolve().parents[2] / "assets" / "examples" / "scene1.png"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT = ("gate_proj", "up_proj", "down_proj")
 LARGER = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -323,7 +323,7 @@ def test_remote_code_is_off_unless_asked_and_reaches_every_from_pretrained(tmp_p
     import transformers
 
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
-    import tiny_families as tiny
+    from tests import tiny_families as tiny
 
     path = tiny.build_qwen2_5_vl(tmp_path / "q")
     seen = []

@@ -1,6 +1,6 @@
 """The shipped demo model's greedy answers, pinned: text, image and recording turns, thinking on and off.
 
-``tests/data/golden_answers.json`` was written by ``python tests/test_golden_answers.py`` from the
+``tests/engine/data/golden_answers.json`` was written by ``python tests/engine/test_golden_answers.py`` from the
 code before the restructure (issue 15); a refactor of loading, engine, probes or processor that
 changes what the model says, or which experts it picked for its first token, fails here.
 Regenerate only for a change that is meant to change answers (a new checkpoint), and say so.
@@ -9,15 +9,13 @@ Regenerate only for a change that is meant to change answers (a new checkpoint),
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("data") / "golden_answers.json"
 EXAMPLES = ROOT / "assets" / "examples"
 
@@ -82,7 +80,6 @@ def test_demo_model_greedy_answers_are_unchanged(answers, name):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     engine = demo_engine()
     try:
         result = run_cases(engine)

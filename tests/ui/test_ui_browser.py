@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ui_helpers import ScriptedEngine, serve_ui
+
 from autoglm_app.events import Queued
 
 CHROMIUM = "/usr/bin/chromium"
@@ -95,7 +97,6 @@ def test_example_click_shows_answer_heatmap_routing_and_a_word_click_changes_the
 
 def test_thinking_message_then_answer_and_stop_in_the_browser(browser, artifacts):
     from playwright.sync_api import expect
-    from test_ui_client import ScriptedEngine, serve_ui
 
     engine = ScriptedEngine()
     server = serve_ui(engine)

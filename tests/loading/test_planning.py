@@ -22,7 +22,7 @@ from autoglm_app.loading.planning import (
 )
 from autoglm_app.modeling.small import save_small
 
-CONFIG_9B = Path(__file__).resolve().parents[1] / "assets" / "configs" / "autoglm-phone-9b.json"
+CONFIG_9B = Path(__file__).resolve().parents[2] / "assets" / "configs" / "autoglm-phone-9b.json"
 ENCODERS = ("model.vision_tower", "model.audio_tower", "model.adapter", "model.embed_tokens")
 
 
