@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .quantize import linear4bit, quantization_config
+from .quantize import linear4bit
 
 log = logging.getLogger(__name__)
 
