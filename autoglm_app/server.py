@@ -27,7 +27,7 @@ def load_engine(settings: Settings):
     if settings.asr_model:
         from .engine.asr import Transcriber
 
-        asr = Transcriber(settings.asr_model, max_seconds=limits.max_audio_seconds)
+        asr = Transcriber(settings.asr_model, limits)
     if settings.backend == "openai":
         from .engine.remote import RemoteEngine
 

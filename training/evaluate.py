@@ -30,7 +30,7 @@ from autoglm_app.config import DEMO_MODEL
 from autoglm_app.engine.worker import Engine
 from autoglm_app.events import Answer, Audio, ChatRequest, Done, Focus, Message, Options, Reasoning, Routing, Stats
 from autoglm_app.loading.checkpoints import load_model
-from autoglm_app.engine.probes import balance_cv
+from autoglm_app.events import balance_cv_rows
 from . import speech
 from .shapesworld import IDENTITY_ANSWER_EN, IDENTITY_ANSWER_ZH, caption_tuples, make_qa, random_scene, render, \
     scene_tuples
@@ -208,7 +208,7 @@ def summarise(results: list[Result], loads, rules: dict, ttft: list, tps: list, 
         "pointing_rule_value": list(rules[best][:1]) + [list(rules[best][1]) if rules[best][1] else None],
         "pointing_by_rule_validation": {n: round(point_rate(val, n), 4) for n in rules},
         "pointing_questions": len(test),
-        "expert_cv_per_layer": [round(balance_cv(row), 4) for row in loads] if loads is not None else [],
+        "expert_cv_per_layer": [round(cv, 4) for cv in balance_cv_rows(loads)] if loads is not None else [],
         "ttft_ms_median": round(1000 * float(np.median(ttft)), 1) if ttft else None,
         "decode_tokens_per_second_median": round(float(np.median(tps)), 1) if tps else None,
         "counts": {k: sum(r.kind == k for r in results) for k in ("qa", "caption", "spoken", "identity_en",

@@ -27,7 +27,7 @@ import numpy as np
 from . import shapesworld as sw
 from . import speech
 
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "examples"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "examples"
 MAX_AUDIO_S = 4.0
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Transcriber:
-    def __init__(self, name_or_path: str, device: str | None = None, max_seconds: float = Limits.max_audio_seconds,
+    def __init__(self, name_or_path: str, limits: Limits | None = None, device: str | None = None,
                  max_new_tokens: int = 200, language: str | None = None):
         from transformers import AutoProcessor, WhisperForConditionalGeneration
 
@@ -35,7 +35,7 @@ class Transcriber:
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.name = str(name_or_path)
-        self.max_seconds = max_seconds
+        self.max_seconds = (limits or Limits()).max_audio_seconds  # the server's --max-audio-seconds
         self.max_new_tokens = max_new_tokens
         self.language = language
         self._lock = threading.Lock()  # one transcription at a time: the UI and API threads share it

@@ -224,9 +224,3 @@ def host_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     if all(t.device == tensors[0].device for t in tensors):
         return torch.stack(tensors).cpu()
     return torch.stack([t.cpu() for t in tensors])
-
-
-def balance_cv(load: np.ndarray) -> float:
-    """Coefficient of variation of per-expert load (0 = perfectly even)."""
-    mean = load.mean()
-    return float(load.std() / mean) if mean > 0 else 0.0

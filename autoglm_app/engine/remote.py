@@ -21,9 +21,9 @@ import itertools
 import logging
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
+import soundfile as sf
 
 from ..config import Limits
 from .handle import RequestHandle
@@ -56,15 +56,9 @@ def image_data_url(image) -> str:
 
 
 def wav_base64(samples: np.ndarray, rate: int = 16000) -> str:
-    import wave
-
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    """16 kHz mono float samples -> base64 of a 16-bit PCM WAV file (what input_audio carries)."""
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
+    sf.write(buf, np.clip(samples, -1, 1), rate, format="WAV", subtype="PCM_16")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -93,7 +87,6 @@ class RemoteEngine:
         self.client = OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
         self._model = model
         self.limits = limits or Limits()
-        self.rt = SimpleNamespace(context_limit=self.limits.context_limit)
         self.asr = asr  # a Transcriber: recordings become text before they are sent
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._max_concurrency = max_concurrency
@@ -126,7 +119,7 @@ class RemoteEngine:
             "device_map": None,
             "summary": f"forwarding to {self.base_url}",
             "attention": "remote",
-            "context_limit": self.rt.context_limit,
+            "context_limit": self.limits.context_limit,
             "focus": False,
             "routing": False,
             "reason": NO_PROBES,

@@ -22,7 +22,7 @@ from ..events import BadRequest
 from .export import write_trace_zip
 from .inputs import InputError, fingerprint, file_path, make_options, make_turn, read_audio, recording_of
 from .panels import Capabilities, Page, Panels, model_panel
-from .session import Session, Turn, _sentence, stream_turn
+from .session import Session, Turn, as_sentence, stream_turn
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Handlers:
             gr.Warning(str(e))
             return gr.skip()
         except BadRequest as e:
-            gr.Warning(_sentence(str(e)))
+            gr.Warning(as_sentence(str(e)))
             return gr.skip()
         except Exception as e:  # the speech model failed: the user can still type
             log.exception("transcription failed")

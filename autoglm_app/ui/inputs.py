@@ -18,14 +18,14 @@ from typing import Any
 import soundfile as sf
 from PIL import Image
 
-from ..config import ROOT, Settings
+from ..config import ASSETS, Settings
 from ..engine.inputs import ImageTooLarge, clean_text, open_image
 from ..events import Audio, BadRequest, Options
-from .session import Turn, _sentence
+from .session import Turn, as_sentence
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_DIR = ROOT / "assets" / "examples"
+EXAMPLES_DIR = ASSETS / "examples"
 AUDIO_SUFFIXES = {".wav", ".wave", ".mp3", ".ogg", ".oga", ".flac", ".webm", ".m4a", ".aac", ".opus"}
 WAV_SUFFIXES = (".wav", ".wave")
 
@@ -95,7 +95,7 @@ def read_image(path: str, max_pixels: int | None = None, max_bytes: int | None =
     try:
         return open_image(path, **({} if max_pixels is None else {"max_pixels": max_pixels}))
     except ImageTooLarge as e:
-        raise InputError(f"{name}: {_sentence(str(e))}.") from e
+        raise InputError(f"{name}: {as_sentence(str(e))}.") from e
     except (BadRequest, OSError) as e:
         raise InputError(f"Could not read {name} as an image: send PNG, JPEG, WebP, GIF or BMP.") from e
 

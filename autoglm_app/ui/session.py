@@ -124,7 +124,7 @@ class Turn:
             self.queue_position = 0
             return True
         if isinstance(event, Error):
-            self.fail(_sentence(event.message), event.kind)
+            self.fail(as_sentence(event.message), event.kind)
             return True
         return False
 
@@ -353,11 +353,11 @@ def stream_turn(engine, session: Session, session_id: str, chat_every: float = C
     try:
         handle = engine.submit(request)
     except EngineBusy as e:
-        turn.fail(f"{_sentence(str(e))} (try again in about {math.ceil(e.retry_after)} s)", "busy")
+        turn.fail(f"{as_sentence(str(e))} (try again in about {math.ceil(e.retry_after)} s)", "busy")
         yield True
         return
     except BadRequest as e:
-        turn.fail(_sentence(str(e)), "bad_request")
+        turn.fail(as_sentence(str(e)), "bad_request")
         yield True
         return
     session.handle = handle
@@ -380,6 +380,6 @@ def stream_turn(engine, session: Session, session_id: str, chat_every: float = C
     yield True
 
 
-def _sentence(message: str) -> str:
+def as_sentence(message: str) -> str:
     message = message.strip()
     return message[:1].upper() + message[1:] if message else "Something went wrong"

@@ -62,8 +62,8 @@ def test_load_engine_exposes_transcribe_with_asr_model(transcriber, tmp_path, mo
 
     seen = {}
 
-    def build(name, max_seconds):
-        seen["max_seconds"] = max_seconds
+    def build(name, limits):
+        seen["max_seconds"] = limits.max_audio_seconds
         return transcriber
 
     monkeypatch.setattr("autoglm_app.engine.asr.Transcriber", build)
@@ -83,7 +83,7 @@ def test_a_recording_under_a_raised_audio_limit_is_transcribed_whole(transcriber
     from autoglm_app.config import parse_settings
 
     monkeypatch.setattr("autoglm_app.engine.asr.Transcriber",
-                        lambda name, max_seconds: setattr(transcriber, "max_seconds", max_seconds) or transcriber)
+                        lambda name, limits: setattr(transcriber, "max_seconds", limits.max_audio_seconds) or transcriber)
     settings = parse_settings(["--model", "small", "--asr-model", "whisper-dir", "--max-audio-seconds", "60"])
     engine = server.load_engine(settings)
     try:
