@@ -32,6 +32,21 @@ def engine(small):
     eng.close()
 
 
+@pytest.fixture
+def submitted(engine, monkeypatch) -> list:
+    """Every RequestHandle the session engine hands out during the test."""
+    handles = []
+    real = engine.submit
+
+    def spy(request):
+        handle = real(request)
+        handles.append(handle)
+        return handle
+
+    monkeypatch.setattr(engine, "submit", spy)
+    return handles
+
+
 @pytest.fixture(scope="session")
 def live_server(engine):
     """Base URL of the full app (UI at /, API at /v1) served on 127.0.0.1."""

@@ -85,21 +85,6 @@ def scripted():
     running.stop()
 
 
-@pytest.fixture
-def spy(engine, monkeypatch):
-    """The real engine, recording every handle submitted to it."""
-    handles: list[RequestHandle] = []
-    submit = engine.submit
-
-    def recording_submit(request):
-        handle = submit(request)
-        handles.append(handle)
-        return handle
-
-    monkeypatch.setattr(engine, "submit", recording_submit)
-    return handles
-
-
 # ----------------------------------------------------------------------------- endpoints
 
 
@@ -177,12 +162,12 @@ def test_streamed_text_equals_the_non_streamed_text_for_greedy_decoding(api_url)
     assert all("usage" not in c for c in chunks)
 
 
-def test_thinking_switches_and_sampling_fields_reach_the_engine(api_url, spy):
+def test_thinking_switches_and_sampling_fields_reach_the_engine(api_url, submitted):
     post(api_url, body(enable_thinking=False, top_p=0.5, top_k=7, seed=3, stop="x", max_completion_tokens=3,
                        repetition_penalty=1.1))
     post(api_url, body(chat_template_kwargs={"enable_thinking": False}, stop=["a", "b"]))
     post(api_url, body(user="alice"))
-    first, second, third = (h.request for h in spy)
+    first, second, third = (h.request for h in submitted)
     o = first.options
     assert (o.enable_thinking, o.top_p, o.top_k, o.seed, o.stop, o.max_new_tokens, o.repetition_penalty) == \
         (False, 0.5, 7, 3, ["x"], 3, 1.1)
@@ -190,7 +175,7 @@ def test_thinking_switches_and_sampling_fields_reach_the_engine(api_url, spy):
     assert third.options.enable_thinking is True and third.session_id == "alice"
     assert first.session_id != second.session_id  # a fresh session per request without `user`
     # nothing asked the engine for telemetry
-    assert not any(h.request.options.focus or h.request.options.routing for h in spy)
+    assert not any(h.request.options.focus or h.request.options.routing for h in submitted)
 
 
 def test_unknown_and_unsupported_openai_fields_are_ignored(api_url):
@@ -199,7 +184,7 @@ def test_unknown_and_unsupported_openai_fields_are_ignored(api_url):
     assert r.status_code == 200, r.text
 
 
-def test_multi_turn_history_with_an_earlier_image_and_assistant_reasoning(api_url, spy):
+def test_multi_turn_history_with_an_earlier_image_and_assistant_reasoning(api_url, submitted):
     messages = [
         {"role": "system", "content": "You are terse."},
         user(text("What is this?"), image(data_url(png_bytes()))),
@@ -207,28 +192,28 @@ def test_multi_turn_history_with_an_earlier_image_and_assistant_reasoning(api_ur
         {"role": "user", "content": "And its colour?"},
     ]
     assert post(api_url, body(messages=messages)).status_code == 200
-    sent = spy[-1].request.messages
+    sent = submitted[-1].request.messages
     assert [m.role for m in sent] == ["system", "user", "assistant", "user"]
     assert len(sent[1].images) == 1 and sent[1].images[0].size == (32, 24)
     assert sent[2].text == "A red square."
 
 
-def test_input_audio_wav_and_flac_are_decoded(api_url, spy):
+def test_input_audio_wav_and_flac_are_decoded(api_url, submitted):
     for fmt in ("wav", "flac"):
         part = {"type": "input_audio", "input_audio": {"data": audio_b64(fmt.upper()), "format": fmt}}
         r = post(api_url, body(messages=[user(text("What was said?"), part)]))
         assert r.status_code == 200, r.text
-        assert len(spy[-1].request.messages[0].audios) == 1
+        assert len(submitted[-1].request.messages[0].audios) == 1
 
 
 # ----------------------------------------------------------------------------- telemetry
 
 
-def test_focus_routing_and_stats_are_present_and_shaped_when_asked(api_url, small, spy):
+def test_focus_routing_and_stats_are_present_and_shaped_when_asked(api_url, small, submitted):
     rows, cols = small[1].grid
     messages = [user(text("Where is it?"), image(data_url(png_bytes())), image(data_url(png_bytes(color="blue"))))]
     data = post(api_url, body(messages=messages, return_focus=True, return_routing=True)).json()
-    assert spy[-1].request.options.focus and spy[-1].request.options.routing
+    assert submitted[-1].request.options.focus and submitted[-1].request.options.routing
     message = data["choices"][0]["message"]
     n_tokens = data["usage"]["completion_tokens"]
     assert len(message["focus"]) == n_tokens
@@ -490,7 +475,7 @@ def test_a_full_queue_gets_429_with_retry_after():
         engine.close()
 
 
-def test_client_disconnect_mid_stream_cancels_the_request(api_url, spy):
+def test_client_disconnect_mid_stream_cancels_the_request(api_url, submitted):
     payload = body(messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=4000, stream=True)
     with httpx.Client(timeout=10) as client:
         with client.stream("POST", api_url + "/v1/chat/completions", json=payload) as r:
@@ -498,7 +483,7 @@ def test_client_disconnect_mid_stream_cancels_the_request(api_url, spy):
             got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
             assert len(got) >= 3
         # leaving the block closes the connection mid-stream
-    handle = spy[0]
+    handle = submitted[0]
     deadline = time.time() + 5
     while not handle.cancelled and time.time() < deadline:
         time.sleep(0.02)

@@ -426,21 +426,6 @@ def test_unknown_content_part_types_get_400(url, reference):
     assert_alive(url, reference)
 
 
-@pytest.fixture
-def submitted(engine, monkeypatch) -> list:
-    """Every RequestHandle the session engine hands out during the test."""
-    handles = []
-    real = engine.submit
-
-    def spy(request):
-        handle = real(request)
-        handles.append(handle)
-        return handle
-
-    monkeypatch.setattr(engine, "submit", spy)
-    return handles
-
-
 def test_control_characters_and_lone_surrogates_are_dropped_and_answered(url, reference, submitted):
     nasty = "hi\x00 there\x1b[31m\x07\x7f\u0085 \ud800ok\tnow\r\n"
     payload = body(messages=[{"role": "system", "content": "be\x00 brief"}, user(text(nasty))],
