@@ -81,6 +81,7 @@ def startup_warnings(settings: Settings) -> list[str]:
 def create_app(engine, settings: Settings, ui: bool = True):
     from fastapi import FastAPI
 
+    from .api.metrics import mount_metrics
     from .api.routes import mount_api
 
     app = FastAPI(title="AutoGLM Studio", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
@@ -91,6 +92,7 @@ def create_app(engine, settings: Settings, ui: bool = True):
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     mount_api(app, engine, settings)
+    mount_metrics(app, engine, (settings.served_model_names or [engine.info()["model_id"]])[0])
     if ui:
         from .ui.layout import mount_ui
 

@@ -10,6 +10,7 @@ request, and ``cancel()`` stops it within one token.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -18,6 +19,23 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from ..events import ChatRequest, Done, Error, Event
 
 TERMINAL = (Done, Error)
+log = logging.getLogger(__name__)
+
+
+def observing(observers: list[Callable[[ChatRequest, Event], None]]) -> Callable[[ChatRequest, Event], None] | None:
+    """The ``observe`` hook for a handle: each observer in turn (metrics); a failing one is logged, never
+    raised, so telemetry cannot fail a request. None when there is nobody to tell."""
+    if not observers:
+        return None
+
+    def observe(request: ChatRequest, event: Event) -> None:
+        for observer in observers:
+            try:
+                observer(request, event)
+            except Exception:
+                log.exception("an engine observer failed on %s", type(event).__name__)
+
+    return observe
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -38,10 +56,13 @@ class RequestHandle:
         self.last_position: int | None = None
         self.arrival_tick: float = -1.0  # set by Engine.submit (see Engine._order)
         self._on_cancel = None  # set by Engine.submit while the request waits
+        self.observe: Callable[[ChatRequest, Event], None] | None = None  # set by the engine: metrics
 
     def put(self, event: Event) -> None:
         """Add an event (from any thread) and wake a waiting asyncio consumer."""
         self._events.put(event)
+        if self.observe is not None:
+            self.observe(self.request, event)
         wake, self._wake = self._wake, None  # one wake-up per wait, however many events arrive
         if wake is not None:
             try:

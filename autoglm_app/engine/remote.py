@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from ..config import Limits
-from .handle import RequestHandle
+from .handle import RequestHandle, observing
 from ..events import (
     Answer,
     BadRequest,
@@ -96,6 +96,7 @@ class RemoteEngine:
         self._waiting = 0
         self._live: set[RequestHandle] = set()
         self._closed = False
+        self.observers: list = []  # (request, event) callables, as on Engine: the metrics exporter
 
     # ------------------------------------------------------------------ public
     @property
@@ -142,6 +143,7 @@ class RemoteEngine:
                                  retry_after=max(1.0, 0.5 * self._waiting))
             self._waiting += 1
             handle = RequestHandle(request, next(self._ids))
+            handle.observe = observing(self.observers)
             self._live.add(handle)
         threading.Thread(target=self._serve, args=(handle,), name=f"remote-{handle.id}", daemon=True).start()
         return handle
@@ -151,6 +153,11 @@ class RemoteEngine:
 
     def queue_length(self) -> int:
         return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Requests streaming from the remote server now."""
+        return self._running
 
     @property
     def idle(self) -> bool:

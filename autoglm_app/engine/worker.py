@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,7 @@ from ..events import (
 )
 from ..families import ModelFamily, family_for
 from .generation import Generation
-from .handle import RequestHandle
+from .handle import RequestHandle, observing
 from .inputs import validate_request
 from .runtime import Runtime
 
@@ -86,6 +87,9 @@ class Engine:
         self._lock = threading.Condition()
         self._closed = False
         self.transcribe = transcribe  # Audio -> str, with --asr-model (for models that do not hear)
+        # called with (request, event) for every event of every request, on the thread that puts it
+        # (the worker, mostly): the metrics exporter; it must be cheap and must not raise
+        self.observers: list[Callable[[ChatRequest, Event], None]] = []
         self._worker = threading.Thread(target=self._work, name="autoglm-engine", daemon=True)
         self._worker.start()
 
@@ -105,6 +109,7 @@ class Engine:
                     retry_after=max(1.0, 0.5 * len(self._waiting)),
                 )
             handle = RequestHandle(request, next(self._ids))
+            handle.observe = observing(self.observers)
             # a session never served ranks as if served just before it arrived: it waits behind the
             # sessions that have waited longer, so a stream of new sessions (anonymous API calls)
             # cannot keep returning users (every UI tab after its first turn) waiting
@@ -122,6 +127,11 @@ class Engine:
     def queue_length(self) -> int:
         with self._lock:
             return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests being generated now (0 or 1: one worker)."""
+        return 0 if self._running is None else 1
 
     @property
     def idle(self) -> bool:
