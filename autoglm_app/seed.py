@@ -7,7 +7,8 @@
     print(model.summary())
 
 ``from_pretrained`` loads a checkpoint through the app's loader (quantization, device
-plan) and checks that the checkpoint is the architecture the config names;
+plan) and checks that the checkpoint is the architecture the config names; the seed's model
+names (``"autoglm-phone-9b"``) stand for the published checkpoints' hub ids;
 ``from_config`` builds a fresh random-weight model from the config alone.
 """
 
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 __all__ = ["AutoGLMModel", "MultiModalConfig"]
+
+# the names the seed's article uses -> the published checkpoints (AutoGLM-Phone-9B is a GLM-4.1V model)
+PUBLISHED_CHECKPOINTS = {"autoglm-phone-9b": "zai-org/AutoGLM-Phone-9B"}
 
 ENCODER_ALIASES = {"qwenaudio-lite": dict(num_mel_bins=80, audio_hidden_size=256, audio_layers=4, audio_heads=4),
                    "qwenaudio": dict(num_mel_bins=128, audio_hidden_size=1024, audio_layers=12, audio_heads=16)}
@@ -56,10 +60,21 @@ class MultiModalConfig:
 class AutoGLMModel:
     @staticmethod
     def from_pretrained(name_or_path: str, config: MultiModalConfig | None = None, **load_kwargs):
-        from .loading.checkpoints import load_model
+        import os
+
+        from .loading.checkpoints import ModelNotFoundError, load_model
 
         quantize = config.quantize if config is not None else None
-        loaded = load_model(name_or_path, quantize=quantize, **load_kwargs)
+        hub_id = None if os.path.exists(name_or_path) else PUBLISHED_CHECKPOINTS.get(str(name_or_path).lower())
+        try:
+            loaded = load_model(hub_id or name_or_path, quantize=quantize, **load_kwargs)
+        except ModelNotFoundError as e:
+            if hub_id is None:
+                raise
+            raise ModelNotFoundError(
+                f"{name_or_path!r} is the published checkpoint {hub_id}, which is not here: {e} To try the "
+                "API without it, pass the shipped demo model instead: AutoGLMModel.from_pretrained("
+                "'assets/autoglm-phone-tiny', config=config)") from e
         model = loaded.model
         if config is not None and getattr(model.config, "model_type", "") == "autoglm":
             wanted = config.to_autoglm_kwargs()
