@@ -182,7 +182,7 @@ class Generation:
                     probes.enter_context(probe)
             emitter = TokenEmitter(self.emit, IncrementalDecoder(rt.processor.tokenizer),
                                    ThinkSplitter(opts.enable_thinking, rt.family.think_open, rt.family.think_close,
-                                                 rt.family.answer_tags),
+                                                 rt.family.answer_tags, opened=prep.thinking_open),
                                    timeline, focus, routing, focus_rule)
             finish = self._decode(inputs, sampler, emitter, routing)
             emitter.finish()

@@ -4,8 +4,11 @@ Text arrives in arbitrary pieces, so a tag may be cut anywhere ("<thi" + "nk>"):
 tail that could still become a tag is held back until the next piece decides it.
 Handles: the model skipping thinking (first non-blank text is not "<think>"), the
 closing tag never coming (everything stays reasoning), thinking switched off (the
-prompt already closed the block, so we start in the answer), and GLM's extra
-``<answer>...</answer>`` wrapper, which is removed from the answer.
+prompt already closed the block, so we start in the answer), a chat template that opens the
+block in the prompt itself (Qwen3 Thinking-2507, QwQ, GLM-4.7: the output starts inside the
+reasoning and only closes it, so we start in the reasoning; ``opened`` wins over ``thinking``,
+since the prompt is what the model continues), and GLM's extra ``<answer>...</answer>`` wrapper,
+which is removed from the answer.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ class ThinkSplitter:
         open_tag: str = "<think>",
         close_tag: str = "</think>",
         answer_tags: tuple[str, str] = ("<answer>", "</answer>"),
+        opened: bool = False,
     ):
         self.open_tag, self.close_tag = open_tag, close_tag
         self.answer_tags = answer_tags
-        # "start": not yet known whether the model opens a think block.
-        self.state: Literal["start", "reasoning", "answer"] = "start" if thinking else "answer"
+        # "start": not yet known whether the model opens a think block; ``opened``: the prompt did.
+        self.state: Literal["start", "reasoning", "answer"] = (
+            "reasoning" if opened else "start" if thinking else "answer")
         self.pending = ""
         self.answer_started = False
 

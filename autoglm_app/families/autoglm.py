@@ -77,7 +77,7 @@ class AutoGLMFamily(ModelFamily):
         modality = np.zeros(len(ids), np.int64)
         modality[ids == processor.image_token_id] = 1
         modality[ids == processor.audio_token_id] = 2
-        return Prepared(enc, image_spans, audio_spans, modality)
+        return Prepared(enc, image_spans, audio_spans, modality, self.opens_thinking(text))
 
 
 AUTOGLM = AutoGLMFamily("autoglm")

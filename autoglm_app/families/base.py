@@ -23,6 +23,7 @@ class Prepared:
     image_spans: list
     audio_spans: list
     modality: "np.ndarray"  # (T,) 0 text, 1 image, 2 audio per prompt position
+    thinking_open: bool = False  # the rendered prompt ends inside an open think block (ModelFamily.opens_thinking)
 
 
 @dataclass
@@ -79,6 +80,12 @@ class ModelFamily:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ prompts
+    def opens_thinking(self, text: str) -> bool:
+        """Whether a rendered prompt ends inside an open think block: its last non-blank text is the open tag
+        (Qwen3 Thinking-2507 and QwQ end with ``<think>`` and a newline, GLM-4.7 with ``<think>``), so the
+        output starts in the reasoning. Only the end counts: a user's literal ``<think>`` earlier opens nothing."""
+        return text.rstrip().endswith(self.think_open)
+
     @staticmethod
     def template_messages(messages: list[Message]) -> tuple[list[dict], list[Image.Image], list[np.ndarray]]:
         """Engine messages (audio already 16 kHz mono) -> chat-template dicts + media in prompt order."""

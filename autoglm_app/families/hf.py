@@ -141,7 +141,12 @@ class HFFamily(ModelFamily):
         switch = {"enable_thinking": enable_thinking} if "enable_thinking" in str(template or "enable_thinking") else {}
         text = processor.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True, **switch)
         if not enable_thinking and self.think_close not in text[-len(self.thinking_off_suffix) - 8:]:
-            text += self.thinking_off_suffix  # the template ignored the switch: close an empty think block
+            # the template ignored the switch: close an empty think block (only close it when the template
+            # opened one itself, as Qwen3-VL-Thinking's does, rather than nest a second open tag)
+            suffix = self.thinking_off_suffix
+            if suffix and self.opens_thinking(text):
+                suffix = suffix.removeprefix(self.think_open).lstrip("\n")
+            text += suffix
         return text
 
     def prepare(self, processor, messages: list[Message], enable_thinking: bool) -> Prepared:
@@ -178,7 +183,7 @@ class HFFamily(ModelFamily):
             for start, n in runs:
                 audio_spans.append(AudioSpan(start, n))
                 modality[start : start + n] = 2
-        return Prepared(enc, image_spans, audio_spans, modality)
+        return Prepared(enc, image_spans, audio_spans, modality, self.opens_thinking(text))
 
 
 def _get(obj, path: str | None):
