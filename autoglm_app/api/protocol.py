@@ -87,6 +87,10 @@ class ChatMessage(_Lenient):
     content: str | list[ContentPart] | None = None  # assistant reasoning_content is ignored
 
 
+class ResponseFormat(_Lenient):
+    type: str  # only "text" is served; "json_object" / "json_schema" are refused
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -114,6 +118,18 @@ class ChatCompletionRequest(_Lenient):
     return_focus: bool = False
     return_routing: bool = False
     return_stats: bool = False
+    # OpenAI fields this server does not implement: typed so that ``serving.refuse_unsupported`` can
+    # refuse them by name (a 400) instead of ignoring them, see the README's field table
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
     @property
     def thinking(self) -> bool:

@@ -5,14 +5,17 @@
 stream into a ``chat.completion`` or a sequence of ``chat.completion.chunk`` objects.
 
 Checks live in one place each. Here, at the edge, only what the engine's request cannot express
-or what must be refused before any image or recording is decoded: ``n``, media on a message that
-is not the user's, images per turn (before decoding any), and through ``media`` the bytes, pixels
-and seconds read from base64 lengths and headers. Everything else (ranges of the options, roles,
-text, the decoded media themselves, the context) is the engine's ``validate_request``.
+or what must be refused before any image or recording is decoded: the OpenAI fields this server
+does not implement (``refuse_unsupported``: tools, response_format, logit_bias, logprobs, audio
+output), ``n``, media on a message that is not the user's, images per turn (before decoding any),
+and through ``media`` the bytes, pixels and seconds read from base64 lengths and headers.
+Everything else (ranges of the options, roles, text, the decoded media themselves, the context) is
+the engine's ``validate_request``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +61,52 @@ from .protocol import (
 )
 
 # ----------------------------------------------------------------------------- wire -> engine
+
+
+def unsupported(param: str, message: str) -> APIError:
+    return bad_request(message, param=param, code="unsupported_parameter")
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """Refuse the OpenAI fields this server does not implement, by name, rather than answer as if it had.
+
+    The model cannot call tools (``tools`` is refused unless ``tool_choice`` is "none", which asks for no
+    call), writes text only (no JSON mode, no audio output), and the sampler has no logit bias and
+    returns no log-probabilities. ``n`` is refused in ``to_options``. Fields that change nothing a client
+    relies on (``user``, ``parallel_tool_calls``, ``service_tier``, ...) are ignored (README: request fields).
+    """
+    choice = req.tool_choice
+    if req.tools and choice != "none":
+        raise unsupported("tools", "tools are not supported: this model cannot call tools; leave tools out "
+                                   '(or send tool_choice "none" to have them ignored)')
+    if choice is not None and choice not in ("none", "auto"):
+        raise unsupported("tool_choice", f"tool_choice {json_text(choice)} asks for a tool call, which this "
+                                         'model cannot make: leave it out or send "none"')
+    if req.functions or (req.function_call is not None and req.function_call not in ("none", "auto")):
+        param = "functions" if req.functions else "function_call"
+        raise unsupported(param, "function calling is not supported: this model cannot call functions; "
+                                 "leave functions and function_call out")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise unsupported("response_format", f"response_format {req.response_format.type!r} is not supported: "
+                                             'the answer is plain text only; leave it out or send {"type": "text"}')
+    if req.logit_bias:
+        raise unsupported("logit_bias", "logit_bias is not supported: leave it out (or send {}); "
+                                        "temperature, top_p, top_k, repetition_penalty and stop are")
+    if req.logprobs:
+        raise unsupported("logprobs", "logprobs are not returned by this server: leave logprobs out "
+                                      "(or send false)")
+    if req.top_logprobs:
+        raise unsupported("top_logprobs", "top_logprobs are not returned by this server: leave top_logprobs "
+                                          "out (or send 0)")
+    if req.audio is not None or "audio" in (req.modalities or []):
+        param = "audio" if req.audio is not None else "modalities"
+        raise unsupported(param, 'audio output is not supported: the model answers in text; send modalities '
+                                 '["text"] (or leave it out) and no audio field. Audio input (input_audio '
+                                 "content parts) is supported")
+
+
+def json_text(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
 
 
 def to_options(req: ChatCompletionRequest) -> Options:
@@ -120,6 +169,7 @@ def to_chat_request(req: ChatCompletionRequest, limits: Limits, allow_remote_ima
     """The engine request for a wire request; raises APIError for what the client must fix."""
     if not req.messages:  # the engine says the same; here the error can name the field
         raise bad_request("messages is empty: send at least one user message", param="messages")
+    refuse_unsupported(req)
     options = to_options(req)
     messages = [to_message(i, m, allow_remote_images, limits) for i, m in enumerate(req.messages)]
     return ChatRequest(messages=messages, options=options, session_id=session_id(req.user))
