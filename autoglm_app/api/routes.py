@@ -5,7 +5,8 @@ name), convert it with ``serving``, submit it to the engine, and render the engi
 as one JSON response or as server-sent events. The route reads the stream with
 ``RequestHandle.aevents()``: the engine wakes the event loop, no thread sits in between. When the
 client goes away, the request is cancelled so the engine is free. Every error a client can cause
-leaves as an OpenAI error object. The request body is read here (so the size limit holds before
+leaves as an OpenAI error object, an unknown /v1 path or a wrong method too (``unrouted``, also with
+the page mounted at "/"). The request body is read here (so the size limit holds before
 it is all read) and documented in ``/v1/openapi.json`` as ``ChatCompletionRequest``.
 """
 
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from ..config import DEFAULT_MODEL_NAME, Settings
 from ..events import BadRequest, EngineBusy, Error, Event, Notice, Queued
@@ -82,8 +84,35 @@ async def api_error_response(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc)
 
 
+ROOT_API_PATHS = ("/health", "/tokenize", "/detokenize")  # the API's routes outside /v1
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
 def is_api_path(request: Request) -> bool:
-    return request.url.path.startswith("/v1")
+    path = request.url.path
+    return path == "/v1" or path.startswith("/v1/") or path in ROOT_API_PATHS
+
+
+def allowed_methods(request: Request, routes: list) -> list[str]:
+    """The methods ``routes`` serve at this request's path (a route that matches the path but not the
+    method is Starlette's partial match); empty when none has the path."""
+    methods: set[str] = set()
+    for route in routes:
+        if isinstance(route, Route) and getattr(route.endpoint, "__name__", "") != "unrouted":
+            match, _ = route.matches(request.scope)
+            if match is Match.PARTIAL:
+                methods |= route.methods or set()
+    return sorted(methods)
+
+
+def unrouted_error(request: Request, routes: list) -> APIError:
+    """An API path no route serves (404 ``not_found``), or a wrong method on one (405
+    ``method_not_allowed``, with ``Allow``)."""
+    allowed = allowed_methods(request, routes)
+    if allowed:
+        return APIError(405, f"{request.method} {request.url.path}: method not allowed; use {', '.join(allowed)}",
+                        code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
+    return APIError(404, f"{request.method} {request.url.path}: no such endpoint (see /v1/docs)", code="not_found")
 
 
 async def validation_error_response(request: Request, exc: RequestValidationError) -> Response:
@@ -265,6 +294,8 @@ class OpenAIRoutes:
                                       ChatCompletionRequest), responses={200: {
                                           "model": ChatCompletion, "description": "the completion, or with "
                                           "stream: true server-sent chat.completion.chunk events"}, **ERRORS})
+        for path in ("/v1", "/v1/{rest:path}", *ROOT_API_PATHS):  # last: what the routes above leave
+            self.router.add_api_route(path, self.unrouted, methods=ANY_METHOD, include_in_schema=False)
 
     # ------------------------------------------------------------------ checks
     def check_key(self, request: Request) -> None:
@@ -292,6 +323,16 @@ class OpenAIRoutes:
         return name
 
     # ------------------------------------------------------------------ endpoints
+    async def unrouted(self, request: Request) -> Response:
+        """What the API's routes leave under /v1 (and at /health, /tokenize, /detokenize): an OpenAI 404 / 405.
+
+        Added last, for every method, so it answers only what the routes before it do not. With the
+        page mounted at "/" the page's app would otherwise take these requests and answer its own
+        ``{"detail": "Not Found"}``; a /v1 route added to the app after ``mount_api`` would be shadowed."""
+        exc = unrouted_error(request, self.router.routes)
+        log.info("%s %s -> %d", request.method, request.url.path, exc.status)
+        return error_response(exc)
+
     def health(self) -> JSONResponse:
         if self.engine is not None and self.engine.ready:
             return JSONResponse({"status": "ok"})
