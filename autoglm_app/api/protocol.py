@@ -48,6 +48,13 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 # ----------------------------------------------------------------------------- requests
 
 
+def thinking_switch(enable_thinking: bool | None, chat_template_kwargs: dict[str, Any] | None) -> bool:
+    """Thinking on or off: the top-level switch first, then chat_template_kwargs; on when neither says."""
+    if enable_thinking is not None:
+        return enable_thinking
+    return bool((chat_template_kwargs or {}).get("enable_thinking", True))
+
+
 class _Lenient(BaseModel):
     """Unknown fields are ignored, as OpenAI-compatible servers do."""
 
@@ -133,16 +140,58 @@ class ChatCompletionRequest(_Lenient):
 
     @property
     def thinking(self) -> bool:
-        if self.enable_thinking is not None:
-            return self.enable_thinking
-        return bool((self.chat_template_kwargs or {}).get("enable_thinking", True))
+        return thinking_switch(self.enable_thinking, self.chat_template_kwargs)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class TokenizeCompletionRequest(_Lenient):
+    """vLLM's /tokenize for a text prompt: the tokenizer alone."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False  # refused: ids only
+
+
+class TokenizeChatRequest(_Lenient):
+    """vLLM's /tokenize for chat messages: the prompt the engine would prefill for them."""
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True  # the engine always renders it: false is refused
+    continue_final_message: bool = False  # refused
+    add_special_tokens: bool = False  # the rendered prompt is the engine's: true is refused
+    return_token_strs: bool = False  # refused: ids only
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused: the model's own template is used
+    tools: list[dict[str, Any]] | None = None  # refused, as on /v1/chat/completions
+
+    @property
+    def thinking(self) -> bool:
+        return thinking_switch(self.enable_thinking, self.chat_template_kwargs)
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ----------------------------------------------------------------------------- responses
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int  # the server's context limit (--context-limit)
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
 
 
 class ImageFocus(BaseModel):

@@ -1,4 +1,5 @@
-"""HTTP routes of the OpenAI-compatible API: ``GET /v1/models``, ``POST /v1/chat/completions``, ``GET /health``.
+"""HTTP routes of the OpenAI-compatible API: ``GET /v1/models``, ``POST /v1/chat/completions``, ``GET /health``,
+and vLLM's ``POST /tokenize`` / ``/detokenize`` (also under /v1).
 
 Thin by design: check the request (key, body size, strict JSON, the ``protocol`` model, model
 name), convert it with ``serving``, submit it to the engine, and render the engine's event stream
@@ -39,6 +40,8 @@ from .protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     ChatMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ImagePart,
     ImageURL,
@@ -47,9 +50,21 @@ from .protocol import (
     ModelList,
     StreamOptions,
     TextPart,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     bad_request,
 )
-from .serving import ChunkBuilder, CompletionBuilder, Extras, engine_error, sse, to_chat_request
+from .serving import (
+    ChunkBuilder,
+    CompletionBuilder,
+    Extras,
+    check_tokenize,
+    engine_error,
+    sse,
+    to_chat_request,
+    to_messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +84,7 @@ def mount_api(app: FastAPI, engine, settings: Settings) -> None:
     app.add_exception_handler(APIError, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
-    document_schemas(app, ChatCompletionRequest)
+    document_schemas(app, ChatCompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest)
 
 
 # ----------------------------------------------------------------------------- error handlers
@@ -141,7 +156,8 @@ def describe_validation(errors: list[dict]) -> str:
 
 
 FIELD_NAMES = frozenset(name for model in (ChatCompletionRequest, ChatMessage, TextPart, ImagePart, ImageURL,
-                                            InputAudio, AudioPart, StreamOptions) for name in model.model_fields)
+                                            InputAudio, AudioPart, StreamOptions, TokenizeCompletionRequest,
+                                            TokenizeChatRequest, DetokenizeRequest) for name in model.model_fields)
 
 
 def error_param(errors: list[dict]) -> str | None:
@@ -196,11 +212,17 @@ async def read_json(request: Request, limit: int) -> Any:
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
 
 
-def parse_request(payload: Any) -> ChatCompletionRequest:
+def parse_request(payload: Any, model: type[BaseModel] = ChatCompletionRequest) -> Any:
     try:
-        return ChatCompletionRequest.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
+
+
+def parse_tokenize(payload: Any) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """A /tokenize body: chat messages when it has ``messages``, else a text ``prompt`` (vLLM's two shapes)."""
+    chat = isinstance(payload, dict) and "messages" in payload
+    return parse_request(payload, TokenizeChatRequest if chat else TokenizeCompletionRequest)
 
 
 def document_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
@@ -220,10 +242,12 @@ def document_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
     app.openapi = openapi
 
 
-def json_body(model: type[BaseModel]) -> dict:
-    """``openapi_extra`` for a route whose JSON body is ``model`` (listed by ``document_schemas``)."""
+def json_body(*models: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route whose JSON body is ``model`` (or any of ``models``), listed by
+    ``document_schemas``."""
+    refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in models]
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+        "application/json": {"schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}}}}
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
@@ -294,6 +318,15 @@ class OpenAIRoutes:
                                       ChatCompletionRequest), responses={200: {
                                           "model": ChatCompletion, "description": "the completion, or with "
                                           "stream: true server-sent chat.completion.chunk events"}, **ERRORS})
+        tokenizer_errors = {**ERRORS, 501: {"model": ErrorResponse, "description": "the engine has no tokenizer "
+                                            "here (the remote backend: ask the remote server)"}}
+        for prefix in ("", "/v1"):  # vLLM serves them at the root; /v1 for clients with one base URL
+            self.router.add_api_route(prefix + "/tokenize", self.tokenize, methods=["POST"], dependencies=auth,
+                                      response_model=TokenizeResponse, responses=tokenizer_errors,
+                                      openapi_extra=json_body(TokenizeCompletionRequest, TokenizeChatRequest))
+            self.router.add_api_route(prefix + "/detokenize", self.detokenize, methods=["POST"],
+                                      dependencies=auth, response_model=DetokenizeResponse,
+                                      responses=tokenizer_errors, openapi_extra=json_body(DetokenizeRequest))
         for path in ("/v1", "/v1/{rest:path}", *ROOT_API_PATHS):  # last: what the routes above leave
             self.router.add_api_route(path, self.unrouted, methods=ANY_METHOD, include_in_schema=False)
 
@@ -375,6 +408,40 @@ class OpenAIRoutes:
             async for event in events:
                 builder.add(event)
         return JSONResponse(builder.response().model_dump(exclude_none=True))
+
+    async def tokenize(self, request: Request) -> TokenizeResponse:
+        """vLLM's /tokenize: a text ``prompt`` through the tokenizer, or ``messages`` as the engine would
+        prefill them (images and recordings counted as the engine counts them; see ``Engine.tokenize``)."""
+        req = parse_tokenize(await read_json(request, self.limits.max_body_bytes))
+        self.resolve_model(req.model)
+        self.check_ready()
+        check_tokenize(req)
+        if isinstance(req, TokenizeCompletionRequest):
+            ids = await self.tokenizer_call("tokenize", req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            messages = await run_in_threadpool(to_messages, req.messages, self.limits,
+                                               self.settings.allow_remote_images)
+            ids = await self.tokenizer_call("tokenize", messages, enable_thinking=req.thinking)
+        return TokenizeResponse(count=len(ids), max_model_len=self.limits.context_limit, tokens=ids)
+
+    async def detokenize(self, request: Request) -> DetokenizeResponse:
+        req = parse_request(await read_json(request, self.limits.max_body_bytes), DetokenizeRequest)
+        self.resolve_model(req.model)
+        self.check_ready()
+        return DetokenizeResponse(prompt=await self.tokenizer_call("detokenize", req.tokens))
+
+    async def tokenizer_call(self, name: str, *args, **kwargs):
+        """``engine.tokenize`` / ``engine.detokenize`` in the thread pool: BadRequest -> 400; an engine
+        without a tokenizer here (NotImplementedError, or no such method) -> 501."""
+        method = getattr(self.engine, name, None)
+        try:
+            if method is None:
+                raise NotImplementedError(f"this engine cannot {name}")
+            return await run_in_threadpool(method, *args, **kwargs)
+        except BadRequest as e:
+            raise bad_request(str(e)) from None
+        except NotImplementedError as e:
+            raise APIError(501, str(e), type="not_implemented", code="tokenizer_not_available") from None
 
     async def submit(self, chat):
         try:

@@ -55,6 +55,8 @@ from .protocol import (
     ResponseMessage,
     TextPart,
     TokenDetails,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     TokenRouting,
     Usage,
     bad_request,
@@ -158,6 +160,34 @@ def to_message(index: int, m: ChatMessage, allow_remote_images: bool, limits: Li
     return Message(role, "\n".join(texts), images, audios)
 
 
+def to_messages(messages: list[ChatMessage], limits: Limits, allow_remote_images: bool = False) -> list[Message]:
+    """The engine's messages for wire messages (media decoded); raises APIError for what the client must fix."""
+    return [to_message(i, m, allow_remote_images, limits) for i, m in enumerate(messages)]
+
+
+def check_tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> None:
+    """Refuse the /tokenize fields whose answer would not be the engine's prompt (or that are not served)."""
+    if req.return_token_strs:
+        raise unsupported("return_token_strs", "return_token_strs is not supported: the token ids alone are "
+                                               "returned (POST /detokenize turns ids back into text)")
+    if isinstance(req, TokenizeCompletionRequest):
+        return
+    if not req.add_generation_prompt:
+        raise unsupported("add_generation_prompt", "add_generation_prompt false is not supported: the prompt is "
+                                                   "counted as the engine prefills it, with the generation prompt")
+    if req.continue_final_message:
+        raise unsupported("continue_final_message", "continue_final_message is not supported: the engine always "
+                                                    "answers a last user message")
+    if req.add_special_tokens:
+        raise unsupported("add_special_tokens", "add_special_tokens true is not supported for messages: the "
+                                                "rendered chat prompt already holds the special tokens the "
+                                                "engine prefills; leave it out")
+    if req.chat_template is not None:
+        raise unsupported("chat_template", "chat_template is not supported: the model's own template is used")
+    if req.tools:
+        raise unsupported("tools", "tools are not supported: this model cannot call tools; leave tools out")
+
+
 def session_id(user: str | None) -> str:
     """The client's ``user`` as a session id (it is logged: printable characters only, so no newlines
     can forge log lines; 128 at most), or a fresh one per request."""
@@ -171,7 +201,7 @@ def to_chat_request(req: ChatCompletionRequest, limits: Limits, allow_remote_ima
         raise bad_request("messages is empty: send at least one user message", param="messages")
     refuse_unsupported(req)
     options = to_options(req)
-    messages = [to_message(i, m, allow_remote_images, limits) for i, m in enumerate(req.messages)]
+    messages = to_messages(req.messages, limits, allow_remote_images)
     return ChatRequest(messages=messages, options=options, session_id=session_id(req.user))
 
 

@@ -128,6 +128,16 @@ class RemoteEngine:
             "can_transcribe": self.asr is not None,
         }
 
+    def tokenize(self, prompt, add_special_tokens: bool = True, enable_thinking: bool = True) -> list[int]:
+        """Not here: the tokenizer is the remote server's (the API answers 501)."""
+        raise NotImplementedError(f"tokenizing needs the model's tokenizer, which is on the remote server: ask "
+                                  f"{self.base_url.removesuffix('/v1')}/tokenize (vLLM and SGLang serve one)")
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Not here: the tokenizer is the remote server's (the API answers 501)."""
+        raise NotImplementedError(f"detokenizing needs the model's tokenizer, which is on the remote server: ask "
+                                  f"{self.base_url.removesuffix('/v1')}/detokenize (vLLM and SGLang serve one)")
+
     def transcribe(self, audio) -> str:
         if self.asr is None:
             raise BadRequest("no speech-to-text model is configured: start the server with --asr-model")

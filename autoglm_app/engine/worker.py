@@ -34,6 +34,8 @@ from ..events import (
     EngineBusy,
     Error,
     Event,
+    Message,
+    Options,
     Queued,
     Stats,
 )
@@ -163,6 +165,38 @@ class Engine:
             "hears_audio": self.family.hears_audio,
             "can_transcribe": self.transcribe is not None,
         }
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def _tokenizer(self):
+        return getattr(self.rt.processor, "tokenizer", self.rt.processor)
+
+    def tokenize(self, prompt: str | list[Message], add_special_tokens: bool = True,
+                 enable_thinking: bool = True) -> list[int]:
+        """The token ids of a text ``prompt`` (the tokenizer alone, with or without its special tokens), or
+        of chat messages as a request's prefill would hold them: the same checks as ``submit`` (roles, the
+        last message the user's, audio to 16 kHz mono, a transcript for a model that does not hear), the
+        first system message and the other turns (as ``fit_context`` takes them), rendered and prepared by
+        the family (chat template with the generation prompt; each image and recording expanded to the
+        positions the engine gives it). Turns ``fit_context`` would drop to fit the context are counted.
+        Runs on the caller's thread; the model is not touched. BadRequest for what the client must fix."""
+        if isinstance(prompt, str):
+            return list(self._tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        # max_new_tokens=1: no option of the client's is checked here, only the messages
+        request = self._validate(ChatRequest(list(prompt), Options(enable_thinking=enable_thinking,
+                                                                   max_new_tokens=1)))
+        system = [m for m in request.messages if m.role == "system"][:1]
+        turns = [m for m in request.messages if m.role != "system"]
+        prepared = self.family.prepare(self.rt.processor, system + turns, enable_thinking)
+        return [int(i) for i in prepared.inputs["input_ids"][0].tolist()]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens included; an id outside the vocabulary is a BadRequest."""
+        tok = self._tokenizer
+        bad = next((i for i in ids if not 0 <= i < len(tok)), None)
+        if bad is not None:
+            raise BadRequest(f"token id {bad} is outside the vocabulary: send ids from 0 to {len(tok) - 1}")
+        return tok.decode(ids)
 
     # ------------------------------------------------------------------ validation
     def _validate(self, request: ChatRequest) -> ChatRequest:
