@@ -103,6 +103,11 @@ class StreamOptions(_Lenient):
 
 
 class ChatCompletionRequest(_Lenient):
+    # an example for the schema's readers (and the fuzzer's example phase): a short greedy text turn
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": "Who are you?"}],
+         "temperature": 0, "max_tokens": 8}]})
+
     model: str | None = None  # None: the first served name
     messages: list[ChatMessage]
     temperature: float | None = None
