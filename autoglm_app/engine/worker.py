@@ -22,7 +22,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -65,12 +64,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
                                   and "cuda" in str(e).lower())
-
-
-@dataclass(order=True)
-class _Slot:
-    rank: tuple
-    handle: RequestHandle = field(compare=False)
 
 
 class Engine:
