@@ -139,6 +139,14 @@ class ExpertCounts:
     decode: np.ndarray  # (moe layers, experts) int64
     by_modality: dict[str, np.ndarray]  # "text" / "image" / "audio" -> (moe layers, experts) int64
     dropped: np.ndarray  # (moe layers,) choices dropped by an expert's capacity limit
+    # added for issue 20 (all optional, so hand-built counts stay valid):
+    windows: dict[int, np.ndarray] = field(default_factory=dict)  # W -> (moe layers, experts) load of the last W routed tokens
+    window_tokens: dict[int, int] = field(default_factory=dict)  # W -> routed tokens in that window (<= W)
+    by_phase: dict[str, np.ndarray] = field(default_factory=dict)  # "reasoning" / "answer" -> decode load
+    phase_tokens: dict[str, int] = field(default_factory=dict)  # "reasoning" / "answer" -> decode tokens routed
+    # (prompt tokens, moe layers, top_k) int16 expert ids of every prompt token (prefill), -1 where a layer did
+    # not route it; shared by every event of the request (written once, never changed), None until prefilled
+    prompt_experts: np.ndarray | None = field(default=None, repr=False)
 
 
 def balance_cv_rows(load: np.ndarray) -> list[float]:
@@ -162,9 +170,103 @@ def balance_entropy_rows(load: np.ndarray) -> list[float]:
     return (0.0 - np.add.reduce(plogp, axis=1) / math.log(load.shape[1])).tolist()
 
 
+ROUTING_WINDOWS = (10, 100, 1000)  # routed tokens: the windows of balancedness and dead experts
+
+
+def balancedness_rows(load: np.ndarray) -> list[float]:
+    """SGLang's balancedness of each row of a (layers, experts) load: mean load / max load (1 = even,
+    1/experts = one expert took everything); 1.0 for a row with no load (nothing to be uneven)."""
+    x = np.asarray(load, dtype=np.float64)
+    peak = np.maximum.reduce(x, axis=1) if x.shape[1] else np.zeros(x.shape[0])
+    mean = np.add.reduce(x, axis=1) / max(x.shape[1], 1)
+    return np.where(peak > 0, mean / np.maximum(peak, 1e-300), 1.0).tolist()
+
+
+def dead_fraction_rows(load: np.ndarray) -> list[float]:
+    """The fraction of experts in each row of a (layers, experts) load that took no token."""
+    x = np.asarray(load)
+    return (np.add.reduce(x == 0, axis=1) / max(x.shape[1], 1)).tolist()
+
+
+def diversity_rows(load: np.ndarray) -> list[float]:
+    """exp(H) / N of each row of a (layers, experts) load, H the entropy (natural log) of the row's load
+    distribution and N the experts: the effective share of experts in use (1 = even, 1/N = one expert);
+    0.0 for a row with no load."""
+    x = np.asarray(load, dtype=np.float64)
+    n = max(x.shape[1], 1)
+    total = np.add.reduce(x, axis=1)
+    p = x / np.maximum(total, 1e-300)[:, None]
+    h = 0.0 - np.add.reduce(p * np.log(p + (p == 0)), axis=1)
+    return np.where(total > 0, np.exp(h) / n, 0.0).tolist()
+
+
+def _window_figures(counts: ExpertCounts, total: np.ndarray) -> dict:
+    """Balancedness and dead experts per window (``"10"``, ``"100"``, ``"1000"`` routed tokens, and
+    ``"all"``: the whole request), and the diversity of the whole request's load, per MoE layer."""
+    loads = {str(w): c for w, c in sorted(counts.windows.items())}
+    loads["all"] = total
+    return {
+        "window_tokens": {str(w): n for w, n in sorted(counts.window_tokens.items())},
+        "balancedness": {w: balancedness_rows(c) for w, c in loads.items()},
+        "dead_fraction": {w: dead_fraction_rows(c) for w, c in loads.items()},
+        "diversity": diversity_rows(total),
+    }
+
+
 def expert_load(counts: ExpertCounts) -> dict:
-    """The running load as consumers read it (``Routing.load``): per-layer counts as lists, and balance figures."""
+    """The running load as consumers read it (``Routing.load``): per-layer counts as lists, and balance figures.
+
+    Keys since issue 20 (the earlier ones unchanged): ``window_tokens`` {"10"|"100"|"1000": tokens in the
+    window}; ``balancedness`` and ``dead_fraction`` {"10"|"100"|"1000"|"all": one value per MoE layer} (mean
+    load / max load, and the share of experts with no token, over the last W routed tokens, prefill and
+    decode, or the whole request); ``diversity`` (per layer, exp(H)/N of the request's load); ``by_phase``
+    {"reasoning"|"answer": (layers, experts)} the decode load split by the phase of the routed token, and
+    ``phase_tokens`` the decode tokens of each phase (both sum to ``decode`` / ``tokens["decode"]``).
+    """
     total = counts.prefill + counts.decode
+    return {
+        **_expert_load_v1(counts, total),
+        **_window_figures(counts, total),
+        "by_phase": {p: v.tolist() for p, v in counts.by_phase.items()},
+        "phase_tokens": dict(counts.phase_tokens),
+    }
+
+
+def routing_summary(load: dict) -> dict:
+    """A turn's routing in a few figures per MoE layer (``Stats.routing``), from a load dict (``Routing.load``
+    of the turn's last token): layers, tokens, balancedness / dead_fraction by window, diversity, phase_tokens."""
+    keys = ("layers", "experts", "top_k", "tokens", "window_tokens", "balancedness", "dead_fraction", "diversity",
+            "phase_tokens")
+    return {k: load[k] for k in keys if k in load}
+
+
+def routed_experts_array(prompt: np.ndarray | None, routes: list, layers: list[int], top_k: int) -> np.ndarray:
+    """The routed experts of a request in vLLM's returned-routed-experts layout: an int16 array
+    ``[tokens, moe_layers, top_k]``, one row per token that went through the model, in order: every
+    prompt token (``prompt``, the RoutingProbe's prefill record, ``ExpertCounts.prompt_experts``), then
+    every generated token but the last (as in vLLM, the last token sampled is never forwarded).
+
+    ``routes`` holds one entry per generated token in index order: the ``Routing.layers`` of its event
+    (``LayerRoute``s) or ``(layer, experts, weights)`` tuples as the page records them. Event i carries
+    the routing of the forward that chose token i, i.e. of the last prompt token for i = 0 (the same as
+    ``prompt[-1]``) and of generated token i - 1 after it; so the rows are ``prompt`` then ``routes[1:]``.
+    Without ``prompt`` (not recorded) the rows start at the last prompt token: ``routes[0:]``. A layer a
+    route does not name is -1.
+    """
+    slot = {layer: i for i, layer in enumerate(layers)}
+    picked = routes[1:] if prompt is not None else routes
+    out = np.full((len(picked), len(layers), top_k), -1, np.int16)
+    for row, token in enumerate(picked):
+        for r in token:
+            layer, experts = (r.layer, r.experts) if isinstance(r, LayerRoute) else (r[0], r[1])
+            if layer in slot:
+                out[row, slot[layer], : len(experts)] = experts[:top_k]
+    if prompt is None:
+        return out
+    return np.concatenate([np.asarray(prompt, np.int16).reshape(-1, len(layers), top_k), out])
+
+
+def _expert_load_v1(counts: ExpertCounts, total: np.ndarray) -> dict:
     return {
         "layers": counts.layers,
         "experts": counts.experts,
@@ -199,6 +301,12 @@ class Routing:
     def load(self) -> dict:
         return self.counts if isinstance(self.counts, dict) else expert_load(self.counts)
 
+    @property
+    def prompt_experts(self) -> np.ndarray | None:
+        """(prompt tokens, moe layers, top_k) int16 experts of the prompt (see ``routed_experts_array``);
+        None for a recorded or hand-built stream."""
+        return None if isinstance(self.counts, dict) else self.counts.prompt_experts
+
 
 @dataclass
 class Stats:
@@ -216,6 +324,7 @@ class Stats:
     peak_memory: dict[str, int]  # device -> bytes
     finish_reason: str  # "stop" | "length" | "cancelled"
     attention: str  # "sdpa+probe" | "eager" : how focus was computed
+    routing: dict | None = None  # the turn's routing_summary (MoE models with routing on), else None
 
 
 @dataclass

@@ -29,6 +29,8 @@ from ..events import (
     Routing,
     Stats,
     aggregate_layers,
+    expert_load,
+    routing_summary,
 )
 from ..families.base import ModelFamily, Prepared
 from .probes import FocusProbe, RoutingProbe
@@ -108,11 +110,13 @@ class TokenEmitter:
         self.focus, self.routing = focus, routing
         self.rule, self.layers = focus_rule
         self.answer = ""
+        self.phase = splitter.phase  # of the newest token (the RoutingProbe's by_phase split)
 
     def token(self, index: int, token: int, now: float) -> None:
         delta = self.decoder.push(token)
         pieces = self.splitter.feed(delta)
         phase = pieces[-1][0] if pieces else self.splitter.phase
+        self.phase = phase
         self.timeline.piece(phase, now)
         self.pieces(pieces)
         if self.focus is not None:
@@ -157,6 +161,7 @@ class Generation:
                  cancelled: Callable[[], bool], memory_state=None):
         self.rt, self.req, self.emit, self.cancelled = rt, request, emit, cancelled
         self.memory_state = memory_state
+        self.cache_tokens = 0  # tokens in this request's KV cache now (the prompt, then one per decode step)
 
     @torch.inference_mode()
     def run(self) -> Stats:
@@ -186,17 +191,21 @@ class Generation:
                                    timeline, focus, routing, focus_rule)
             finish = self._decode(inputs, sampler, emitter, routing)
             emitter.finish()
-        return timing_stats(
+        stats = timing_stats(
             timeline, time.perf_counter(), reasoning_tokens=timeline.reasoning, answer_tokens=timeline.answer,
             completion_tokens=sampler.kept, prompt_tokens=prompt_tokens(prep), finish_reason=finish,
             attention=focus.mode if focus is not None else "sdpa", peak_memory=peak_memory(),
         )
+        if routing is not None and routing.tokens["prefill"]:  # what the turn's last Routing event said
+            stats.routing = routing_summary(expert_load(routing.counts()))
+        return stats
 
     def _decode(self, inputs: dict, sampler: Sampler, emitter: TokenEmitter, routing: RoutingProbe | None) -> str:
         """Prefill, then decode until a stop id, a stop string, max_new_tokens or a cancel: the finish reason."""
         rt, opts = self.rt, self.req.options
         cache = DynamicCache()
         token, self.memory_state = prefill(rt, inputs, cache, self.memory_state, sampler)
+        self.cache_tokens = int(inputs["input_ids"].shape[1])
         while True:
             if self.cancelled():
                 return "cancelled"
@@ -210,6 +219,7 @@ class Generation:
                 return "stop"
             if sampler.kept >= opts.max_new_tokens:
                 return "length"
-            if routing is not None:
-                routing.start_decode()
+            if routing is not None:  # the next step routes the token just emitted: its phase
+                routing.start_decode(emitter.phase)
             token, self.memory_state = decode_step(rt, token, cache, self.memory_state, sampler)
+            self.cache_tokens += 1

@@ -8,7 +8,9 @@ probabilities the layer already computed instead.
 
 RoutingProbe: forward hooks on the router modules record, for every routed token,
 the chosen experts and gate weights; it keeps running load per layer and expert,
-split by prefill / decode and by the modality of the token.
+split by prefill / decode, by the modality of the token and (decode) by its phase, the load of
+the last 10 / 100 / 1,000 routed tokens (a ring of the last 1,000 tokens' choices), and the
+prompt tokens' own top-k experts (int16, the prompt's tokens only) for routed-experts exports.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..events import ExpertCounts
+from ..events import ROUTING_WINDOWS, ExpertCounts
 from ..modeling.processing_autoglm import AudioSpan, ImageSpan
 
 # ----------------------------------------------------------------------------- focus
@@ -134,6 +136,7 @@ class FocusProbe:
 
 class RoutingProbe:
     MODALITIES = ("text", "image", "audio")
+    PHASES = ("reasoning", "answer")
 
     def __init__(self, routers: list[tuple[int, torch.nn.Module]], num_experts: int, top_k: int,
                  read_route: Callable[..., tuple]):
@@ -148,6 +151,14 @@ class RoutingProbe:
         self.tokens = {"prefill": 0, "decode": 0}
         self.dropped = np.zeros(L, np.int64)
         self.by_modality = {m: np.zeros((L, num_experts), np.int64) for m in self.MODALITIES}
+        self.by_phase = {p: np.zeros((L, num_experts), np.int64) for p in self.PHASES}
+        self.phase_tokens = {p: 0 for p in self.PHASES}
+        self.token_phase = "answer"  # the phase of the token a decode step routes (start_decode)
+        # the last max(ROUTING_WINDOWS) routed tokens' flat expert ids (layer * E + expert), -1 = not counted
+        self._ring = np.full((max(ROUTING_WINDOWS), L * top_k), -1, np.int64)
+        self._seen = 0  # routed tokens so far (prefill and decode)
+        self.windows = {w: np.zeros(L * num_experts, np.int64) for w in ROUTING_WINDOWS}
+        self.prompt_experts: np.ndarray | None = None  # (prompt tokens, L, k) int16
         self.phase = "prefill"
         self.modality: torch.Tensor | None = None  # (N,) 0 text, 1 image, 2 audio for the current forward
         self._step: dict[int, tuple] = {}
@@ -200,15 +211,55 @@ class RoutingProbe:
                 sel = (mod == m)[None, :, None] & kept_np
                 if sel.any():
                     self.by_modality[name] += np.bincount(flat[sel], minlength=counts.size).reshape(counts.shape)
+        if self.phase == "decode":
+            self.by_phase[self.token_phase] += counts
+            self.phase_tokens[self.token_phase] += n
+        self._record(np.where(kept_np, flat, -1) if not all_kept else flat, slots, e)
         self.tokens[self.phase] += n
         last_e = e[:, -1].tolist()
         last_w = weights[:, -1].float().tolist()
         return [(self.layer_ids[s], last_e[i], last_w[i]) for i, s in enumerate(slots)]
 
-    def start_decode(self) -> None:
-        """From here on the forwards are decode steps, and their one token each is text."""
+    def _record(self, flat: np.ndarray, slots: list[int], experts: np.ndarray) -> None:
+        """Slide the windows over this forward's tokens (flat ids (layers run, N, k), -1 = dropped), and keep
+        the prompt's experts when it is the prefill."""
+        L, k, n = len(self.routers), self.k, flat.shape[1]
+        if len(slots) != L:  # a layer that did not route: -1 in its columns
+            full = np.full((L, n, k), -1, np.int64)
+            full[slots] = flat
+            flat = full
+            ids = np.full((L, n, k), -1, np.int64)
+            ids[slots] = experts
+            experts = ids
+        if self.phase == "prefill":
+            mine = experts.transpose(1, 0, 2).astype(np.int16 if self.E <= 32767 else np.int32)
+            self.prompt_experts = mine if self.prompt_experts is None else np.concatenate([self.prompt_experts, mine])
+        rows = flat.transpose(1, 0, 2).reshape(n, L * k)
+        size = self._ring.shape[0]
+        if n == 1:  # a decode step: add the new token to each window, take out the one that left it
+            row = rows[0]
+            new = row[row >= 0]
+            for w, c in self.windows.items():
+                c[new] += 1  # a token's ids are distinct: top-k per layer, layers offset by E
+                if self._seen >= w:
+                    old = self._ring[(self._seen - w) % size]
+                    c[old[old >= 0]] -= 1
+            self._ring[self._seen % size] = row
+            self._seen += 1
+            return
+        keep = rows[-size:]  # several tokens (the prefill): write them, then count each window afresh
+        self._ring[np.arange(self._seen + n - len(keep), self._seen + n) % size] = keep
+        self._seen += n
+        for w, c in self.windows.items():
+            last = self._ring[np.arange(self._seen - min(w, self._seen), self._seen) % size].ravel()
+            c[:] = np.bincount(last[last >= 0], minlength=c.size)
+
+    def start_decode(self, phase: str = "answer") -> None:
+        """From here on the forwards are decode steps, and their one token each is text; ``phase`` is the
+        phase ("reasoning" / "answer") of the token the next step routes (the one just emitted)."""
         self.phase = "decode"
         self.modality = None
+        self.token_phase = phase if phase in self.PHASES else "answer"
 
     def counts(self) -> ExpertCounts:
         """Copies of the running counts as of now (the event's data; ``events.expert_load`` builds the dict)."""
@@ -216,6 +267,10 @@ class RoutingProbe:
             layers=self.layer_ids, experts=self.E, top_k=self.k, tokens=dict(self.tokens),
             prefill=self.load["prefill"].copy(), decode=self.load["decode"].copy(),
             by_modality={m: v.copy() for m, v in self.by_modality.items()}, dropped=self.dropped.copy(),
+            windows={w: c.reshape(-1, self.E).copy() for w, c in self.windows.items()},
+            window_tokens={w: min(w, self._seen) for w in self.windows},
+            by_phase={p: v.copy() for p, v in self.by_phase.items()}, phase_tokens=dict(self.phase_tokens),
+            prompt_experts=self.prompt_experts,
         )
 
 

@@ -78,6 +78,7 @@ class Engine:
         self._serve_tick = 0  # how many requests the worker has started
         self._ids = itertools.count(1)
         self._running: RequestHandle | None = None
+        self._generation: Generation | None = None  # the running request's, for kv_cache_usage
         self._memory: OrderedDict[str, list] = OrderedDict()
         self._lock = threading.Condition()
         self._closed = False
@@ -127,6 +128,13 @@ class Engine:
     def running(self) -> int:
         """Requests being generated now (0 or 1: one worker)."""
         return 0 if self._running is None else 1
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share of the context limit the running request's KV cache holds now (0 when idle): the cache
+        grows per request, so this is the honest figure behind vllm:kv_cache_usage_perc."""
+        gen = self._generation
+        return min(gen.cache_tokens / self.rt.context_limit, 1.0) if gen is not None else 0.0
 
     @property
     def idle(self) -> bool:
@@ -296,9 +304,12 @@ class Engine:
         session = req.session_id
         first_turn = sum(1 for m in req.messages if m.role == "user") == 1
         memory = None if first_turn else self._memory.get(session)
-        gen = Generation(self.rt, req, h.put, lambda: h.cancelled, memory_state=memory)
+        gen = self._generation = Generation(self.rt, req, h.put, lambda: h.cancelled, memory_state=memory)
         queue_s = time.perf_counter() - h.submitted
-        stats: Stats = gen.run()
+        try:
+            stats: Stats = gen.run()
+        finally:
+            self._generation = None
         stats.queue_s = queue_s
         if gen.memory_state is not None:
             self._memory[session] = gen.memory_state
