@@ -8,15 +8,22 @@ vLLM names (label ``model_name``): ``vllm:time_to_first_token_seconds``,
 ``vllm:inter_token_latency_seconds``, ``vllm:e2e_request_latency_seconds``,
 ``vllm:request_queue_time_seconds``, ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
 ``vllm:request_success_total`` (label ``finished_reason``), ``vllm:num_requests_running``,
-``vllm:num_requests_waiting``. Not exported: ``vllm:kv_cache_usage_perc`` (there is no paged or
-preallocated KV cache to be a share of: each request grows its own cache). Inter-token latency is
-observed once per generated token after the first with the request's mean gap, so its ``_sum`` and
-``_count`` are exact and only its buckets are smoothed within a request.
+``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``. There is no paged or preallocated KV cache
+to be a share of (each request grows its own), so the KV figure is the honest one for a dynamic cache:
+the tokens the running request's cache holds (prompt plus tokens generated so far) over the context
+limit, a fraction in [0, 1] as vLLM's is (0 when idle; the remote backend reports 0, the remote server
+has its own). Inter-token latency is observed once per generated token after the first with the
+request's mean gap, so its ``_sum`` and ``_count`` are exact and only its buckets are smoothed within a
+request.
 
 The project's own (``autoglm:``): expert load per layer and expert (``expert_load_tokens_total``),
-routing balancedness per layer of the last request (mean load / max load, SGLang's figure), expert
-choices dropped by capacity, the attention mass each generated token paid to the images and
-recordings (``focus_media_mass``), and failed requests by kind.
+routing balancedness per layer of the last request (mean load / max load, SGLang's figure), the same
+over the last 10 / 100 / 1,000 routed tokens of the last request (``routing_balancedness_window``,
+label ``window``), the share of experts that took no token (``routing_dead_experts_fraction``, label
+``window``: "10", "100", "1000" or "all" = the whole request), exp(H)/N expert diversity of the last
+request's load (``routing_expert_diversity``), routed tokens by phase (``routed_tokens_total``, label
+``phase``: prefill, reasoning, answer), expert choices dropped by capacity, the attention mass each
+generated token paid to the images and recordings (``focus_media_mass``), and failed requests by kind.
 """
 
 from __future__ import annotations
@@ -67,11 +74,26 @@ class EngineMetrics:
         running.labels(model_name).set_function(lambda: getattr(engine, "running", 0))
         waiting.labels(model_name).set_function(lambda: engine.queue_length() if hasattr(engine, "queue_length")
                                                 else 0)
+        kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage: tokens held by the running request's cache over "
+                   "the context limit (1 = full; the cache grows per request).", m, registry=r)
+        kv.labels(model_name).set_function(lambda: float(getattr(engine, "kv_cache_usage", 0.0)))
         self.expert_load = Counter("autoglm:expert_load_tokens", "Expert choices per MoE layer and expert.",
                                    [*m, "layer", "expert"], registry=r)
         self.balancedness = Gauge("autoglm:routing_balancedness",
                                   "Mean over max expert load per layer, last request (1 = even).",
                                   [*m, "layer"], registry=r)
+        self.balancedness_window = Gauge(
+            "autoglm:routing_balancedness_window",
+            "Mean over max expert load per layer over the last W routed tokens of the last request.",
+            [*m, "layer", "window"], registry=r)
+        self.dead = Gauge("autoglm:routing_dead_experts_fraction",
+                          "Share of a layer's experts that took no token in the window, last request.",
+                          [*m, "layer", "window"], registry=r)
+        self.diversity = Gauge("autoglm:routing_expert_diversity",
+                               "exp(entropy of the layer's expert load) / experts, last request (1 = even).",
+                               [*m, "layer"], registry=r)
+        self.routed_tokens = Counter("autoglm:routed_tokens", "Tokens routed through the MoE layers, by phase.",
+                                     [*m, "phase"], registry=r)
         self.dropped = Counter("autoglm:routing_dropped_tokens", "Expert choices dropped by capacity limits.", m,
                                registry=r)
         self.focus_mass = Histogram("autoglm:focus_media_mass",
@@ -126,6 +148,19 @@ class EngineMetrics:
                         self.expert_load.labels(name, str(layer), str(expert)).inc(int(n))
                 peak = row.max()
                 self.balancedness.labels(name, str(layer)).set(float(row.mean() / peak) if peak else 1.0)
+            for window, rows in load.get("balancedness", {}).items():
+                if window != "all":
+                    for layer, value in zip(load["layers"], rows):
+                        self.balancedness_window.labels(name, str(layer), window).set(value)
+            for window, rows in load.get("dead_fraction", {}).items():
+                for layer, value in zip(load["layers"], rows):
+                    self.dead.labels(name, str(layer), window).set(value)
+            for layer, value in zip(load["layers"], load.get("diversity", [])):
+                self.diversity.labels(name, str(layer)).set(value)
+            tokens = {"prefill": load.get("tokens", {}).get("prefill", 0), **load.get("phase_tokens", {})}
+            for phase, n in tokens.items():
+                if n:
+                    self.routed_tokens.labels(name, phase).inc(int(n))
             dropped = int(np.sum(load["dropped"]))
             if dropped:
                 self.dropped.labels(name).inc(dropped)

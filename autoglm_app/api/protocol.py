@@ -7,7 +7,12 @@ Extensions to the OpenAI format (all opt-in, absent unless asked for):
   * ``reasoning_content`` (and the same text in ``reasoning``) on messages and deltas,
     on by default, off with ``return_reasoning: false``;
   * ``focus`` / ``routing`` per generated token with ``return_focus`` / ``return_routing``;
-  * ``stats`` (timings, throughput) with ``return_stats`` or ``return_routing``.
+  * ``stats`` (timings, throughput) with ``return_stats`` or ``return_routing``;
+  * ``routed_experts`` on the choice with ``return_routed_experts`` (MoE models): vLLM's and SGLang's
+    field, a base64 string of a NumPy ``.npy`` file (``np.load(io.BytesIO(base64.b64decode(s)))``) holding
+    an int16 array ``[tokens, moe_layers, top_k]``: every prompt token, then every generated token but the
+    last (never forwarded), as vLLM returns them; -1 where a layer did not route a token. Streamed, it
+    comes on the chunk with the finish reason.
 """
 
 from __future__ import annotations
@@ -130,6 +135,7 @@ class ChatCompletionRequest(_Lenient):
     return_focus: bool = False
     return_routing: bool = False
     return_stats: bool = False
+    return_routed_experts: bool = False  # vLLM's extension: choices[0].routed_experts
     # OpenAI fields this server does not implement: typed so that ``serving.refuse_unsupported`` can
     # refuse them by name (a 400) instead of ignoring them, see the README's field table
     tools: list[dict[str, Any]] | None = None
@@ -233,6 +239,7 @@ class CompletionStats(BaseModel):
     peak_memory_bytes: dict[str, int]
     attention: str
     expert_load: dict | None = None  # the engine's running routing load, with return_routing
+    routing: dict | None = None  # the turn's routing summary (events.routing_summary), with return_routing
 
 
 class TokenDetails(BaseModel):
@@ -255,10 +262,15 @@ class ResponseMessage(BaseModel):
     routing: list[TokenRouting] | None = None  # one entry per token
 
 
+ROUTED_EXPERTS_DOC = ("base64 of a .npy file: int16 [tokens, moe_layers, top_k], the prompt's tokens then the "
+                      "generated ones but the last (vLLM's layout); with return_routed_experts")
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: str
+    routed_experts: str | None = Field(None, description=ROUTED_EXPERTS_DOC)
 
 
 class ChatCompletion(BaseModel):
@@ -284,6 +296,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
+    routed_experts: str | None = Field(None, description=ROUTED_EXPERTS_DOC + " (on the finish chunk)")
 
 
 class ChatCompletionChunk(BaseModel):

@@ -254,6 +254,11 @@ ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what
     (400, "invalid request (the error's param names the field)"), (401, "invalid or missing API key"),
     (404, "unknown model"), (413, "request body or media over the limits"), (429, "queue full: retry after"),
     (503, "model not ready, or out of memory"))}
+# a wrong method on a served path (``unrouted``): documented on every route, with its Allow header
+METHOD_NOT_ALLOWED = {405: {"model": ErrorResponse, "description": "method not allowed on this path",
+                            "headers": {"Allow": {"description": "the methods this path serves",
+                                                  "schema": {"type": "string"}}}}}
+ERRORS.update(METHOD_NOT_ALLOWED)
 
 
 async def cancel_on_disconnect(request: Request, handle) -> None:
@@ -305,9 +310,10 @@ class OpenAIRoutes:
         self.router = APIRouter()
         self.router.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         auth = [Depends(self.check_key)]
-        self.router.add_api_route("/v1/models", self.list_models, methods=["GET"], dependencies=auth)
+        self.router.add_api_route("/v1/models", self.list_models, methods=["GET"], dependencies=auth,
+                                  responses=METHOD_NOT_ALLOWED)
         self.router.add_api_route("/v1/models/{model_name:path}", self.get_model, methods=["GET"],
-                                  dependencies=auth)
+                                  dependencies=auth, responses=METHOD_NOT_ALLOWED)
         body = Depends(self.read_request)
 
         async def chat_completions(request: Request, req: ChatCompletionRequest = body) -> Response:

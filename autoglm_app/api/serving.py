@@ -15,6 +15,8 @@ the engine's ``validate_request``.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import time
 import uuid
@@ -37,6 +39,7 @@ from ..events import (
     Reasoning,
     Routing,
     Stats,
+    routed_experts_array,
 )
 from .media import MediaError, load_image_url, load_input_audio
 from .protocol import (
@@ -116,7 +119,8 @@ def to_options(req: ChatCompletionRequest) -> Options:
     if req.n not in (None, 1):
         what = "n > 1 is not supported" if req.n > 1 else f"n must be 1, got {req.n}"
         raise bad_request(f"{what}: leave n out (or send n=1) and repeat the request for more choices", param="n")
-    o = Options(enable_thinking=req.thinking, focus=req.return_focus, routing=req.return_routing)
+    o = Options(enable_thinking=req.thinking, focus=req.return_focus,
+                routing=req.return_routing or req.return_routed_experts)
     for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         if (value := getattr(req, name)) is not None:
             setattr(o, name, value)
@@ -216,11 +220,47 @@ class Extras:
     focus: bool = False
     routing: bool = False
     stats: bool = False
+    routed_experts: bool = False
 
     @classmethod
     def of(cls, req: ChatCompletionRequest) -> Extras:
         return cls(reasoning=req.return_reasoning is not False, focus=req.return_focus,
-                   routing=req.return_routing, stats=req.return_stats or req.return_routing)
+                   routing=req.return_routing, stats=req.return_stats or req.return_routing,
+                   routed_experts=req.return_routed_experts)
+
+
+@dataclass
+class RoutedExperts:
+    """Collects a request's Routing events into vLLM's ``routed_experts``: base64 of an ``.npy`` file holding
+    the int16 ``[tokens, moe_layers, top_k]`` array of ``events.routed_experts_array`` (prompt tokens from the
+    probe's prefill record, then the generated tokens but the last). None when no Routing came (a dense
+    model, the remote backend)."""
+
+    routes: list = field(default_factory=list)
+    prompt: np.ndarray | None = None
+    layers: list[int] | None = None
+    top_k: int = 0
+
+    def add(self, event: Routing) -> None:
+        self.routes.append(event.layers)
+        if self.layers is None:
+            c = event.counts
+            self.layers, self.top_k = (c["layers"], c["top_k"]) if isinstance(c, dict) else (c.layers, c.top_k)
+        if event.prompt_experts is not None:
+            self.prompt = event.prompt_experts
+
+    def array(self) -> np.ndarray | None:
+        if self.layers is None:
+            return None
+        return routed_experts_array(self.prompt, self.routes, self.layers, self.top_k)
+
+    def encoded(self) -> str | None:
+        arr = self.array()
+        if arr is None:
+            return None
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 ENGINE_ERROR_STATUS = {"bad_request": (400, "invalid_request_error"), "busy": (503, "server_busy"),
@@ -255,6 +295,7 @@ def completion_stats(s: Stats, expert_load: dict | None) -> CompletionStats:
         tokens_per_second=round(s.tokens_per_second, 3), prompt_tokens=s.prompt_tokens,
         completion_tokens=s.completion_tokens, reasoning_tokens=s.reasoning_tokens, answer_tokens=s.answer_tokens,
         peak_memory_bytes=dict(s.peak_memory), attention=s.attention, expert_load=expert_load,
+        routing=s.routing if expert_load is not None else None,
     )
 
 
@@ -294,6 +335,7 @@ class CompletionBuilder:
     stats: Stats | None = None
     expert_load: dict | None = None
     finish: str = "stop"
+    routed: RoutedExperts = field(default_factory=RoutedExperts)
 
     def add(self, event: Event) -> None:
         """Take one event; an engine Error raises APIError."""
@@ -303,9 +345,12 @@ class CompletionBuilder:
             self.reasoning.append(event.text)
         elif isinstance(event, Focus) and self.extras.focus and event.images:
             self.focus.append(image_focus(event))
-        elif isinstance(event, Routing) and self.extras.routing:
-            self.routing.append(token_routing(event))
-            self.expert_load = event.load
+        elif isinstance(event, Routing) and (self.extras.routing or self.extras.routed_experts):
+            if self.extras.routed_experts:
+                self.routed.add(event)
+            if self.extras.routing:
+                self.routing.append(token_routing(event))
+                self.expert_load = event.load
         elif isinstance(event, Stats):
             self.stats = event
         elif isinstance(event, Done):
@@ -322,7 +367,9 @@ class CompletionBuilder:
         )
         stats = completion_stats(self.stats, self.expert_load) if self.extras.stats and self.stats else None
         return ChatCompletion(id=self.id, created=self.created, model=self.model,
-                              choices=[Choice(message=message, finish_reason=self.finish)],
+                              choices=[Choice(message=message, finish_reason=self.finish,
+                                              routed_experts=self.routed.encoded() if self.extras.routed_experts
+                                              else None)],
                               usage=usage(self.stats), stats=stats)
 
 
@@ -345,14 +392,17 @@ class ChunkBuilder:
     pending_index: int | None = None  # the token whose telemetry the pending delta carries
     stats: Stats | None = None
     expert_load: dict | None = None
+    routed: RoutedExperts = field(default_factory=RoutedExperts)
 
     @property
     def holds_for_telemetry(self) -> bool:
         return self.extras.focus or self.extras.routing
 
-    def chunk(self, delta: Delta, finish: str | None = None, **extra) -> ChatCompletionChunk:
+    def chunk(self, delta: Delta, finish: str | None = None, routed_experts: str | None = None,
+              **extra) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)], **extra)
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish,
+                                                        routed_experts=routed_experts)], **extra)
 
     def first(self) -> ChatCompletionChunk:
         return self.chunk(Delta(role="assistant", content=""))
@@ -371,9 +421,12 @@ class ChunkBuilder:
                 out += self.flush()
         elif isinstance(event, Focus) and self.extras.focus and event.images:
             out += self.attach(event.index, "focus", image_focus(event))
-        elif isinstance(event, Routing) and self.extras.routing:
-            self.expert_load = event.load
-            out += self.attach(event.index, "routing", token_routing(event))
+        elif isinstance(event, Routing) and (self.extras.routing or self.extras.routed_experts):
+            if self.extras.routed_experts:
+                self.routed.add(event)
+            if self.extras.routing:
+                self.expert_load = event.load
+                out += self.attach(event.index, "routing", token_routing(event))
         elif isinstance(event, Stats):
             self.stats = event
         elif isinstance(event, Done):
@@ -400,7 +453,8 @@ class ChunkBuilder:
 
     def finish(self, reason: str) -> list[ChatCompletionChunk]:
         stats = completion_stats(self.stats, self.expert_load) if self.extras.stats and self.stats else None
-        out = [self.chunk(Delta(), finish=reason, stats=stats)]
+        routed = self.routed.encoded() if self.extras.routed_experts else None
+        out = [self.chunk(Delta(), finish=reason, stats=stats, routed_experts=routed)]
         if self.include_usage:
             out.append(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
                                            usage=usage(self.stats)))

@@ -4,6 +4,12 @@
 their event stream, and this class produces it by streaming ``/chat/completions`` with the ``openai``
 SDK. Reasoning comes from ``reasoning_content`` / ``reasoning`` deltas when the server splits it
 (vLLM / SGLang reasoning parsers), otherwise from ``<think>`` tags in the content (ThinkSplitter).
+A chat template that opens the think block in the prompt (Qwen3 Thinking-2507, QwQ, GLM-4.7) makes the
+raw output start inside the reasoning: this engine cannot render the remote template, so it asks the
+remote server once per thinking switch (``prompt_opens_think``: vLLM's / SGLang's ``/tokenize`` with chat
+messages, then ``/detokenize`` of the prompt's tail) and starts the splitter in the reasoning when the
+rendered prompt ends with ``<think>``; a server without those routes cannot tell, and the content is split
+as if the prompt had not opened the block (start that server with its reasoning parser instead).
 Focus maps and routing statistics need the model's attention and routers, which only the in-process
 engine has: ``info()`` says so (``"focus": False, "routing": False`` and a reason), and no Focus or
 Routing event is ever emitted.
@@ -96,6 +102,8 @@ class RemoteEngine:
         self._waiting = 0
         self._live: set[RequestHandle] = set()
         self._closed = False
+        self._api_key = api_key
+        self._opens_think: dict[bool, bool | None] = {}  # thinking switch -> the remote template opens the block
         self.observers: list = []  # (request, event) callables, as on Engine: the metrics exporter
 
     # ------------------------------------------------------------------ public
@@ -137,6 +145,35 @@ class RemoteEngine:
         """Not here: the tokenizer is the remote server's (the API answers 501)."""
         raise NotImplementedError(f"detokenizing needs the model's tokenizer, which is on the remote server: ask "
                                   f"{self.base_url.removesuffix('/v1')}/detokenize (vLLM and SGLang serve one)")
+
+    def prompt_opens_think(self, enable_thinking: bool) -> bool | None:
+        """Whether the remote chat template ends the prompt inside an open ``<think>`` block, asked once per
+        thinking switch and kept: a one-message chat through the remote ``/tokenize`` (vLLM's and SGLang's,
+        at the server's root), the last tokens through ``/detokenize``, and the family rule on the text (its
+        last non-blank text is the open tag). None when the server cannot say (no such routes: OpenAI,
+        llama.cpp, ...; or an error): the content is then split as if nothing had been opened."""
+        if enable_thinking in self._opens_think:
+            return self._opens_think[enable_thinking]
+        import httpx
+
+        root = self.base_url.removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        answer: bool | None = None
+        try:
+            with httpx.Client(timeout=10.0, headers=headers) as http:
+                r = http.post(root + "/tokenize", json={
+                    "model": self.model, "messages": [{"role": "user", "content": "hi"}],
+                    "add_generation_prompt": True, "chat_template_kwargs": {"enable_thinking": enable_thinking}})
+                r.raise_for_status()
+                tail = r.json()["tokens"][-16:]
+                r = http.post(root + "/detokenize", json={"model": self.model, "tokens": tail})
+                r.raise_for_status()
+                answer = str(r.json()["prompt"]).rstrip().endswith("<think>")
+        except Exception as e:  # noqa: BLE001 - not knowing is an answer too (None)
+            log.info("the remote server at %s cannot say how its template ends (%s): the answer is split as "
+                     "if the prompt had not opened a think block", root, e)
+        self._opens_think[enable_thinking] = answer
+        return answer
 
     def transcribe(self, audio) -> str:
         if self.asr is None:
@@ -228,7 +265,9 @@ class RemoteEngine:
             stream_options={"include_usage": True}, temperature=o.temperature, top_p=o.top_p,
             max_tokens=o.max_new_tokens, seed=o.seed, stop=o.stop or None, user=req.session_id, extra_body=extra,
         )
-        splitter = ThinkSplitter(o.enable_thinking)
+        opened = bool(self.prompt_opens_think(o.enable_thinking))
+        splitter = ThinkSplitter(o.enable_thinking, opened=opened)
+        server_splits = False  # reasoning deltas came: the server's parser splits, its content is the answer
         finish, usage = "length", None
         try:
             for chunk in stream:
@@ -241,6 +280,10 @@ class RemoteEngine:
                     extra_fields = d.model_extra or {}
                     reasoning = extra_fields.get("reasoning_content") or extra_fields.get("reasoning")
                     pieces = [("reasoning", reasoning)] if reasoning else []
+                    if reasoning and not server_splits:
+                        server_splits = True
+                        if opened and splitter.state == "reasoning" and not splitter.pending:
+                            splitter = ThinkSplitter(False)  # the content after the server's split is answer
                     pieces += splitter.feed(d.content) if d.content else []
                     now = time.perf_counter()
                     for phase, text in pieces:
