@@ -1,0 +1,5 @@
+"""``python -m tools.page_cost``."""
+
+from .run import main
+
+main()
