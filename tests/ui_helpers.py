@@ -95,3 +95,19 @@ def serve_ui(engine):
     from autoglm_app.ui.layout import mount_ui
 
     return serve_in_thread(mount_ui(FastAPI(), engine, Settings(model="small")))
+
+
+def page_settings(thinking=False, temperature=0.0, top_p=1.0, max_new_tokens=6, seed=1, top_k=0,
+                  repetition_penalty=1.0, stop="", system="", context_mode="each turn alone", typed="") -> list:
+    """The generation settings in the order the page's Send / Regenerate handlers take them."""
+    return [thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop, system, context_mode,
+            typed]
+
+
+def page_send(studio, session, text: str = "", files=(), recording=None, request=None, **settings):
+    """Call the page's Send handler as Gradio would; returns the generator (list() it to run the turn)."""
+    return studio.send({"text": text, "files": list(files)}, recording, *page_settings(**settings), session, request)
+
+
+def page_regenerate(studio, session, request=None, **settings):
+    return studio.regenerate(*page_settings(**settings), session, request)

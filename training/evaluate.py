@@ -275,10 +275,20 @@ def shortfalls(s: dict) -> str:
             + ". More training (a GPU, or hours on the CPU) is the known remedy.")
 
 
+# What the app reads from the card (autoglm_app/loading/card.py): the page shows the domain next to the
+# model's name and defaults to "each turn alone" for a model trained on single turns.
+CARD_FRONT_MATTER = """---
+domain: "ShapesWorld only: flat coloured circles, squares and triangles on a light background, the question \
+templates it was trained on, and espeak-ng voices"
+conversation: single-turn
+---
+"""
+
+
 def model_card(summary: dict, config: dict, n_params: int, size_bytes: int, stages: str = "") -> str:
     """The checkpoint's README: architecture, recipe, evaluation, limits."""
     c = config
-    return f"""# AutoGLM-Phone-Tiny
+    return f"""{CARD_FRONT_MATTER}# AutoGLM-Phone-Tiny
 
 A {n_params / 1e6:.2f}M-parameter AutoGLM-Phone model trained by the AutoGLM Studio project on
 generated ShapesWorld scenes, so the app runs and shows true things with no download and no GPU.

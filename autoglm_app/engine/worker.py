@@ -165,7 +165,16 @@ class Engine:
             "context_limit": self.rt.context_limit,
             "hears_audio": self.family.hears_audio,
             "can_transcribe": self.transcribe is not None,
+            **self._card(),
         }
+
+    def _card(self) -> dict:
+        """The model card's domain and conversation style (``loading.card``), read once."""
+        if not hasattr(self, "_card_facts"):
+            from ..loading.card import read_card
+
+            self._card_facts = read_card(getattr(self.loaded.model.config, "_name_or_path", None))
+        return self._card_facts
 
     # ------------------------------------------------------------------ tokenizer
     @property

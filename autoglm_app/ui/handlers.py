@@ -9,9 +9,11 @@ Panel handlers change the session's ``View`` and redraw. Only ``engine.submit`` 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,11 @@ import gradio as gr
 
 from ..config import Settings
 from ..events import BadRequest
+from ..events import EngineBusy, Options
 from .export import write_trace_zip
 from .inputs import InputError, fingerprint, file_path, make_options, make_turn, read_audio, recording_of
 from .panels import Capabilities, Page, Panels, model_panel
-from .session import Session, Turn, as_sentence, stream_turn
+from .session import CONTEXT_MODES, Session, SessionStore, Turn, as_sentence, stream_turn, submit
 
 log = logging.getLogger(__name__)
 
@@ -34,45 +37,122 @@ def _session_id(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "ui"
 
 
+@dataclass
+class Controls:
+    """The generation settings as the page sends them with every Send / Regenerate / edit (``SETTINGS``)."""
+
+    thinking: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: float = 512
+    seed: float | None = -1
+    top_k: float = 0
+    repetition_penalty: float = 1.0
+    stop: str | None = ""
+    system: str | None = ""
+    context_mode: str | None = None  # None: the session's own choice (an API client that does not send it)
+    typed: str | None = None  # the browser-side check's findings: slider boxes typed out of range
+
+    def options(self) -> Options:
+        return make_options(self.thinking, self.temperature, self.top_p, self.max_new_tokens, self.seed, self.top_k,
+                            self.repetition_penalty, self.stop, self.typed)
+
+    def sliders(self) -> list:
+        """The sliders' values in ``inputs.SLIDERS`` order."""
+        return [self.temperature, self.top_p, self.max_new_tokens, self.top_k, self.repetition_penalty]
+
+    def multi_turn(self, session: Session) -> bool:
+        return session.multi_turn if self.context_mode not in CONTEXT_MODES else self.context_mode == CONTEXT_MODES[1]
+
+
+def changed_only(session: Session, update: dict) -> dict:
+    """The update without the panel values the page already shows (text and HTML compared; images always
+    go): while a reply streams most panel values repeat from one redraw to the next, and each one sent
+    costs the server serialisation and the browser a re-render."""
+    out = {}
+    for component, value in update.items():
+        key = id(component)
+        if isinstance(value, (str, list, tuple)) and session.sent.get(key) == value:
+            out[component] = gr.skip()
+            continue
+        if isinstance(value, (str, list, tuple)):
+            session.sent[key] = value
+        out[component] = value
+    return out
+
+
 class Handlers:
     """The handlers of one page, bound to its engine, settings and output components."""
 
     def __init__(self, engine: Any, settings: Settings, caps: Capabilities, page: Page, examples: list[dict]):
         self.engine, self.settings, self.caps, self.page, self.examples = engine, settings, caps, page, examples
         self.panels = Panels(page, caps)
+        self.sessions = SessionStore()
         self.export_dir = Path(tempfile.mkdtemp(prefix="autoglm-export-"))
 
     # ------------------------------------------------------------------ chat
-    def send(self, prompt: dict | None, recording: str | None, thinking: bool, temperature: float, top_p: float,
-             max_new_tokens: float, seed: float | None, session: Session, request: gr.Request):
+    def send(self, prompt: dict | None, recording: str | None, thinking: bool, temperature: float, top_p: float, max_new_tokens: float, seed: float | None,
+             top_k: float = 0, repetition_penalty: float = 1.0, stop: str | None = None, system: str | None = None,
+             context_mode: str | None = None, typed: str | None = None,
+             session: Session = None, request: gr.Request = None):
         """Send what is in the inputs as a new turn and stream the reply into the page."""
         prompt = prompt or {}
-        turn = self._new_turn(session, lambda: self.speech(make_turn(
-            prompt.get("text", ""), prompt.get("files", []), recording,
-            make_options(thinking, temperature, top_p, max_new_tokens, seed), self.settings), session))
+        controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
+                            system, context_mode, typed)
+        turn = self._new_turn(session, controls, lambda options: self.speech(make_turn(
+            prompt.get("text", ""), prompt.get("files", []), recording, options, self.settings), session))
         if turn is None:
-            yield {self.page.chatbot: gr.skip()}
+            yield self._refused(controls)
             return
-        yield from self._run(session, turn, request, clear_inputs=True)
+        yield from self._run(session, turn, len(session.turns), request, clear_inputs=True, controls=controls)
 
-    def regenerate(self, thinking: bool, temperature: float, top_p: float, max_new_tokens: float,
-                   seed: float | None, session: Session, request: gr.Request):
-        """Ask again: the last turn's inputs with the current settings replace the last reply."""
-        def again() -> Turn:
+    def regenerate(self, thinking: bool, temperature: float, top_p: float, max_new_tokens: float, seed: float | None,
+             top_k: float = 0, repetition_penalty: float = 1.0, stop: str | None = None, system: str | None = None,
+             context_mode: str | None = None, typed: str | None = None,
+                   session: Session = None, request: gr.Request = None):
+        """Ask again: the last turn's inputs with the current settings, as a new version of it (the earlier
+        versions stay, in the Versions picker)."""
+        controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
+                            system, context_mode, typed)
+
+        def again(options) -> Turn:
             if not session.turns:
                 raise InputError("Nothing to regenerate yet: send a message first.")
-            last = session.turns.pop()
-            return Turn(text=last.text, images=last.images, image_paths=last.image_paths, audio=last.audio,
-                        audio_path=last.audio_path, transcribed=last.transcribed,
-                        options=make_options(thinking, temperature, top_p, max_new_tokens, seed))
+            return session.turns[-1].again(options=options)
 
-        turn = self._new_turn(session, again)
+        turn = self._new_turn(session, controls, again)
         if turn is None:
-            yield {self.page.chatbot: gr.skip()}
+            yield self._refused(controls)
             return
-        yield from self._run(session, turn, request, clear_inputs=False)
+        yield from self._run(session, turn, len(session.turns) - 1, request, clear_inputs=False, controls=controls)
 
-    def _new_turn(self, session: Session, make: Callable[[], Turn]) -> Turn | None:
+    def edit(self, thinking: bool, temperature: float, top_p: float, max_new_tokens: float, seed: float | None,
+             top_k: float = 0, repetition_penalty: float = 1.0, stop: str | None = None, system: str | None = None,
+             context_mode: str | None = None, typed: str | None = None,
+             session: Session = None, request: gr.Request = None, evt: gr.EditData = None):
+        """An edited question (the chat's pencil on a user message): a new version of that turn with the new
+        text and the same images / recording, sent with the current settings; later turns stay with the
+        earlier version."""
+        controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
+                            system, context_mode, typed)
+        owners = session.message_turns()
+        index = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else -1)
+        position = owners[index] if 0 <= index < len(owners) else None
+        text = evt.value if isinstance(evt.value, str) else None
+
+        def edited(options) -> Turn:
+            if position is None or text is None or session.history()[index].get("role") != "user" \
+                    or not isinstance(session.history()[index].get("content"), str):
+                raise InputError("Only the text of a question can be edited: send a new message instead.")
+            return session.turns[position].again(text=text.strip(), options=options)
+
+        turn = self._new_turn(session, controls, edited)
+        if turn is None:
+            yield {**self._refused(controls), self.page.chatbot: session.history()}
+            return
+        yield from self._run(session, turn, position, request, clear_inputs=False, controls=controls)
+
+    def _new_turn(self, session: Session, controls: Controls, make: Callable[[Options], Turn]) -> Turn | None:
         """The new turn, or None (with a warning) when the session already has one in flight (a double
         click on Send) or the inputs cannot be used. A returned turn holds the session's claim: ``_run``
         releases it."""
@@ -80,7 +160,10 @@ class Handlers:
             gr.Warning("A reply is still streaming: wait for it or press Stop.")
             return None
         try:
-            return make()
+            turn = make(controls.options())
+            turn.system = (controls.system or "").strip()
+            session.multi_turn = controls.multi_turn(session)
+            return turn
         except InputError as e:
             session.release()
             gr.Warning(str(e))
@@ -89,22 +172,41 @@ class Handlers:
             session.release()
             raise
 
-    def _run(self, session: Session, turn: Turn, request: gr.Request | None, clear_inputs: bool):
+    def _refused(self, controls: Controls | None) -> dict:
+        """Nothing was sent: the inputs keep what the user typed; a slider's box that holds an out-of-range
+        value is set back to the slider's own value, so box and slider agree."""
+        out = {self.page.chatbot: gr.skip()}
+        if controls is not None:
+            for component, value in zip(self.page.settings, controls.sliders()):
+                out[component] = gr.update(value=value)
+        return out
+
+    def _run(self, session: Session, turn: Turn, position: int, request: gr.Request | None, clear_inputs: bool,
+             controls: Controls | None = None):
         p = self.page
         try:
-            session.start(turn)
+            undo = session.start_version(turn, position)
+            try:  # the engine's refusals come before anything changes on the page
+                handle = submit(self.engine, session, _session_id(request))
+            except (EngineBusy, BadRequest) as e:
+                session.discard(undo)
+                wait = f" (try again in about {math.ceil(e.retry_after)} s)" if isinstance(e, EngineBusy) else ""
+                gr.Warning(f"{as_sentence(str(e))}{wait}. Nothing was sent.")
+                yield self._refused(controls)
+                return
+            session.sent = {}
             first = {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
                      **self.panels.all(session)}
             if clear_inputs:
                 first.update({p.prompt: gr.update(value=None), p.mic: None})
             yield first
-            with closing(stream_turn(self.engine, session, _session_id(request))) as stream:  # closing cancels
+            with closing(stream_turn(self.engine, session, _session_id(request), handle=handle)) as stream:
                 try:
                     for full in stream:
                         update = {p.chatbot: session.history()}
                         if full:
                             update.update(self.panels.all(session))
-                        yield update
+                        yield changed_only(session, update)
                 except Exception as e:  # a bug in the page: say so plainly, keep the page usable
                     log.exception("streaming a turn failed")
                     turn.fail(f"The page failed to show this reply ({type(e).__name__}); try again.")
@@ -114,7 +216,9 @@ class Handlers:
             session.release()
         if turn.error:
             gr.Warning(turn.error)
-        yield {p.chatbot: session.history(), **self.panels.all(session), p.model_md: self.model(session)}
+        session.sent = {}
+        yield {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
+               **self.panels.all(session), p.model_md: self.model(session)}
 
     def api_chat(self, text: str, images: list | None, audio: str | None, thinking: bool, temperature: float,
                  top_p: float, max_new_tokens: float, seed: float | None, session: Session, request: gr.Request):
@@ -185,11 +289,36 @@ class Handlers:
             gr.Info("Nothing is running.")
 
     def clear(self, session: Session) -> dict:
+        """New chat (the New chat button and the chat's trash icon): the conversation goes, the settings stay."""
         p = self.page
         session.clear()
         return {p.chatbot: [], p.prompt: gr.update(value=None), p.mic: None,
                 p.turn_pick: self.panels.turn_choices(session), **self.panels.all(session),
                 p.model_md: self.model(session), p.export_file: gr.update(value=None, visible=False)}
+
+    def choose_version(self, version: int | None, session: Session) -> dict:
+        """Show another version of the shown turn; the conversation (and the next question) follows it."""
+        p = self.page
+        position = session.shown_position()
+        if position is not None and version is not None and not session.busy:
+            session.choose(position, int(version))
+        elif session.busy:
+            gr.Warning("A reply is still streaming: wait for it or press Stop, then switch versions.")
+        return {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
+                **self.panels.all(session), p.model_md: self.model(session)}
+
+    def restore(self, key: str | None, session: Session):
+        """On page load: the conversation this browser had (by the key it keeps), or a new one."""
+        p = self.page
+        known = self.sessions.get(key)
+        if known is None:
+            session.multi_turn = self.caps.multi_turn
+            self.sessions.put(session)
+            known = session
+        known.sent = {}
+        return {self.page.state: known, self.page.browser_key: known.key, p.chatbot: known.history(),
+                p.turn_pick: self.panels.turn_choices(known), **self.panels.all(known),
+                p.model_md: self.model(known), p.context_mode: CONTEXT_MODES[int(known.multi_turn)]}
 
     # ------------------------------------------------------------------ examples
     def fill_example(self, index: int) -> tuple:
@@ -198,8 +327,17 @@ class Handlers:
         files = [ex["image"]] if ex.get("image") else []
         return {"text": ex.get("text") or "", "files": files}, ex.get("audio")
 
-    def pick_chat_example(self, evt: gr.SelectData) -> tuple:
-        return self.fill_example(evt.index if isinstance(evt.index, int) else 0)
+    def start_example(self, index: int, session: Session) -> dict:
+        """An example starts a new conversation: the chat is cleared and the example goes into the inputs
+        (the event's next step sends it). While a reply streams nothing changes."""
+        if session.busy:
+            gr.Warning("A reply is still streaming: wait for it or press Stop, then pick the example.")
+            return {self.page.chatbot: gr.skip()}
+        text, recording = self.fill_example(index)
+        return {**self.clear(session), self.page.prompt: text, self.page.mic: recording}
+
+    def pick_chat_example(self, session: Session, evt: gr.SelectData) -> dict:
+        return self.start_example(evt.index if isinstance(evt.index, int) else 0, session)
 
     # ------------------------------------------------------------------ panels
     def select_word(self, session: Session, evt: gr.SelectData) -> dict:
@@ -210,14 +348,16 @@ class Handlers:
             session.view.word = None if session.view.word == index else index
         return self.panels.all(session)
 
-    def change_view(self, turn_pick: int, image_pick: str | None, colormap: str, opacity: float, aggregation: str,
-                    layer_from: float, layer_to: float, load_view: str, session: Session) -> dict:
+    def change_view(self, turn_pick: int, image_pick: int | None, audio_pick: int | None, colormap: str,
+                    opacity: float, aggregation: str, layer_from: float, layer_to: float, load_view: str,
+                    session: Session) -> dict:
         view = session.view
         turn = None if turn_pick is None or int(turn_pick) < 0 else int(turn_pick)
         if turn != view.turn:
-            view.turn, view.word, view.image = turn, None, 0
-        elif image_pick:
-            view.image = max(0, int(str(image_pick).split()[-1]) - 1)
+            view.turn, view.word, view.image, view.audio = turn, None, None, None
+        else:
+            view.image = None if image_pick is None else int(image_pick)
+            view.audio = None if audio_pick is None else int(audio_pick)
         view.colormap, view.opacity, view.aggregation, view.load_view = colormap, float(opacity), aggregation, load_view
         view.layers = (int(layer_from), max(int(layer_to), int(layer_from) + 1))
         return self.panels.all(session)

@@ -127,14 +127,47 @@ def make_turn(text: str, files: list, recording: str | None, options: Options,
     return turn
 
 
-def make_options(thinking: bool, temperature: float, top_p: float, max_new_tokens: float,
-                 seed: float | None) -> Options:
-    """The generation settings as engine Options; a value that is not a number is an InputError
-    (the engine checks the ranges)."""
+# The page's generation settings: (element id, label, minimum, maximum) of each slider, in the order the
+# handlers take them. The sliders are built from this table and the Send button's browser-side check
+# (layout.SETTINGS_CHECK_JS) reads it, so a typed value outside a slider's range is caught, not clamped.
+SLIDERS = (("temperature", "Temperature", 0.0, 2.0), ("top-p", "Top-p", 0.05, 1.0),
+           ("max-tokens", "Max new tokens", 1, None), ("top-k", "Top-k (0 = off)", 0, 200),
+           ("repetition-penalty", "Repetition penalty", 1.0, 2.0))
+MAX_STOP_SEQUENCES = 4
+
+
+def _typed_problems(typed: str | None) -> list[str]:
+    """What the browser-side check found outside a slider's range (a JSON object: label -> typed value)."""
+    if not typed:
+        return []
     try:
-        seed_value = None if seed is None or float(seed) < 0 else int(seed)
+        bad = json.loads(typed)
+    except (TypeError, ValueError):
+        return []
+    return [f"{label} {value}" for label, value in bad.items()] if isinstance(bad, dict) else []
+
+
+def make_options(thinking: bool, temperature: float, top_p: float, max_new_tokens: float, seed: float | None,
+                 top_k: float = 0, repetition_penalty: float = 1.0, stop: str = "",
+                 typed: str | None = None) -> Options:
+    """The generation settings as engine Options. A value out of its range (typed into a slider's box, or
+    a seed below -1) is an InputError that names it, so nothing is sent; the engine checks again."""
+    problems = _typed_problems(typed)
+    if problems:
+        raise InputError(f"Out of range: {', '.join(problems)}. Each slider shows its range: fix the value "
+                         "(nothing was sent).")
+    try:
+        seed_value = None if seed is None or float(seed) == -1 else float(seed)
+        if seed_value is not None and (seed_value < 0 or seed_value != int(seed_value)):
+            raise InputError(f"Seed {seed:g} is not valid: use -1 for a random seed or a whole number from 0 "
+                             "(nothing was sent).")
+        stops = [line for line in (stop or "").splitlines() if line]
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise InputError(f"{len(stops)} stop sequences; the limit is {MAX_STOP_SEQUENCES}, one per line "
+                             "(nothing was sent).")
         return Options(enable_thinking=bool(thinking), temperature=float(temperature), top_p=float(top_p),
-                       max_new_tokens=int(max_new_tokens), seed=seed_value)
+                       max_new_tokens=int(max_new_tokens), seed=None if seed_value is None else int(seed_value),
+                       top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty or 1.0), stop=stops)
     except (TypeError, ValueError, OverflowError) as e:
         raise InputError("The generation settings hold a value that is not a number: reset them and "
                          "try again.") from e

@@ -16,15 +16,17 @@ editing, and the turn then sends that text (the recording stays in the history, 
 
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 
 from ..config import Settings
 from . import render
 from .handlers import Handlers
-from .inputs import EXAMPLES_DIR, chat_example, example_caption, load_examples
+from .inputs import EXAMPLES_DIR, SLIDERS, chat_example, example_caption, load_examples
 from .panels import (WORDS_PLACEHOLDER, Capabilities, Page, focus_placeholder, mic_label, model_panel,
                      routing_placeholder)
-from .session import Session
+from .session import CONTEXT_MODES, Session
 
 EXPORT_HELP = ("**QA trace.** Download the whole conversation as a zip: `trace.json` with the prompts, reasoning, "
                "answers, settings, model id, speed, per-token focus maps and expert routing, plus the input images, "
@@ -57,6 +59,17 @@ CSS = """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange")
 
 
+def settings_check_js(bounds: list[tuple[int, str, float, float]], typed_at: int) -> str:
+    """The Send / Regenerate / edit events' browser-side step: a value typed into a slider's box outside its
+    range is reported in the hidden ``typed`` input (the handler then warns and sends nothing) and replaced
+    by the nearest bound, so Gradio's own range check never turns it into an error on every panel."""
+    return ("(...args) => { const bounds = " + json.dumps(bounds) + "; const bad = {};"
+            " for (const [i, label, lo, hi] of bounds) { const v = Number(args[i]);"
+            " if (!Number.isFinite(v) || v < lo || v > hi) { bad[label] = args[i];"
+            " args[i] = Number.isFinite(v) ? Math.min(Math.max(v, lo), hi) : lo; } }"
+            f" args[{typed_at}] = Object.keys(bad).length ? JSON.stringify(bad) : ''; return args; }}")
+
+
 def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
     """The page as Blocks (not yet mounted), and the handlers its events call."""
     caps = Capabilities.of(engine)
@@ -64,18 +77,23 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
     limit = int(info.get("context_limit") or 8192)
     focus_shown = caps.focus  # without focus (remote backend) its controls have nothing to act on
     watch = "watch its reasoning, where it looked, and which experts it used" if caps.focus else "watch its reasoning"
+    domain = f"  \n**Knows:** {caps.domain}" if caps.domain else ""
+    defaults = {"temperature": 0.7, "top-p": 0.9, "max-tokens": 512, "top-k": 0, "repetition-penalty": 1.0}
+    steps = {"temperature": 0.05, "top-p": 0.05, "max-tokens": 1, "top-k": 1, "repetition-penalty": 0.05}
 
     with gr.Blocks(title="AutoGLM Studio") as demo:
-        state = gr.State(Session())  # deep-copied for each browser session
+        state = gr.State(Session(multi_turn=caps.multi_turn))  # deep-copied for each browser session
+        browser_key = gr.BrowserState("", storage_key="autoglm-studio-session")
         gr.Markdown(f"## AutoGLM Studio\n`{info.get('model_id', 'model')}` · ask about an image or a "
-                    f"recording; {watch}.", elem_id="title")
+                    f"recording; {watch}.{domain}", elem_id="title")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=420):  # ---------------------------------------- chat
                 chatbot = gr.Chatbot(
                     label="Chat", height="calc(100vh - 330px)", min_height=320, elem_id="chat",
                     placeholder="**Ask AutoGLM about a picture or a recording.** Attach or paste images, record a "
                                 "question with the microphone, or start with an example:",
-                    examples=[chat_example(ex) for ex in examples], buttons=["copy"], feedback_options=None)
+                    examples=[chat_example(ex) for ex in examples], buttons=["copy"], feedback_options=None,
+                    editable="user", group_consecutive_messages=False)
                 prompt = gr.MultimodalTextbox(
                     placeholder="Type a question; attach or paste images (several per turn are fine)…",
                     file_types=["image", "audio"], file_count="multiple", sources=["upload"],
@@ -89,50 +107,67 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
                             stop_btn = gr.Button("Stop", variant="stop", min_width=80, elem_id="stop")
                         with gr.Row():
                             regen_btn = gr.Button("Regenerate", min_width=80, elem_id="regenerate")
-                            clear_btn = gr.Button("Clear", min_width=80, elem_id="clear")
+                            clear_btn = gr.Button("New chat", min_width=80, elem_id="clear")
                         transcribe_btn = gr.Button("Transcribe", min_width=80, visible=caps.transcribing,
                                                    elem_id="transcribe")
-                with gr.Accordion("Generation settings", open=False):
+                with gr.Accordion("Generation settings", open=False, elem_id="settings"):
                     with gr.Row():
+                        context_mode = gr.Radio(
+                            list(CONTEXT_MODES), value=CONTEXT_MODES[int(caps.multi_turn)], label="Conversation",
+                            info=("this model was trained on single questions: each turn alone" if not caps.multi_turn
+                                  else "multi-turn sends the earlier turns with each question"),
+                            elem_id="context-mode")
                         thinking = gr.Checkbox(value=True, label="Thinking (reasoning before the answer)",
                                                elem_id="thinking")
-                        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed")
-                    with gr.Row():
-                        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
-                                                elem_id="temperature")
-                        top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top-p")
-                        max_new_tokens = gr.Slider(1, min(limit, 4096), value=512, step=1, label="Max new tokens",
-                                                   elem_id="max-tokens")
-                example_set = gr.Dataset(label="Examples: click one to run it", components=["textbox"],
-                                         samples=[[example_caption(ex)] for ex in examples], type="index",
-                                         samples_per_page=8, elem_id="examples")
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                    system = gr.Textbox(label="System prompt", lines=2, max_lines=8, elem_id="system-prompt",
+                                        placeholder="Optional: instructions sent before the conversation")
+                    sliders = []
+                    for row in (SLIDERS[:3], SLIDERS[3:]):
+                        with gr.Row():
+                            for elem, label, lo, hi in row:
+                                hi = min(limit, 4096) if hi is None else hi
+                                sliders.append(gr.Slider(lo, hi, value=defaults[elem], step=steps[elem], label=label,
+                                                         elem_id=elem))
+                    stop = gr.Textbox(label="Stop sequences (one per line)", lines=1, max_lines=4,
+                                      elem_id="stop-sequences")
+                    temperature, top_p, max_new_tokens, top_k, repetition_penalty = sliders
+                    typed = gr.Textbox(visible=False)
+                example_set = gr.Dataset(label="Examples: click one to start a new chat with it",
+                                         components=["textbox"], samples=[[example_caption(ex)] for ex in examples],
+                                         type="index", samples_per_page=8, elem_id="examples")
             with gr.Column(scale=6, min_width=480), gr.Tabs():  # --------------------------- panels
                 with gr.Tab("Focus", id="focus", elem_id="tab-focus"):
                     focus_caption = gr.HTML(focus_placeholder(caps), elem_id="focus-caption")
                     with gr.Row(equal_height=False, visible=focus_shown or caps.routing):
                         turn_pick = gr.Dropdown([("latest", -1)], value=-1, label="Turn", min_width=140,
                                                 elem_id="turn-pick")
+                        version_pick = gr.Dropdown([], label="Versions", visible=False, min_width=140,
+                                                   elem_id="version-pick")
                         image_pick = gr.Radio([], label="Image", visible=False, min_width=140, elem_id="image-pick")
                         colormap = gr.Dropdown(list(render.COLORMAPS), value="inferno", label="Colour map",
                                                min_width=120, visible=focus_shown)
                         opacity = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="Opacity", min_width=140,
                                             visible=focus_shown)
                     with gr.Row(equal_height=False):
-                        focus_image = gr.Image(type="pil", format="png", label="Focus heatmap", visible=False,
+                        focus_image = gr.Image(type="pil", format="jpeg", label="Focus heatmap", visible=False,
                                                interactive=False, height="40vh", buttons=["download", "fullscreen"],
                                                scale=3, min_width=240, elem_id="focus-image")
                         words = gr.HighlightedText(WORDS_PLACEHOLDER, label="Reply word by word: click a word",
                                                    color_map=render.WORD_COLORS, show_legend=False,
                                                    show_inline_category=False, interactive=False, scale=2,
                                                    min_width=200, visible=focus_shown, elem_id="words")
+                    audio_pick = gr.Radio([], label="Recording", visible=False, elem_id="audio-pick")
                     audio_focus = gr.Image(type="pil", format="png", label="Focus over the recording", visible=False,
                                            interactive=False, height=190, buttons=["download"], elem_id="audio-focus")
                     with gr.Accordion("Layers: aggregate the focus maps again", open=False, visible=focus_shown):
                         with gr.Row(equal_height=False):
                             aggregation = gr.Radio(list(render.AGGREGATIONS), value="default", label="Aggregation",
-                                                   info="default = the model's own choice; mean / max use the range")
-                            layer_from = gr.Slider(0, 1, value=0, step=1, label="from layer")
-                            layer_to = gr.Slider(1, 2, value=2, step=1, label="to layer (exclusive)")
+                                                   info="default = the model's own choice; mean / max use the range",
+                                                   elem_id="aggregation")
+                            layer_from = gr.Slider(0, 1, value=0, step=1, label="from layer", elem_id="layer-from")
+                            layer_to = gr.Slider(1, 2, value=2, step=1, label="to layer (exclusive)",
+                                                 elem_id="layer-to")
                 with gr.Tab("Routing", id="routing", elem_id="tab-routing"):
                     load_view = gr.Radio(list(render.LOAD_VIEWS), value="total", label="Expert load",
                                          info="all tokens, prompt (prefill) or generated (decode) tokens, or by the "
@@ -155,25 +190,42 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
             api_btn = gr.Button("chat")
 
         # ------------------------------------------------------------------------------------ wiring
-        page = Page(chatbot, prompt, mic, turn_pick, focus_caption, image_pick, focus_image, words, audio_focus,
-                    layer_from, layer_to, routing_html, token_html, split_html, model_md, export_file)
+        page = Page(chatbot, prompt, mic, turn_pick, version_pick, focus_caption, image_pick, focus_image, words,
+                    audio_pick, audio_focus, layer_from, layer_to, routing_html, token_html, split_html, model_md,
+                    export_file, settings=sliders, state=state, browser_key=browser_key, context_mode=context_mode)
         h = Handlers(engine, settings, caps, page, examples)
-        options = [thinking, temperature, top_p, max_new_tokens, seed]
+        options = [thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop, system,
+                   context_mode, typed]
         turn_outputs, panel_outputs = page.turn_outputs(), page.panel_outputs()
+        first_option = 2  # send's inputs: prompt, mic, then the options
+
+        def checked(offset: int) -> str:
+            bounds = [(offset + options.index(c), c.label, c.minimum, c.maximum) for c in sliders]
+            return settings_check_js(bounds, offset + options.index(typed))
+
         send = dict(fn=h.send, inputs=[prompt, mic, *options, state], outputs=turn_outputs,
-                    concurrency_limit=None)  # the engine queues fairly and reports positions
+                    concurrency_limit=None, js=checked(first_option))  # the engine queues fairly
         send_btn.click(**send, api_name="send")
         prompt.submit(**send, api_visibility="private")
         stop_btn.click(h.stop, [state], None, api_name="stop", concurrency_limit=None)
-        regen_btn.click(h.regenerate, [*options, state], turn_outputs, api_name="regenerate", concurrency_limit=None)
-        clear_btn.click(h.clear, [state], turn_outputs + [export_file], api_name="clear")
-        example_set.click(h.fill_example, [example_set], [prompt, mic],
-                          api_visibility="private").then(**send, api_visibility="private")
-        chatbot.example_select(h.pick_chat_example, None, [prompt, mic],
-                               api_visibility="private").then(**send, api_visibility="private")
+        regen_btn.click(h.regenerate, [*options, state], turn_outputs, api_name="regenerate", concurrency_limit=None,
+                        js=checked(0))
+        chatbot.edit(h.edit, [*options, state], turn_outputs, api_visibility="private", concurrency_limit=None,
+                     js=checked(0))
+        clear_outputs = turn_outputs + [export_file]
+        clear_btn.click(h.clear, [state], clear_outputs, api_name="clear")
+        chatbot.clear(h.clear, [state], clear_outputs, api_visibility="private")
+        unsent = dict(fn=h.send, inputs=[prompt, mic, *options, state], outputs=turn_outputs, concurrency_limit=None,
+                      js=checked(first_option), api_visibility="private")
+        example_set.click(h.start_example, [example_set, state], clear_outputs,
+                          api_visibility="private").success(**unsent)
+        chatbot.example_select(h.pick_chat_example, [state], clear_outputs,
+                               api_visibility="private").success(**unsent)
+        version_pick.input(h.choose_version, [version_pick, state],
+                           [chatbot, turn_pick, *panel_outputs, model_md], api_visibility="private")
 
         words.select(h.select_word, [state], panel_outputs, api_visibility="private")
-        view = [turn_pick, image_pick, colormap, opacity, aggregation, layer_from, layer_to, load_view]
+        view = [turn_pick, image_pick, audio_pick, colormap, opacity, aggregation, layer_from, layer_to, load_view]
         for control in view:
             control.input(h.change_view, [*view, state], panel_outputs, api_visibility="private")
 
@@ -184,10 +236,12 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
             mic.upload(**transcribe, api_visibility="private")
 
         refresh_btn.click(h.model, [state], [model_md], api_visibility="private")
-        demo.load(h.model, [state], [model_md], api_visibility="private")
+        demo.load(h.restore, [browser_key, state],
+                  [state, browser_key, chatbot, turn_pick, *panel_outputs, model_md, context_mode],
+                  api_visibility="private")
         export_btn.click(h.export, [state], [export_file], api_name="export")
-        api_btn.click(h.api_chat, [api_text, api_images, api_audio, *options, state], [chatbot], api_name="chat",
-                      concurrency_limit=None)
+        api_btn.click(h.api_chat, [api_text, api_images, api_audio, thinking, temperature, top_p, max_new_tokens, seed,
+                                   state], [chatbot], api_name="chat", concurrency_limit=None)
     return demo, h
 
 

@@ -9,7 +9,7 @@ pure functions of ``render``. Nothing here reads events or talks to the engine.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -18,6 +18,8 @@ import numpy as np
 from ..memory import peak_rss_bytes, rss_bytes
 from . import render
 from .session import Session, Turn, View
+from .turn import MediaRef
+from .words import THINK_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class Capabilities:
     routing: bool  # expert routing
     hears: bool  # the model takes recordings as audio
     can_transcribe: bool  # a speech-to-text model turns recordings into text
+    multi_turn: bool = True  # what the model was trained for (its card); the page's default context mode
+    domain: str = ""  # what the model knows, in its card's words ("" = the card does not say)
 
     @classmethod
     def of(cls, engine: Any) -> Capabilities:
@@ -47,7 +51,8 @@ class Capabilities:
                    focus=info.get("focus", True) is not False,  # a local Engine has no "focus" key
                    routing=info.get("routing", True) is not False,
                    hears=info.get("hears_audio", True) is not False,
-                   can_transcribe=bool(info.get("can_transcribe")) and callable(getattr(engine, "transcribe", None)))
+                   can_transcribe=bool(info.get("can_transcribe")) and callable(getattr(engine, "transcribe", None)),
+                   multi_turn=info.get("conversation") != "single-turn", domain=info.get("domain") or "")
 
     @property
     def remote(self) -> bool:
@@ -113,6 +118,7 @@ def hidden() -> dict:
     return gr.update(visible=False, value=None)
 
 
+
 @dataclass
 class Page:
     """The components the handlers update, by name (made by ``layout.py``)."""
@@ -121,10 +127,12 @@ class Page:
     prompt: Any
     mic: Any
     turn_pick: Any
+    version_pick: Any
     focus_caption: Any
     image_pick: Any
     focus_image: Any
     words: Any
+    audio_pick: Any
     audio_focus: Any
     layer_from: Any
     layer_to: Any
@@ -133,14 +141,35 @@ class Page:
     split_html: Any
     model_md: Any
     export_file: Any
+    settings: list = field(default_factory=list)  # the generation-settings sliders, in inputs.SLIDERS order
+    state: Any = None
+    browser_key: Any = None
+    context_mode: Any = None
 
     def panel_outputs(self) -> list:
-        return [self.focus_caption, self.image_pick, self.focus_image, self.words, self.audio_focus,
-                self.layer_from, self.layer_to, self.routing_html, self.token_html, self.split_html]
+        return [self.version_pick, self.focus_caption, self.image_pick, self.focus_image, self.words,
+                self.audio_pick, self.audio_focus, self.layer_from, self.layer_to, self.routing_html,
+                self.token_html, self.split_html]
 
     def turn_outputs(self) -> list:
         """What sending, regenerating or clearing a turn updates."""
-        return [self.chatbot, self.prompt, self.mic, self.turn_pick, *self.panel_outputs(), self.model_md]
+        return [self.chatbot, self.prompt, self.mic, self.turn_pick, *self.panel_outputs(), self.model_md,
+                *self.settings]
+
+
+def _default_media(turn: Turn, kind: str) -> int:
+    """The map shown first: the turn's own first image / recording, else the newest one in its prompt."""
+    media = turn.media(kind)
+    return next((i for i, m in enumerate(media) if m.own), len(media) - 1)
+
+
+def _pick(turn: Turn, kind: str, chosen: int | None) -> int:
+    media = turn.media(kind)
+    return chosen if chosen is not None and 0 <= chosen < len(media) else _default_media(turn, kind)
+
+
+def _where(ref: MediaRef) -> str:
+    return ref.label if ref.own else f"{ref.label} (an earlier turn's)"
 
 
 @dataclass
@@ -151,21 +180,33 @@ class Panels:
     caps: Capabilities
 
     def all(self, session: Session) -> dict:
-        return {**self.focus(session), **self.routing(session)}
+        return {**self.versions(session), **self.focus(session), **self.routing(session)}
 
     def turn_choices(self, session: Session) -> dict:
         choices = [("latest", -1)] + [(f"{n + 1}: {(t.text or 'spoken / image question')[:32]}", n)
                                       for n, t in enumerate(session.turns)]
         return gr.update(choices=choices, value=-1 if session.view.turn is None else session.view.turn)
 
+    def versions(self, session: Session) -> dict:
+        """The shown turn's versions (Regenerate and edits add one): a picker when there is more than one."""
+        position = session.shown_position()
+        if position is None:
+            return {self.page.version_pick: gr.update(choices=[], value=None, visible=False)}
+        chosen, n = session.versions(position)
+        choices = [(f"version {v + 1} of {n}", v) for v in range(n)]
+        return {self.page.version_pick: gr.update(choices=choices, value=chosen, visible=n > 1,
+                                                  label=f"Versions of turn {position + 1}")}
+
     def focus(self, session: Session) -> dict:
         p, turn, view = self.page, session.shown_turn(), session.view
         if not self.caps.focus:
             return {p.focus_caption: focus_placeholder(self.caps), p.image_pick: gr.update(visible=False),
-                    p.focus_image: hidden(), p.words: gr.update(visible=False, value=[]), p.audio_focus: hidden()}
+                    p.focus_image: hidden(), p.words: gr.update(visible=False, value=[]),
+                    p.audio_pick: gr.update(visible=False), p.audio_focus: hidden()}
         if turn is None:
             return {p.focus_caption: focus_placeholder(self.caps), p.image_pick: gr.update(visible=False),
-                    p.focus_image: hidden(), p.words: WORDS_PLACEHOLDER, p.audio_focus: hidden()}
+                    p.focus_image: hidden(), p.words: WORDS_PLACEHOLDER, p.audio_pick: gr.update(visible=False),
+                    p.audio_focus: hidden()}
         words = turn.words()
         indices, label = session.selection(turn)
         n_layers = turn.num_focus_layers()
@@ -174,48 +215,96 @@ class Panels:
         out = {p.words: render.word_chips(words, view.word) if words else WORDS_PLACEHOLDER,
                **self._image(turn, view, indices, layers, captions),
                **self._audio(turn, view, indices, layers, captions)}
-        out[p.focus_caption] = render.focus_caption_html(
-            label, captions, has_media=bool(turn.images or turn.sends_audio), running=turn.running)
+        for kind, what in (("image", "image"), ("audio", "recording")):
+            dropped = turn.dropped_media(kind)
+            if dropped:
+                captions.append(f"{dropped} earlier {what}{'s' if dropped > 1 else ''} left out to fit the context")
+        has_media = bool(turn.context_images or turn.context_audios)
+        out[p.focus_caption] = render.focus_caption_html(label, captions, has_media=has_media, running=turn.running)
+        if not has_media and not turn.alone:
+            out[p.focus_caption] = render.placeholder_html(
+                "No image or recording in this conversation yet, so there is no focus to show. Click a word of "
+                "the reply to see its experts in the Routing tab.")
+        elif not has_media:
+            out[p.focus_caption] = render.placeholder_html(
+                "This turn has no image or recording and was sent alone (each turn alone), so there is no focus "
+                "to show. Switch to multi-turn in Generation settings to ask about earlier images; click a "
+                "word to see its experts in the Routing tab.")
         if n_layers and n_layers != view.known_layers:  # first focus of this model: fit the layer sliders
             view.known_layers, view.layers = n_layers, (0, n_layers)
             out[p.layer_from] = gr.update(maximum=max(n_layers - 1, 1), value=0)
             out[p.layer_to] = gr.update(minimum=1, maximum=n_layers, value=n_layers)
         return out
 
+    def _share(self, turn: Turn, indices: list[int], kind: str, k: int, view: View, layers) -> float | None:
+        """The share of the attention that went to one image / recording: from a map that is a distribution
+        (the engine's own or the layer mean), never from a max over layers (which does not sum to a share)."""
+        rule = "mean" if view.aggregation == "max" else view.aggregation
+        heat = turn.focus_map(indices, kind, k, rule, layers)
+        return None if heat is None else min(float(np.sum(heat)), 1.0)
+
+    def _share_caption(self, share: float | None, where: str, view: View) -> list[str]:
+        if share is None:
+            return []
+        text = f"{share:.0%} of the attention on {where}"
+        if view.aggregation == "max":
+            text += " (mean over the layers; the drawing shows the max)"
+        return [text]
+
     def _image(self, turn: Turn, view: View, indices: list[int], layers, captions: list[str]) -> dict:
         p = self.page
-        if not turn.images:
+        media = turn.context_images
+        if not media:
             return {p.image_pick: gr.update(visible=False), p.focus_image: hidden()}
-        k = min(view.image, len(turn.images) - 1)
+        k = _pick(turn, "image", view.image)
         heat = turn.focus_map(indices, "image", k, view.aggregation, layers)
-        shown = turn.images[k]
+        shown = media[k].image
         if heat is not None:
             shown = render.overlay_heatmap(shown, heat, view.colormap, view.opacity)
-            captions.append(f"{float(np.sum(heat)):.0%} of the attention on image {k + 1}")
-        choices = [f"image {n + 1}" for n in range(len(turn.images))]
-        return {p.image_pick: gr.update(choices=choices, value=choices[k], visible=len(choices) > 1),
-                p.focus_image: gr.update(value=shown, visible=True)}
+            captions += self._share_caption(self._share(turn, indices, "image", k, view, layers), _where(media[k]),
+                                            view)
+        elif turn.tokens:
+            captions.append(f"{_where(media[k])} was left out of the prompt to fit the context: no focus on it")
+        choices = [(m.label, n) for n, m in enumerate(media)]
+        return {p.image_pick: gr.update(choices=choices, value=k, visible=len(choices) > 1),
+                p.focus_image: gr.update(value=shown, visible=True, label=f"Focus heatmap: {media[k].label}")}
 
     def _audio(self, turn: Turn, view: View, indices: list[int], layers, captions: list[str]) -> dict:
         p = self.page
-        if not turn.sends_audio:  # none, or transcribed into the text: the model never saw it
-            return {p.audio_focus: hidden()}
-        heat = turn.focus_map(indices, "audio", 0, view.aggregation, layers)
+        media = turn.context_audios
+        if not media:  # none, or transcribed into the text: the model never heard it
+            return {p.audio_pick: gr.update(visible=False), p.audio_focus: hidden()}
+        k = _pick(turn, "audio", view.audio)
+        heat = turn.focus_map(indices, "audio", k, view.aggregation, layers)
         if heat is not None:
-            captions.append(f"{float(np.sum(heat)):.0%} on the recording")
-        figure = render.audio_focus_image(turn.audio.samples, turn.audio.sample_rate, heat, view.colormap,
-                                          view.opacity)
-        return {p.audio_focus: gr.update(value=figure, visible=True)}
+            captions += self._share_caption(self._share(turn, indices, "audio", k, view, layers), _where(media[k]),
+                                            view)
+        audio = media[k].audio
+        figure = render.audio_focus_image(audio.samples, audio.sample_rate, heat, view.colormap, view.opacity)
+        choices = [(m.label, n) for n, m in enumerate(media)]
+        return {p.audio_pick: gr.update(choices=choices, value=k, visible=len(choices) > 1),
+                p.audio_focus: gr.update(value=figure, visible=True, label=f"Focus over {media[k].label}")}
 
     def routing(self, session: Session) -> dict:
         p, turn = self.page, session.shown_turn()
         if not self.caps.routing or turn is None or not turn.load:
             return {p.routing_html: routing_placeholder(self.caps), p.token_html: "", p.split_html: ""}
-        indices, _ = session.selection(turn)
-        routed = [i for i in indices if turn.tokens.get(i) and turn.tokens[i].routes]
-        token = turn.tokens[routed[-1] if turn.running else routed[0]] if routed else None
+        token = self.routed_token(session, turn)
         token_label = f"“{token.text.strip()}” (token {token.index})" if token else ""
         routes = token.routes if token else None
         return {p.routing_html: render.routing_heatmap_html(turn.load, session.view.load_view, routes, token_label),
                 p.token_html: render.token_routes_html(routes or [], token_label),
                 p.split_html: render.modality_split_html(turn.load)}
+
+    @staticmethod
+    def routed_token(session: Session, turn: Turn):
+        """The token whose experts the Routing tab marks: the clicked word's first, the newest while
+        streaming, else the answer's first word (never a think tag or a blank token)."""
+        indices, _ = session.selection(turn)
+        routed = [turn.tokens[i] for i in indices if turn.tokens.get(i) and turn.tokens[i].routes]
+        if not routed:
+            return None
+        if turn.running and session.view.word is None:
+            return routed[-1]
+        words = [t for t in routed if t.text.strip() and t.text.strip() not in THINK_TAGS]
+        return (words or routed)[0]

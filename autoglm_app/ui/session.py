@@ -1,236 +1,28 @@
-"""One browser session's state: its turns with every event they received, and what the panels show.
+"""One browser session's state: its conversation (a tree of turns), what the panels show, and the
+loop that sends a turn to the engine and folds its events in.
 
-A ``Session`` lives in a ``gr.State`` (one per browser tab, never a module global).
-Each ``Turn`` folds the engine's events into plain records (text, per-token focus and
-routing, stats) with ``apply``; the chat history, the focus selection and the export
-are all read from those records, so a finished turn stays explorable without the engine.
+A ``Session`` lives in a ``gr.State`` (one per browser tab, never a module global); ``SessionStore``
+keeps them by a random key the browser holds, so a reload finds its conversation again. The
+conversation is the path through the tree that follows each turn's chosen version (``turns``);
+Regenerate and an edited question add a version (``start_version``), and ``choose`` switches to
+another one, later turns following it.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-from PIL import Image
+from ..events import BadRequest, ChatRequest, EngineBusy, Message
+from .turn import THINKING_TITLE, MediaRef, TokenTrace, Turn, as_sentence  # noqa: F401  (re-exported)
 
-from ..events import (
-    Answer,
-    Audio,
-    BadRequest,
-    ChatRequest,
-    Done,
-    EngineBusy,
-    Error,
-    Event,
-    Focus,
-    Message,
-    Notice,
-    Options,
-    Queued,
-    Reasoning,
-    Routing,
-    Stats,
-    aggregate_layers,
-)
-from .words import Word, merge_words
-
-THINKING_TITLE = "Thinking"
-
-Route = tuple[int, list[int], list[float]]  # (layer, experts, gate weights)
-
-
-@dataclass
-class TokenTrace:
-    """What one generated token looked at and which experts it went to."""
-
-    index: int
-    text: str
-    phase: str
-    images: list[np.ndarray] = field(default_factory=list)  # (rows, cols) each, the engine's aggregation
-    audios: list[np.ndarray] = field(default_factory=list)  # (frames,) each
-    per_layer_images: list[np.ndarray] = field(default_factory=list)  # (layers, rows, cols)
-    per_layer_audios: list[np.ndarray] = field(default_factory=list)  # (layers, frames)
-    routes: list[Route] = field(default_factory=list)
-
-
-@dataclass
-class Turn:
-    """One user turn and the model's reply, as the events built it."""
-
-    text: str
-    images: list[Image.Image] = field(default_factory=list)
-    image_paths: list[str] = field(default_factory=list)
-    audio: Audio | None = None
-    audio_path: str | None = None
-    transcribed: bool = False  # the recording became the text (model does not hear): shown, not sent
-    options: Options = field(default_factory=Options)
-    reasoning: str = ""
-    answer: str = ""
-    tokens: dict[int, TokenTrace] = field(default_factory=dict)
-    load: dict | None = None
-    stats: Stats | None = None
-    notices: list[str] = field(default_factory=list)
-    error: str | None = None
-    finish_reason: str | None = None
-    queue_position: int | None = None
-    think_started: float | None = None
-    think_ended: float | None = None
-
-    # ------------------------------------------------------------------ events in
-    def apply(self, event: Event) -> bool:
-        """Fold one event in. Returns True when the page should refresh at once (not throttled)."""
-        if isinstance(event, Queued):
-            self.queue_position = event.position
-            return True
-        if isinstance(event, Notice):
-            self.notices.append(event.message)
-            return True
-        if isinstance(event, Reasoning):
-            first = self.think_started is None
-            if first:
-                self.think_started = time.perf_counter()
-            self.reasoning += event.text
-            return first
-        if isinstance(event, Answer):
-            first = not self.answer
-            if self.think_started is not None and self.think_ended is None:
-                self.think_ended = time.perf_counter()
-            self.answer += event.text
-            return first
-        if isinstance(event, Focus):
-            trace = self._token(event.index, event.token, event.phase)
-            trace.images = [np.asarray(m, np.float32) for m in event.images]
-            trace.audios = [np.asarray(m, np.float32) for m in event.audios]
-            trace.per_layer_images = [np.asarray(m, np.float16) for m in event.per_layer_images]
-            trace.per_layer_audios = [np.asarray(m, np.float16) for m in event.per_layer_audios]
-            return False
-        if isinstance(event, Routing):
-            trace = self._token(event.index, event.token, event.phase)
-            trace.routes = [(r.layer, list(r.experts), list(r.weights)) for r in event.layers]
-            self.load = event.load
-            return False
-        if isinstance(event, Stats):
-            self.stats = event
-            if self.think_started is not None and self.think_ended is None:
-                self.think_ended = time.perf_counter()
-            return True
-        if isinstance(event, Done):
-            self.finish_reason = event.finish_reason
-            self.queue_position = 0
-            return True
-        if isinstance(event, Error):
-            self.fail(as_sentence(event.message), event.kind)
-            return True
-        return False
-
-    def fail(self, message: str, kind: str = "internal") -> None:
-        self.error = message
-        self.finish_reason = "cancelled" if kind == "cancelled" else "error"
-        if self.think_started is not None and self.think_ended is None:
-            self.think_ended = time.perf_counter()
-
-    def _token(self, index: int, text: str, phase: str) -> TokenTrace:
-        trace = self.tokens.get(index)
-        if trace is None:
-            trace = self.tokens[index] = TokenTrace(index, text, phase)
-        return trace
-
-    # ------------------------------------------------------------------ reading
-    @property
-    def running(self) -> bool:
-        return self.finish_reason is None
-
-    @property
-    def ok(self) -> bool:
-        """Finished without an error: its answer is part of the conversation sent next time."""
-        return self.finish_reason is not None and self.error is None
-
-    def think_seconds(self) -> float | None:
-        if self.think_started is None:
-            return None
-        end = self.think_ended if self.think_ended is not None else time.perf_counter()
-        return round(end - self.think_started, 2)
-
-    def words(self) -> list[Word]:
-        return merge_words([(t.index, t.text, t.phase) for t in sorted(self.tokens.values(), key=lambda t: t.index)])
-
-    def has_focus(self) -> bool:
-        return any(t.images or t.audios for t in self.tokens.values())
-
-    def num_focus_layers(self) -> int:
-        for t in self.tokens.values():
-            for m in t.per_layer_images + t.per_layer_audios:
-                return int(m.shape[0])
-        return 0
-
-    def focus_map(self, indices: list[int], kind: str, i: int, rule: str = "default",
-                  layers: tuple[int, int] | None = None) -> np.ndarray | None:
-        """Mean focus of the given tokens on image / recording ``i`` (None when none has one): the engine's
-        own maps for ``rule`` "default", else the per-layer maps aggregated by the contract's rule over
-        ``layers`` (which must lie within the stack: the page clamps its slider range first)."""
-        maps = []
-        for idx in indices:
-            t = self.tokens.get(idx)
-            if t is None:
-                continue
-            aggregated = t.images if kind == "image" else t.audios
-            per_layer = t.per_layer_images if kind == "image" else t.per_layer_audios
-            if rule != "default" and i < len(per_layer):
-                maps.append(aggregate_layers(per_layer[i].astype(np.float32), rule, layers))
-            elif i < len(aggregated):
-                maps.append(aggregated[i])
-        return np.mean(maps, axis=0) if maps else None
-
-    @property
-    def sends_audio(self) -> bool:
-        """The recording goes to the model (not when it was transcribed into the text instead)."""
-        return self.audio is not None and not self.transcribed
-
-    def user_message(self) -> Message:
-        return Message("user", self.text, list(self.images), [self.audio] if self.sends_audio else [])
-
-    # ------------------------------------------------------------------ chat history
-    def chat_messages(self) -> list[dict]:
-        """This turn in the Chatbot's messages format: user parts, then queue / thinking / answer."""
-        out: list[dict] = []
-        if self.text:
-            out.append({"role": "user", "content": self.text})
-        for path in self.image_paths:
-            out.append({"role": "user", "content": {"path": path}})
-        if self.audio_path:
-            out.append({"role": "user", "content": {"path": self.audio_path}})
-        if self.running and self.queue_position:
-            ahead = self.queue_position
-            out.append({"role": "assistant",
-                        "content": f"Waiting for the model: {ahead} request{'s' if ahead != 1 else ''} ahead of you.",
-                        "metadata": {"title": "In queue", "status": "pending"}})
-        if self.reasoning or self.think_started is not None:
-            thinking = self.running and self.think_ended is None
-            meta: dict[str, Any] = {"title": THINKING_TITLE, "status": "pending" if thinking else "done"}
-            seconds = self.think_seconds()
-            if not thinking and self.stats is not None and self.stats.think_s is not None:
-                seconds = round(self.stats.think_s, 2)
-            if seconds is not None:
-                meta["duration"] = seconds
-            out.append({"role": "assistant", "content": self.reasoning.strip() or "…", "metadata": meta})
-        for note in self.notices:
-            out.append({"role": "assistant", "content": note, "metadata": {"title": "Note"}})
-        answer = self.answer
-        if self.finish_reason == "cancelled" and not self.error:
-            answer = (answer + "\n\n" if answer else "") + "*(stopped)*"
-        elif self.ok and not answer:
-            answer = ("*(no answer: the model used all its new tokens while thinking; raise max new tokens)*"
-                      if self.reasoning else "*(empty answer)*")
-        if answer:
-            out.append({"role": "assistant", "content": answer})
-        if self.error:
-            out.append({"role": "assistant", "content": f"**Error:** {self.error}"})
-        return out
+CONTEXT_MODES = ("each turn alone", "multi-turn")
 
 
 @dataclass
@@ -239,13 +31,29 @@ class View:
 
     turn: int | None = None  # index into Session.turns; None = the latest
     word: int | None = None  # index into the turn's words; None = live token / whole answer
-    image: int = 0
+    image: int | None = None  # index into the shown turn's context images; None = its own first (or the newest)
+    audio: int | None = None  # the same for recordings
     colormap: str = "inferno"
     opacity: float = 0.55
     aggregation: str = "default"
     layers: tuple[int, int] | None = None
     known_layers: int = 0  # decoder layers the focus maps have (the sliders' range)
     load_view: str = "total"
+    experts: tuple[int, int] | None = None  # the routing figure's expert range [from, to); None = all
+    moe_layers: tuple[int, int] | None = None  # and its layer range (rows)
+
+    def fresh(self) -> View:
+        """The same display choices for a new conversation (nothing selected)."""
+        return View(colormap=self.colormap, opacity=self.opacity, aggregation=self.aggregation, layers=self.layers,
+                    known_layers=self.known_layers, load_view=self.load_view)
+
+
+@dataclass
+class Thread:
+    """The root of the conversation tree: the first turn's versions."""
+
+    children: list[Turn] = field(default_factory=list)
+    chosen: int = 0
 
 
 _CLAIM_LOCK = threading.Lock()  # makes "is a turn in flight? if not, mine" one step across sessions' threads
@@ -253,12 +61,94 @@ _CLAIM_LOCK = threading.Lock()  # makes "is a turn in flight? if not, mine" one 
 
 @dataclass
 class Session:
-    turns: list[Turn] = field(default_factory=list)
+    root: Thread = field(default_factory=Thread)
     view: View = field(default_factory=View)
+    multi_turn: bool = False  # send earlier turns with each question (else each turn alone)
     handle: Any = None  # the engine's RequestHandle of the running turn
     transcribed: str | None = None  # fingerprint of the recording last transcribed into the text box
     claimed: bool = False  # a Send / Regenerate is being made into a turn or is streaming
+    key: str = ""  # the SessionStore key the browser keeps (empty until stored)
+    sent: dict = field(default_factory=dict, repr=False)  # what the page shows now, by component (skip repeats)
 
+    # ------------------------------------------------------------------ the conversation
+    @property
+    def turns(self) -> list[Turn]:
+        """The conversation as shown: from the first turn, each turn's chosen version."""
+        path, node = [], self.root
+        while node.children:
+            node = node.children[min(node.chosen, len(node.children) - 1)]
+            path.append(node)
+        return path
+
+    def _parent(self, position: int):
+        return self.root if position == 0 else self.turns[position - 1]
+
+    def versions(self, position: int) -> tuple[int, int]:
+        """(chosen version, number of versions) of the turn at ``position``."""
+        parent = self._parent(position)
+        return min(parent.chosen, max(len(parent.children) - 1, 0)), len(parent.children)
+
+    def choose(self, position: int, version: int) -> None:
+        """Follow another version of the turn at ``position`` (later turns follow that version's)."""
+        parent = self._parent(position)
+        if 0 <= version < len(parent.children):
+            parent.chosen = version
+            self.view.turn, self.view.word, self.view.image, self.view.audio = position, None, None, None
+
+    def start(self, turn: Turn) -> None:
+        """Add ``turn`` after the last one and make it the one the panels show."""
+        self.start_version(turn, len(self.turns))
+
+    def start_version(self, turn: Turn, position: int) -> tuple:
+        """Add ``turn`` as a new version of the turn at ``position`` (or a new last turn) and follow it.
+        Returns what ``discard`` needs to take it back (the engine refused it)."""
+        earlier = self.turns[:position]
+        turn.alone = not self.multi_turn
+        number = position + 1
+        images, audios = [], []
+        if not turn.alone:
+            for n, t in enumerate(earlier, 1):
+                if t.ok:
+                    own_images, own_audios = t.own_media(n)
+                    images += own_images
+                    audios += own_audios
+        images += [MediaRef(f"image {k + 1}", number, k, True, image=im) for k, im in enumerate(turn.images)]
+        if turn.sends_audio:
+            audios.append(MediaRef("recording", number, 0, True, audio=turn.audio))
+        turn.context_images, turn.context_audios = images, audios
+        parent = self.root if position == 0 else earlier[-1]
+        undo = (parent, turn, parent.chosen, self.view)
+        parent.children.append(turn)
+        parent.chosen = len(parent.children) - 1
+        self.view = replace(self.view, turn=None, word=None, image=None, audio=None)
+        return undo
+
+    def discard(self, undo: tuple) -> None:
+        """Take back a turn ``start_version`` added: the conversation is as it was before."""
+        parent, turn, chosen, view = undo
+        parent.children = [t for t in parent.children if t is not turn]
+        parent.chosen, self.view = chosen, view
+
+    def engine_messages(self) -> list[Message]:
+        """The conversation for the newest turn: its system prompt, the earlier turns that finished well
+        (multi-turn only), then the newest."""
+        turns = self.turns
+        last = turns[-1]
+        messages = [Message("system", last.system)] if last.system.strip() else []
+        if not last.alone:
+            for turn in turns[:-1]:
+                if turn.ok:
+                    messages += [turn.user_message(), Message("assistant", turn.answer)]
+        return messages + [last.user_message()]
+
+    def history(self) -> list[dict]:
+        return [m for turn in self.turns for m in turn.chat_messages()]
+
+    def message_turns(self) -> list[int]:
+        """For each message of ``history()``: the position of the turn it belongs to."""
+        return [n for n, turn in enumerate(self.turns) for _ in turn.chat_messages()]
+
+    # ------------------------------------------------------------------ one turn in flight
     def claim(self) -> bool:
         """Take the session for one new turn; False when one is already in flight (e.g. a double click)."""
         with _CLAIM_LOCK:
@@ -270,24 +160,12 @@ class Session:
     def release(self) -> None:
         self.claimed = False
 
-    def history(self) -> list[dict]:
-        return [m for turn in self.turns for m in turn.chat_messages()]
-
-    def engine_messages(self) -> list[Message]:
-        """The conversation for the newest turn: earlier turns that finished well, then the newest."""
-        messages: list[Message] = []
-        for turn in self.turns[:-1]:
-            if turn.ok:
-                messages += [turn.user_message(), Message("assistant", turn.answer)]
-        return messages + [self.turns[-1].user_message()]
-
-    def start(self, turn: Turn) -> None:
-        self.turns.append(turn)
-        self.view.turn, self.view.word, self.view.image = None, None, 0
-
     @property
     def busy(self) -> bool:
-        return self.claimed or (bool(self.turns) and self.turns[-1].running and self.handle is not None)
+        if self.claimed:
+            return True
+        turns = self.turns
+        return bool(turns) and turns[-1].running and self.handle is not None
 
     def cancel(self) -> bool:
         """Stop the running request (the engine stops within one token). True when one was running."""
@@ -298,19 +176,27 @@ class Session:
         return True
 
     def clear(self) -> None:
+        """A new chat: the conversation goes, the display choices stay."""
         self.cancel()
-        self.turns.clear()
+        self.root = Thread()
         self.transcribed = None
-        v = self.view
-        self.view = View(colormap=v.colormap, opacity=v.opacity, aggregation=v.aggregation, layers=v.layers,
-                         known_layers=v.known_layers, load_view=v.load_view)
+        self.sent = {}
+        self.view = self.view.fresh()
 
     # ------------------------------------------------------------------ panel selection
     def shown_turn(self) -> Turn | None:
-        if not self.turns:
+        turns = self.turns
+        if not turns:
             return None
         i = self.view.turn
-        return self.turns[i] if i is not None and 0 <= i < len(self.turns) else self.turns[-1]
+        return turns[i] if i is not None and 0 <= i < len(turns) else turns[-1]
+
+    def shown_position(self) -> int | None:
+        turns = self.turns
+        if not turns:
+            return None
+        i = self.view.turn
+        return i if i is not None and 0 <= i < len(turns) else len(turns) - 1
 
     def selection(self, turn: Turn) -> tuple[list[int], str]:
         """Which tokens the panels show, and how to say it.
@@ -333,15 +219,54 @@ class Session:
         return ordered, "the whole reply (click a word)"
 
 
+class SessionStore:
+    """Sessions by the random key each browser keeps (``gr.BrowserState``), so a page reload finds its
+    conversation, focus and routing again while the server runs. Bounded: the least recently used
+    session goes first, and one idle longer than ``idle_s`` is dropped."""
+
+    def __init__(self, max_sessions: int = 64, idle_s: float = 24 * 3600):
+        self.max_sessions, self.idle_s = max_sessions, idle_s
+        self._items: OrderedDict[str, tuple[Session, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str | None) -> Session | None:
+        with self._lock:
+            self._expire()
+            item = self._items.get(key) if isinstance(key, str) and key else None
+            if item is None:
+                return None
+            self._items[key] = (item[0], time.monotonic())
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, session: Session) -> str:
+        with self._lock:
+            if not session.key:
+                session.key = secrets.token_urlsafe(18)
+            self._items[session.key] = (session, time.monotonic())
+            self._items.move_to_end(session.key)
+            while len(self._items) > self.max_sessions:
+                self._items.popitem(last=False)
+            return session.key
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, seen) in self._items.items() if now - seen > self.idle_s]:
+            del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 # ----------------------------------------------------------------------------- talking to the engine
 
-CHAT_EVERY_S = 0.05  # redraw the chat at most this often while tokens stream
-PANELS_EVERY_S = 0.25  # and the focus / routing panels at most this often
+CHAT_EVERY_S = 0.1  # redraw the chat at most this often while tokens stream
+PANELS_EVERY_S = 0.25  # and the focus / routing panels at most this often (4 Hz)
 
 
 def stream_turn(engine, session: Session, session_id: str, chat_every: float = CHAT_EVERY_S,
-                panels_every: float = PANELS_EVERY_S) -> Iterator[bool]:
-    """Send the session's newest turn and fold its events in as they come.
+                panels_every: float = PANELS_EVERY_S, handle: Any = None) -> Iterator[bool]:
+    """Send the session's newest turn (or follow ``handle``, already submitted) and fold its events in.
 
     Yields whenever the page should redraw: True when the panels should redraw too
     (throttled to ``panels_every``), False for the chat only. Submit-time refusals
@@ -349,17 +274,17 @@ def stream_turn(engine, session: Session, session_id: str, chat_every: float = C
     browser went away) cancels the request.
     """
     turn = session.turns[-1]
-    request = ChatRequest(session.engine_messages(), turn.options, session_id)
-    try:
-        handle = engine.submit(request)
-    except EngineBusy as e:
-        turn.fail(f"{as_sentence(str(e))} (try again in about {math.ceil(e.retry_after)} s)", "busy")
-        yield True
-        return
-    except BadRequest as e:
-        turn.fail(as_sentence(str(e)), "bad_request")
-        yield True
-        return
+    if handle is None:
+        try:
+            handle = submit(engine, session, session_id)
+        except EngineBusy as e:
+            turn.fail(f"{as_sentence(str(e))} (try again in about {math.ceil(e.retry_after)} s)", "busy")
+            yield True
+            return
+        except BadRequest as e:
+            turn.fail(as_sentence(str(e)), "bad_request")
+            yield True
+            return
     session.handle = handle
     events = handle.events()
     last_chat = last_panels = 0.0
@@ -380,6 +305,7 @@ def stream_turn(engine, session: Session, session_id: str, chat_every: float = C
     yield True
 
 
-def as_sentence(message: str) -> str:
-    message = message.strip()
-    return message[:1].upper() + message[1:] if message else "Something went wrong"
+def submit(engine, session: Session, session_id: str):
+    """Submit the session's newest turn; the engine's refusals (EngineBusy, BadRequest) propagate."""
+    turn = session.turns[-1]
+    return engine.submit(ChatRequest(session.engine_messages(), turn.options, session_id))

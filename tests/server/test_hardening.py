@@ -48,6 +48,7 @@ from autoglm_app.ui.handlers import Handlers as Studio
 from autoglm_app.ui.layout import build_page
 from autoglm_app.ui.session import Session
 from tests.helpers import make_engine
+from tests.ui_helpers import page_send
 from tests.api_helpers import (
     LONG_PROMPT,
     assert_error,
@@ -210,8 +211,7 @@ def ui_send(studio: Studio, session: Session, text: str = "", files=(), recordin
     """Drive the page's Send handler as Gradio would (greedy, thinking off); returns (updates, warnings)."""
     request = SimpleNamespace(session_hash=who)
     with _Warnings() as caught:
-        updates = list(studio.send({"text": text, "files": list(files)}, recording, False, 0.0, 1.0,
-                                   max_new_tokens, 1, session, request))
+        updates = list(page_send(studio, session, text, files, recording, request, max_new_tokens=max_new_tokens))
     return updates, caught.messages
 
 
@@ -486,8 +486,8 @@ def test_out_of_range_settings_in_the_page_are_a_readable_warning(studio, ui_ref
     temperature, top_p, max_new_tokens, seed = settings
     session = Session()
     with _Warnings() as caught:
-        list(studio.send({"text": "hi", "files": []}, None, False, temperature, top_p, max_new_tokens, seed,
-                         session, SimpleNamespace(session_hash="ranges")))
+        list(page_send(studio, session, "hi", request=SimpleNamespace(session_hash="ranges"), temperature=temperature,
+                       top_p=top_p, max_new_tokens=max_new_tokens, seed=seed))
     assert len(caught.messages) == 1 and words.lower() in caught.messages[0].lower() and not session.busy
     assert_ui_alive(studio, ui_reference)
 
@@ -825,10 +825,10 @@ def test_two_api_requests_at_once_get_their_own_answers(url):
 def test_a_double_click_on_send_starts_one_turn(studio, ui_reference):
     session = Session()
     request = SimpleNamespace(session_hash="double")
-    first = studio.send({"text": "hi", "files": []}, None, False, 0.0, 1.0, 4, 1, session, request)
+    first = page_send(studio, session, "hi", request=request, max_new_tokens=4)
     next(first)  # the first click's turn has started
     with _Warnings() as caught:
-        second = list(studio.send({"text": "hi", "files": []}, None, False, 0.0, 1.0, 4, 1, session, request))
+        second = list(page_send(studio, session, "hi", request=request, max_new_tokens=4))
     assert len(second) == 1 and caught.messages == ["A reply is still streaming: wait for it or press Stop."]
     for _ in first:
         pass

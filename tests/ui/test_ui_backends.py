@@ -23,6 +23,7 @@ from autoglm_app.ui.handlers import NO_EARS, Handlers
 from autoglm_app.ui.inputs import read_audio
 from autoglm_app.ui.layout import build_page, mount_ui
 from autoglm_app.ui.session import Session, Turn, stream_turn
+from tests.ui_helpers import page_regenerate, page_send
 
 SPOKEN = "where is the red circle"
 NEEDS_ENGINE = "needs the in-process engine"
@@ -36,7 +37,7 @@ def write_wav(path, seconds: float = 0.5, rate: int = 16000) -> str:
 
 def send(studio: Handlers, session: Session, text: str = "", files=(), recording: str | None = None) -> list[dict]:
     """Drive the page's Send handler as Gradio would (thinking off, greedy, 6 new tokens)."""
-    return list(studio.send({"text": text, "files": list(files)}, recording, False, 0.0, 1.0, 6, 1, session, None))
+    return list(page_send(studio, session, text, files, recording))
 
 
 def build(engine) -> Handlers:
@@ -161,7 +162,7 @@ def test_transcript_fills_the_text_box_and_the_edited_text_is_sent_without_the_a
     assert studio.panels.all(session)[studio.page.audio_focus]["visible"] is False
 
     # regenerate keeps it that way
-    list(studio.regenerate(False, 0.0, 1.0, 4, 1, session, None))
+    list(page_regenerate(studio, session, max_new_tokens=4))
     assert requests[-1].messages[-1].text == edited and requests[-1].messages[-1].audios == []
 
 
