@@ -1,6 +1,7 @@
-"""The engine benchmark: prints a table, writes JSON. Never run as a timed test.
+"""The engine and page-render benchmarks: each prints a table, writes JSON. Never run as a timed test.
 
     python -m tools.bench engine [--model DIR] [--quantize fp32|int4] [--tokens 64] [--repeats 5]
+    python -m tools.bench render [--repeats 30] [--out bench-results/render.json]
 
 engine: in one run on one machine, on the same model and prompt, greedy decoding with
 end-of-text suppressed so every run makes exactly ``--tokens`` tokens:
@@ -8,6 +9,12 @@ end-of-text suppressed so every run makes exactly ``--tokens`` tokens:
   (b) the engine with focus + routing probes on against off          (target overhead <= 10%)
   (c) time to first token with one image, thinking on
 Ratios are what to quote from a CPU (machines are noisy); absolute times only from a GPU.
+
+render: the page's cost per panel update at real-model sizes (routing 48 layers x 128 experts, a
+2,700-patch focus map on a 1920x1080 photo) and the demo's, each with what Gradio then does with the
+value (gr.Plot: postprocess = fig.to_json(); gr.Image: encode PNG / JPEG / WebP and write the cache
+file, as its postprocess does). Median over --repeats (target: at most 50 ms per update); see
+docs/PERFORMANCE.md.
 
 The load test is its own command: ``python -m tools.loadtest`` (docs/RELIABILITY.md).
 """
@@ -117,6 +124,136 @@ def engine_table(r: dict) -> str:
     ])
 
 
+# ----------------------------------------------------------------------------- render
+
+
+def bench_photo(width: int = 1920, height: int = 1080, seed: int = 0) -> Image.Image:
+    """A photo-like picture (smooth sky and ground, a few shapes, sensor noise): encodes like a photo."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height)[:, None, None]
+    x = np.linspace(0, 1, width)[None, :, None]
+    sky = np.array([110, 160, 230]) * (1 - 0.4 * y) + np.array([40, 20, 0]) * x
+    ground = np.array([70, 120, 50]) * (1.2 - 0.5 * y) + 30 * np.sin(9 * x + 4 * y)
+    pixels = np.where(y < 0.55, sky, ground) + rng.normal(0, 5, (height, width, 3))
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width - 200)), int(rng.integers(0, height - 200))
+        s = int(rng.integers(60, 300))
+        draw.ellipse((x0, y0, x0 + s, y0 + s // 2 + 20), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return img
+
+
+def bench_load(layers: int, experts: int, top_k: int, seed: int = 0) -> tuple[dict, list]:
+    """A routing load of that shape as events.expert_load builds it, and one token's routes."""
+    import numpy as np
+
+    from autoglm_app.events import ExpertCounts, expert_load
+
+    rng = np.random.default_rng(seed)
+    skew = rng.dirichlet(np.full(experts, 0.6), size=layers)  # realistic imbalance
+    prompt, generated = 1200, 200
+
+    def counts(tokens: int) -> np.ndarray:
+        return np.stack([rng.multinomial(tokens * top_k, p) for p in skew]).astype(np.int64)
+
+    text, image, dec = counts(300), counts(prompt - 300), counts(generated)
+    c = ExpertCounts(list(range(layers)), experts, top_k, {"prefill": prompt, "decode": generated},
+                     text + image, dec, {"text": text + dec, "image": image, "audio": np.zeros_like(dec)},
+                     np.zeros(layers, np.int64))
+    routes = [(layer, [int(e) for e in rng.choice(experts, top_k, replace=False)],
+               [float(w) for w in rng.dirichlet(np.ones(top_k))]) for layer in range(layers)]
+    return expert_load(c), routes
+
+
+def _median_ms(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU (this process) milliseconds of ``fn``; CPU time is what to quote from a
+    shared machine, where other work stretches the wall clock."""
+    fn()  # warm up (imports, caches)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return round(1000 * statistics.median(wall), 2), round(1000 * statistics.median(cpu), 2)
+
+
+def run_render_bench(repeats: int) -> dict:
+    import tempfile
+
+    import gradio as gr
+    import numpy as np
+    from gradio import processing_utils
+
+    from autoglm_app.ui import figures, render
+
+    plot = gr.Plot()
+    cache = tempfile.mkdtemp(prefix="bench-render-")
+    rows: list[dict] = []
+
+    def add(case: str, size: str, fn, note: str = "") -> None:
+        wall, cpu = _median_ms(fn, repeats)
+        rows.append({"case": case, "size": size, "ms": wall, "cpu_ms": cpu, "note": note})
+
+    for layers, experts, top_k in ((4, 4, 2), (40, 8, 2), (48, 128, 8)):
+        load, routes = bench_load(layers, experts, top_k)
+        size = f"{layers} x {experts}, top-{top_k}"
+        add("routing heatmap figure + gr.Plot postprocess", size,
+            lambda: plot.postprocess(figures.routing_figure(load, "total", routes, "“cat” (token 7)")))
+        add("balance figure (decode view) + postprocess", size,
+            lambda: plot.postprocess(figures.balance_figure(load, "decode")))
+        add("balance line (html)", size, lambda: figures.balance_html(load, "image"))
+        add("modality chart + postprocess", size, lambda: plot.postprocess(figures.modality_figure(load)))
+        add("token routes (html)", size, lambda: render.token_routes_html(routes, "“cat”"))
+        add("Routing tab, all of the above", size, lambda: (
+            plot.postprocess(figures.routing_figure(load, "total", routes, "“cat”")),
+            plot.postprocess(figures.balance_figure(load, "total")), figures.balance_html(load, "total"),
+            plot.postprocess(figures.modality_figure(load)), render.token_routes_html(routes, "“cat”")))
+        add("old routing table (routing_heatmap_html)", size,
+            lambda: render.routing_heatmap_html(load, "total", routes, "“cat”"), "replaced")
+    add("routing heatmap, zoomed: layers 0-12, experts 0-32", "48 x 128, top-8",
+        lambda: plot.postprocess(figures.routing_figure(load, "total", routes, "x", (0, 12), (0, 32))))
+
+    rng = np.random.default_rng(0)
+    photo, demo = bench_photo(), bench_image()  # a photo; the demo's flat ShapesWorld-like picture
+    cases = ((photo, rng.random((45, 60)).astype(np.float32), "1920x1080 photo, 45 x 60 map (2,700 patches)"),
+             (demo, rng.random((8, 8)).astype(np.float32), "224x224 image, 8 x 8 map (demo)"))
+    for image, heat, size in cases:
+        add("focus overlay (display image cached)", size, lambda: render.overlay_heatmap(image, heat, "inferno", 0.55))
+        add("focus overlay, first draw of an image", size,
+            lambda: render.overlay_heatmap(image.copy(), heat, "inferno", 0.55), "includes shrinking the photo")
+        shown = render.overlay_heatmap(image, heat)
+        for fmt in ("png", "jpeg", "webp"):
+            add(f"focus overlay + gr.Image {fmt.upper()}", size, lambda fmt=fmt: processing_utils.save_pil_to_cache(
+                render.overlay_heatmap(image, heat, "inferno", 0.55), cache, format=fmt),
+                f"{len(processing_utils.encode_pil_to_bytes(shown, fmt)) // 1024} KiB")
+    samples = (np.sin(np.linspace(0, 2000, 160_000)) * rng.random(160_000) * 20000).astype(np.int16)
+    focus = rng.random(250).astype(np.float32)
+    add("audio focus image", "10 s recording, 250 frames", lambda: render.audio_focus_image(samples, 16000, focus))
+    figure = render.audio_focus_image(samples, 16000, focus)
+    for fmt in ("png", "jpeg", "webp"):
+        add(f"audio focus image + gr.Image {fmt.upper()}", "10 s recording, 250 frames",
+            lambda fmt=fmt: processing_utils.save_pil_to_cache(render.audio_focus_image(samples, 16000, focus), cache,
+                                                               format=fmt),
+            f"{len(processing_utils.encode_pil_to_bytes(figure, fmt)) // 1024} KiB")
+    return {"device": f"CPU ({platform.processor() or platform.machine()})", "python": platform.python_version(),
+            "gradio": gr.__version__, "repeats": repeats, "target_ms": 50, "rows": rows}
+
+
+def render_table(r: dict) -> str:
+    lines = [f"page render cost per update on {r['device']}, gradio {r['gradio']}, median of {r['repeats']} "
+             f"(target ≤ {r['target_ms']} ms)", "",
+             "| update | size | wall ms | CPU ms | |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        flag = "" if row["cpu_ms"] <= r["target_ms"] or row["note"] == "replaced" else " **over target**"
+        lines.append(f"| {row['case']} | {row['size']} | {row['ms']:.1f} | {row['cpu_ms']:.1f}{flag} | {row['note']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -126,12 +263,20 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--tokens", type=int, default=64)
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--out", type=Path, default=Path("bench-results") / "engine.json")
+    r = sub.add_parser("render", help="page render cost per update (routing figures, focus overlay, encodings)")
+    r.add_argument("--repeats", type=int, default=30)
+    r.add_argument("--out", type=Path, default=Path("bench-results") / "render.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    result = run_engine_bench(args.model, args.quantize, args.tokens, args.repeats)
+    if args.what == "render":
+        result = run_render_bench(args.repeats)
+        table = render_table(result)
+    else:
+        result = run_engine_bench(args.model, args.quantize, args.tokens, args.repeats)
+        table = engine_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(engine_table(result))
+    print(table)
     print(f"\nJSON: {args.out}")
 
 

@@ -222,6 +222,58 @@ def test_overlay_heatmap_keeps_the_size_and_follows_the_map():
     assert np.array_equal(np.asarray(flat), np.asarray(image))  # opacity 0 = the picture
 
 
+@pytest.mark.parametrize("name", render.COLORMAPS)
+def test_lut_colorize_equals_matplotlibs_colormap(name):
+    from matplotlib import colormaps
+
+    values = np.concatenate([np.linspace(0, 1, 1001), [-0.5, 1.5, 0.999999, 1 / 256, 255 / 256]])
+    expected = (colormaps[name](np.clip(values, 0, 1))[:, :3] * 255).astype(np.int16)
+    assert np.abs(render.colorize(values, name).astype(np.int16) - expected).max() <= 1  # within 1/255
+    u8 = np.arange(256, dtype=np.uint8)
+    assert np.abs(render.colorize(u8, name).astype(np.int16)
+                  - (colormaps[name](u8 / 255.0)[:, :3] * 255).astype(np.int16)).max() <= 1
+    assert render.colormap_lut(name) is render.colormap_lut(name)  # built once
+
+
+def test_overlay_heatmap_of_a_photo_is_bounded_and_fast():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (1080, 1920, 3), dtype=np.uint8))
+    heat = rng.random((45, 60)).astype(np.float32)  # 2,700 patches
+    out = render.overlay_heatmap(photo, heat, "inferno", 0.6)
+    assert max(out.size) == render.DISPLAY_MAX_SIDE and out.size == (448, 252) and out.mode == "RGB"
+    best = min(_timed(lambda: render.overlay_heatmap(photo, heat, "viridis", 0.6)) for _ in range(5))
+    assert best < 0.05, best  # ~2 ms measured (the shrunk photo is cached)
+    hot = np.zeros((45, 60)); hot[0, 0] = 1
+    pixels = np.asarray(render.overlay_heatmap(Image.new("RGB", (1920, 1080), (0, 0, 0)), hot, "inferno", 1.0))
+    assert pixels[:5, :5].mean() > pixels[-5:, -5:].mean() + 100  # the hot patch lands top left
+
+
+def _timed(fn) -> float:
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def test_max_caption_never_states_a_share_over_100_percent():
+    mean_map = np.full((4, 4), 0.05)  # a distribution: 80 % of the attention on the image
+    max_map = np.full((4, 4), 0.0765)  # max over layers: sums to 122 %
+    caption = render.focus_caption_html("“cat”", [render.focus_share_caption(mean_map, "image 1")], True, False,
+                                        aggregation="max")
+    assert "80% of the attention on image 1" in caption and "max over layers" in caption
+    assert "1.0" not in caption and "122" not in caption
+    old_style = render.focus_caption_html("“cat”", [f"{float(np.sum(max_map)):.0%} of the attention on image 1"],
+                                          True, False, aggregation="max")
+    assert "122" not in old_style and "attention on image 1" in old_style  # the safety net drops the number
+    assert render.focus_share_caption(np.full((4, 4), 0.2), "image 1").startswith("100%")  # clamped
+    assert render.focus_share_caption(None, "image 1") == ""
+    for text in (caption, old_style):
+        import re
+
+        assert all(float(p) <= 100 for p in re.findall(r"(\d+)%", text))
+
+
 def test_audio_focus_image_draws_a_waveform_figure():
     img = render.audio_focus_image(np.zeros(1600, np.int16), 16000, np.arange(10.0), title="focus")
     assert img.mode == "RGB" and img.width > 300 and img.height > 100
