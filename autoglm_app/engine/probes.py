@@ -154,10 +154,14 @@ class RoutingProbe:
         self.by_phase = {p: np.zeros((L, num_experts), np.int64) for p in self.PHASES}
         self.phase_tokens = {p: 0 for p in self.PHASES}
         self.token_phase = "answer"  # the phase of the token a decode step routes (start_decode)
-        # the last max(ROUTING_WINDOWS) routed tokens' flat expert ids (layer * E + expert), -1 = not counted
-        self._ring = np.full((max(ROUTING_WINDOWS), L * top_k), -1, np.int64)
+        # the last max(ROUTING_WINDOWS) routed tokens' flat expert ids (layer * E + expert); a choice not counted
+        # (dropped, or a layer that did not route) is the spare column L * E, which no figure reads
+        self._spare = L * num_experts
+        self._ring = np.full((max(ROUTING_WINDOWS), L * top_k), self._spare, np.int64)
         self._seen = 0  # routed tokens so far (prefill and decode)
-        self.windows = {w: np.zeros(L * num_experts, np.int64) for w in ROUTING_WINDOWS}
+        self._sizes = np.asarray(ROUTING_WINDOWS)
+        self._win = np.zeros((len(ROUTING_WINDOWS), L * num_experts + 1), np.int64)  # load per window
+        self._win_rows = np.arange(len(ROUTING_WINDOWS))[:, None]
         self.prompt_experts: np.ndarray | None = None  # (prompt tokens, L, k) int16
         self.phase = "prefill"
         self.modality: torch.Tensor | None = None  # (N,) 0 text, 1 image, 2 audio for the current forward
@@ -235,24 +239,23 @@ class RoutingProbe:
             mine = experts.transpose(1, 0, 2).astype(np.int16 if self.E <= 32767 else np.int32)
             self.prompt_experts = mine if self.prompt_experts is None else np.concatenate([self.prompt_experts, mine])
         rows = flat.transpose(1, 0, 2).reshape(n, L * k)
+        rows = np.where(rows < 0, self._spare, rows)
         size = self._ring.shape[0]
-        if n == 1:  # a decode step: add the new token to each window, take out the one that left it
-            row = rows[0]
-            new = row[row >= 0]
-            for w, c in self.windows.items():
-                c[new] += 1  # a token's ids are distinct: top-k per layer, layers offset by E
-                if self._seen >= w:
-                    old = self._ring[(self._seen - w) % size]
-                    c[old[old >= 0]] -= 1
-            self._ring[self._seen % size] = row
+        if n == 1:  # a decode step: add the new token to each window, take out the one that left each
+            # a token's ids are distinct (top-k per layer, layers offset by E) but for the spare column
+            self._win[:, rows[0]] += 1
+            old = self._ring[(self._seen - self._sizes) % size]  # (windows, L * k): the tokens leaving
+            old[self._seen < self._sizes] = self._spare  # a window not yet full loses nothing
+            self._win[self._win_rows, old] -= 1
+            self._ring[self._seen % size] = rows[0]
             self._seen += 1
             return
         keep = rows[-size:]  # several tokens (the prefill): write them, then count each window afresh
         self._ring[np.arange(self._seen + n - len(keep), self._seen + n) % size] = keep
         self._seen += n
-        for w, c in self.windows.items():
+        for i, w in enumerate(ROUTING_WINDOWS):
             last = self._ring[np.arange(self._seen - min(w, self._seen), self._seen) % size].ravel()
-            c[:] = np.bincount(last[last >= 0], minlength=c.size)
+            self._win[i] = np.bincount(last, minlength=self._win.shape[1])
 
     def start_decode(self, phase: str = "answer") -> None:
         """From here on the forwards are decode steps, and their one token each is text; ``phase`` is the
@@ -267,8 +270,9 @@ class RoutingProbe:
             layers=self.layer_ids, experts=self.E, top_k=self.k, tokens=dict(self.tokens),
             prefill=self.load["prefill"].copy(), decode=self.load["decode"].copy(),
             by_modality={m: v.copy() for m, v in self.by_modality.items()}, dropped=self.dropped.copy(),
-            windows={w: c.reshape(-1, self.E).copy() for w, c in self.windows.items()},
-            window_tokens={w: min(w, self._seen) for w in self.windows},
+            windows=dict(zip(ROUTING_WINDOWS, np.array(self._win[:, : self._spare]).reshape(-1, len(self.routers),
+                                                                                           self.E))),
+            window_tokens={w: min(w, self._seen) for w in ROUTING_WINDOWS},
             by_phase={p: v.copy() for p, v in self.by_phase.items()}, phase_tokens=dict(self.phase_tokens),
             prompt_experts=self.prompt_experts,
         )
