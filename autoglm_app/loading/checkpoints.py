@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .planning import Plan, normalize_device, parse_memory, plan_device_map
+from .progress import LoadProgress, counting_weights, current_progress
 from .quantize import (
     QUANTIZE_CHOICES,
     compute_dtype,
@@ -147,6 +148,7 @@ def load_model(
     gpu_memory: str | None = None,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    progress: LoadProgress | None = None,
 ) -> LoadedModel:
     """Load an AutoGLM checkpoint and its processor.
 
@@ -156,6 +158,8 @@ def load_model(
     gpu_memory: per-device weight budget ('24GiB'); default 90% of each GPU's free memory.
     trust_remote_code: let transformers run Python code shipped with the checkpoint (config, model or
         processor classes). Off by default; only for checkpoints you trust.
+    progress: where the stages and the weights loaded / total are reported (the loading page reads it);
+        by default the one a ``progress.reporting`` block set on this thread.
 
     Weights are read from safetensors only (``use_safetensors=True``): a checkpoint with only pickled
     ``.bin`` / ``.pt`` weights is refused (unpickling can run arbitrary code), with a note to convert it.
@@ -165,17 +169,20 @@ def load_model(
 
     from ..families import family_for
 
+    progress = progress or current_progress(str(name_or_path))
     quantize = quantize or default_quantize()
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    progress.stage("finding the checkpoint")
     path = resolve_checkpoint(name_or_path)
+    progress.stage("reading the config")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family = family_for(config)  # an unsupported model_type fails here, before any weight is read
     require_safetensors(path)
     devices = _resolve_devices(gpus)
     if family.name != "autoglm":
         return _load_hf(path, model_id_of(name_or_path), family, quantize, devices, gpu_memory, attn_implementation,
-                        config=config, trust_remote_code=trust_remote_code)
+                        config=config, trust_remote_code=trust_remote_code, progress=progress)
     qconfig = quantization_config(quantize)
     dtype = model_dtype(quantize)
 
@@ -193,20 +200,24 @@ def load_model(
 
     from autoglm_app.modeling import AutoGLMProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        dtype=dtype,
-        quantization_config=qconfig,
-        device_map=device_map,
-        attn_implementation=attn_implementation,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    ).eval()
+    progress.stage("loading weights", unit="tensors")
+    with counting_weights(progress):
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=qconfig,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        ).eval()
+    progress.stage("checking the quantized layers")
     checked = verify_quantized(model, quantize)
     if quantize == "int4":
         guard_cpu_int4_packing(model)
     if checked:
         logger.info("%d decoder projections verified %s", checked, quantize)
+    progress.stage("loading the processor")
     processor = AutoGLMProcessor.from_pretrained(path)
     return LoadedModel(
         model=model,
@@ -247,7 +258,8 @@ def model_id_of(name_or_path: str) -> str:
 
 
 def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu_memory: str | None,
-             attn_implementation: str, config=None, trust_remote_code: bool = False) -> LoadedModel:
+             attn_implementation: str, config=None, trust_remote_code: bool = False,
+             progress: LoadProgress | None = None) -> LoadedModel:
     """A transformers-native checkpoint (GLM-4.xV, Qwen-VL, Qwen-Omni): its Auto class and AutoProcessor.
 
     Placement over several GPUs is accelerate's ``device_map="auto"`` within the per-GPU budget (decoder
@@ -260,6 +272,7 @@ def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu
     import transformers
     from transformers import AutoProcessor
 
+    progress = progress or current_progress(model_id)
     qconfig = quantization_config(quantize, keep_16bit=family.keep_16bit)
     gpu_ids = [d for d in devices if isinstance(d, int)]
     if gpu_ids:
@@ -276,22 +289,27 @@ def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu
     kwargs = dict(dtype=model_dtype(quantize), quantization_config=qconfig, device_map=device_map,
                   max_memory=max_memory, attn_implementation=attn_implementation, use_safetensors=True,
                   trust_remote_code=trust_remote_code, **extra)
+    progress.stage("loading weights", unit="tensors")
     if quantize == "int4" and family.fused_experts:
         from .fused_experts import check_split, split_fused_experts, streamed_expert_split
 
         # each fused expert tensor is packed to 4-bit as it is read, so the 16-bit experts are never all held
-        with streamed_expert_split(compute_dtype()) as streamed:
+        with streamed_expert_split(compute_dtype()) as streamed, counting_weights(progress):
             model = auto_class.from_pretrained(path, **kwargs).eval()
+        progress.stage("splitting fused experts")
         late = split_fused_experts(model, compute_dtype())  # whatever the stream did not see (none, normally)
         logger.info("fused experts: %d modules packed to 4-bit while loading, %d after", streamed["modules"], late)
         check_split(model)
     else:
-        model = auto_class.from_pretrained(path, **kwargs).eval()
+        with counting_weights(progress):
+            model = auto_class.from_pretrained(path, **kwargs).eval()
+    progress.stage("checking the quantized layers")
     checked = verify_quantized(model, quantize, family)
     if quantize == "int4":
         guard_cpu_int4_packing(model)
     if checked:
         logger.info("%d decoder projections verified %s", checked, quantize)
+    progress.stage("loading the processor")
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, processor=processor, model_id=model_id, quantize=quantize,
                        device_map=getattr(model, "hf_device_map", device_map), plan=None)
