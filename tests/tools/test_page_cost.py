@@ -56,7 +56,7 @@ def test_table_has_a_line_per_repeat_the_median_and_the_verdict():
     lines = text.splitlines()
     assert lines[0].startswith("| repeat | page CPU ms/token | API CPU ms/token | ratio")
     assert "#focus-image updates/s" in lines[0]
-    assert lines[2].startswith("| 1 | 40.0 | 10.0 | 4.00 |") and lines[2].endswith("| yes |")
+    assert lines[2].startswith("| 1 | 40.0 | 10.0 | 4.00 | – |") and lines[2].endswith("| yes |")
     assert lines[3].endswith("| yes |")  # 49 tokens on both sides
     assert lines[4].startswith("| **median** |")
     assert "ratio <= 1.5 (NOT met)" in text
@@ -83,3 +83,11 @@ def test_a_reply_without_answer_text_is_checked_by_its_tokens_alone():
     assert "tokens (no answer text)" in report.table(s)
     t["page"]["tokens"] = 49
     assert report.summarize([t])["mismatches"] == [1]
+
+
+def test_idle_cpu_is_subtracted_over_each_turns_wall_time():
+    t = turns(0.6, 2.5)  # API 1 s wall, page 5 s wall; the idle server burns 100 ms/s
+    r = report.summarize([t], idle_ms_per_s=100.0)["rows"][0]
+    assert r["ratio"] == pytest.approx(2500 / 600)
+    assert r["ratio_idle_subtracted"] == pytest.approx((2.5 - 0.5) / (0.6 - 0.1))
+    assert report.net_cpu_s({"cpu_s": 0.1, "wall_s": 5.0}, 100.0) == 0.0

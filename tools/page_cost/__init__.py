@@ -1,7 +1,10 @@
 """Server CPU per token: a page turn against an API turn on the same prompt (issue 16, defect 4).
 
     python -m tools.page_cost [--repeats 3] [--max-tokens 128] [--example 0] [--no-thinking]
-                              [--out bench-results/page_cost.json]
+                              [--out bench-results/page_cost.json] [--server-root DIR]
+
+    # today's committed code, while the working tree is being edited:
+    git archive HEAD | tar -x -C /tmp/head && python -m tools.page_cost --server-root /tmp/head
 
 Starts ``python app.py`` on the shipped demo model (127.0.0.1, a free port) and, after one warm-up of
 each, alternates for ``--repeats`` rounds:

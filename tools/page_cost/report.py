@@ -52,13 +52,23 @@ def normal(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
-def row(api: dict, page: dict) -> dict:
-    """One repeat's figures from its API turn and its page turn."""
+def net_cpu_s(turn: dict, idle_ms_per_s: float | None) -> float | None:
+    """A turn's server CPU less what the idle server burns in the same wall time (None without a rate)."""
+    if idle_ms_per_s is None or turn.get("cpu_s") is None or turn.get("wall_s") is None:
+        return None
+    return max(0.0, turn["cpu_s"] - idle_ms_per_s * turn["wall_s"] / 1000.0)
+
+
+def row(api: dict, page: dict, idle_ms_per_s: float | None = None) -> dict:
+    """One repeat's figures from its API turn and its page turn (``idle_ms_per_s``: the idle server's CPU)."""
     api_ms = per_token_ms(api.get("cpu_s"), api.get("tokens"))
     page_ms = per_token_ms(page.get("cpu_s"), page.get("tokens"))
+    net = ratio(per_token_ms(net_cpu_s(page, idle_ms_per_s), page.get("tokens")),
+                per_token_ms(net_cpu_s(api, idle_ms_per_s), api.get("tokens")))
     # updates: {panel id: [changes seen, seconds from the first change to the last]}
     hz = {k: rate_hz(n - 1, span) for k, (n, span) in (page.get("updates") or {}).items() if n >= 2}
     return {"api_cpu_ms_per_token": api_ms, "page_cpu_ms_per_token": page_ms, "ratio": ratio(page_ms, api_ms),
+            "ratio_idle_subtracted": net,
             "api_tok_s": tokens_per_s(api.get("tokens"), api.get("wall_s")),
             "page_tok_s": tokens_per_s(page.get("tokens"), page.get("wall_s")),
             "browser_cpu_ms_per_token": per_token_ms(page.get("browser_cpu_s"), page.get("tokens")),
@@ -68,11 +78,11 @@ def row(api: dict, page: dict) -> dict:
             "text_match": normal(api.get("text")) == normal(page.get("text")) if normal(api.get("text")) else None}
 
 
-def summarize(rounds: list[dict]) -> dict:
+def summarize(rounds: list[dict], idle_ms_per_s: float | None = None) -> dict:
     """Per-repeat rows (``rounds``: [{"api": ..., "page": ...}]) and their medians, against the targets."""
-    rows = [row(r["api"], r["page"]) for r in rounds]
-    keys = ("api_cpu_ms_per_token", "page_cpu_ms_per_token", "ratio", "api_tok_s", "page_tok_s",
-            "browser_cpu_ms_per_token")
+    rows = [row(r["api"], r["page"], idle_ms_per_s) for r in rounds]
+    keys = ("api_cpu_ms_per_token", "page_cpu_ms_per_token", "ratio", "ratio_idle_subtracted", "api_tok_s",
+            "page_tok_s", "browser_cpu_ms_per_token")
     med = {k: median(r[k] for r in rows) for k in keys}
     med["panel_hz"] = {p: median(r["panel_hz"].get(p) for r in rows) for p in PANELS
                        if any(p in r["panel_hz"] for r in rows)}
@@ -91,13 +101,14 @@ def _f(v, digits: int = 1) -> str:
 def table(summary: dict) -> str:
     """Markdown: one line per repeat and the median."""
     panels = [p for p in PANELS if p in summary["median"]["panel_hz"]]
-    head = (["repeat", "page CPU ms/token", "API CPU ms/token", "ratio", "page tok/s", "API tok/s",
+    head = (["repeat", "page CPU ms/token", "API CPU ms/token", "ratio", "ratio, idle CPU subtracted",
+             "page tok/s", "API tok/s",
              "browser CPU ms/token"] + [f"#{p} updates/s" for p in panels] + ["same reply"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def line(name: str, r: dict, same: str) -> str:
         cells = [name, _f(r["page_cpu_ms_per_token"]), _f(r["api_cpu_ms_per_token"]), _f(r["ratio"], 2),
-                 _f(r["page_tok_s"]), _f(r["api_tok_s"]), _f(r["browser_cpu_ms_per_token"])]
+                 _f(r["ratio_idle_subtracted"], 2), _f(r["page_tok_s"]), _f(r["api_tok_s"]), _f(r["browser_cpu_ms_per_token"])]
         cells += [_f(r["panel_hz"].get(p)) for p in panels] + [same]
         return "| " + " | ".join(cells) + " |"
 

@@ -83,7 +83,7 @@ def run(a: argparse.Namespace) -> dict:
             server.stop()
     if not rounds:
         raise SystemExit("no round was measured (deadline too short?)")
-    summary = summarize(rounds)
+    summary = summarize(rounds, idle_ms_per_s)
     return {"config": {"repeats": a.repeats, "warmup": a.warmup, "max_tokens": a.max_tokens, "thinking": thinking,
                        "image": image.name, "question": question, "model": a.model or "demo (assets)",
                        "server_root": str(a.server_root or "this checkout"),
