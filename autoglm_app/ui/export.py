@@ -4,9 +4,11 @@
                                     per-token focus maps and routing, routing load per turn
     turnNN/input_imageK.png         the images the user sent
     turnNN/input_audio.wav          the recording (16-bit PCM)
-    turnNN/focus_imageK_wordMMM.png the heatmap overlay of each word of the reply
+    turnNN/focus_imageK_wordMMM.png the heatmap overlay of each word of the reply on the K-th image of
+                                    the turn's prompt (``context.images`` says which: in a multi-turn
+                                    chat the earlier turns' images come first)
     turnNN/focus_imageK_answer.png  the mean over the whole answer
-    turnNN/focus_audio_*.png        the same for the recording
+    turnNN/focus_audioK_*.png       the same for the K-th recording of the prompt
 """
 
 from __future__ import annotations
@@ -36,10 +38,26 @@ def _slug(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")[:24] or "w"
 
 
-def turn_record(turn: Turn, number: int) -> dict:
+def _context(turn: Turn, kind: str, number: int) -> list[dict]:
+    """The images / recordings of the turn's prompt, oldest first: the order of each token's focus maps."""
+    dropped = turn.dropped_media(kind)
+    ext = "png" if kind == "image" else "wav"
+    return [{"label": m.label, "from_turn": m.turn, "own": m.own, "sent": n >= dropped,
+             "file": f"turn{m.turn or number:02d}/input_{kind}{m.index + 1 if kind == 'image' else ''}.{ext}"}
+            for n, m in enumerate(turn.media(kind))]
+
+
+def turn_record(turn: Turn, number: int, version: tuple[int, int] = (0, 1)) -> dict:
     tokens = sorted(turn.tokens.values(), key=lambda t: t.index)
     return {
         "turn": number,
+        "version": version[0] + 1,
+        "versions": version[1],
+        "system": turn.system,
+        "context_mode": "each turn alone" if turn.alone else "multi-turn",
+        # one focus map per entry, in this order, in every token's focus.images / focus.audios; an entry
+        # with "sent": false was left out of the prompt to fit the context and has no map
+        "context": {"images": _context(turn, "image", number), "audios": _context(turn, "audio", number)},
         "prompt": {
             "text": turn.text,
             "images": [f"turn{number:02d}/input_image{k + 1}.png" for k in range(len(turn.images))],
@@ -71,7 +89,7 @@ def build_trace(session: Session, info: dict) -> dict:
         "format": "autoglm-studio-qa-trace/1",
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {k: info.get(k) for k in ("model_id", "family", "quantize", "attention", "context_limit")},
-        "turns": [turn_record(t, n) for n, t in enumerate(session.turns, 1)],
+        "turns": [turn_record(t, n, session.versions(n - 1)) for n, t in enumerate(session.turns, 1)],
     }
 
 
@@ -104,21 +122,21 @@ def _turn_files(turn: Turn, number: int, colormap: str, opacity: float) -> dict[
         return files
     words = turn.words()
     answer_tokens = [i for i, t in turn.tokens.items() if t.phase == "answer"] or list(turn.tokens)
-    for k, image in enumerate(turn.images):
+    for k, ref in enumerate(turn.media("image")):
         whole = turn.focus_map(answer_tokens, "image", k)
         if whole is not None:
-            files[f"{folder}/focus_image{k + 1}_answer.png"] = _png(overlay_heatmap(image, whole, colormap, opacity))
+            files[f"{folder}/focus_image{k + 1}_answer.png"] = _png(overlay_heatmap(ref.image, whole, colormap, opacity))
         for m, w in enumerate(words[:MAX_WORD_IMAGES]):
             heat = turn.focus_map(w.tokens, "image", k)
             if heat is not None:
                 name = f"{folder}/focus_image{k + 1}_word{m:03d}_{_slug(w.text)}.png"
-                files[name] = _png(overlay_heatmap(image, heat, colormap, opacity))
-    if turn.audio is not None:
-        heat = turn.focus_map(answer_tokens, "audio", 0)
+                files[name] = _png(overlay_heatmap(ref.image, heat, colormap, opacity))
+    for k, ref in enumerate(turn.media("audio")):
+        heat = turn.focus_map(answer_tokens, "audio", k)
         if heat is not None:
-            img = audio_focus_image(turn.audio.samples, turn.audio.sample_rate, heat, colormap, opacity,
-                                    "focus of the whole answer over the recording")
-            files[f"{folder}/focus_audio_answer.png"] = _png(img)
+            img = audio_focus_image(ref.audio.samples, ref.audio.sample_rate, heat, colormap, opacity,
+                                    f"focus of the whole answer over {ref.label}")
+            files[f"{folder}/focus_audio{k + 1}_answer.png"] = _png(img)
     return files
 
 

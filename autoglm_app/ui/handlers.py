@@ -13,18 +13,17 @@ import math
 import tempfile
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from ..config import Settings
-from ..events import BadRequest
-from ..events import EngineBusy, Options
+from ..events import BadRequest, EngineBusy, Options
 from .export import write_trace_zip
-from .inputs import InputError, fingerprint, file_path, make_options, make_turn, read_audio, recording_of
+from .inputs import Controls, InputError, fingerprint, file_path, make_options, make_turn, read_audio, recording_of
 from .panels import Capabilities, Page, Panels, model_panel
+from .live import LiveTurns, changed_only, plain_values
 from .session import CONTEXT_MODES, Session, SessionStore, Turn, as_sentence, stream_turn, submit
 
 log = logging.getLogger(__name__)
@@ -33,55 +32,10 @@ NO_EARS = ("This model does not hear recordings, and no speech-to-text model is 
            "instead.")
 
 
-def _session_id(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "ui"
+from .session import request_session_id as _session_id  # noqa: E402
 
 
-@dataclass
-class Controls:
-    """The generation settings as the page sends them with every Send / Regenerate / edit (``SETTINGS``)."""
-
-    thinking: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: float = 512
-    seed: float | None = -1
-    top_k: float = 0
-    repetition_penalty: float = 1.0
-    stop: str | None = ""
-    system: str | None = ""
-    context_mode: str | None = None  # None: the session's own choice (an API client that does not send it)
-    typed: str | None = None  # the browser-side check's findings: slider boxes typed out of range
-
-    def options(self) -> Options:
-        return make_options(self.thinking, self.temperature, self.top_p, self.max_new_tokens, self.seed, self.top_k,
-                            self.repetition_penalty, self.stop, self.typed)
-
-    def sliders(self) -> list:
-        """The sliders' values in ``inputs.SLIDERS`` order."""
-        return [self.temperature, self.top_p, self.max_new_tokens, self.top_k, self.repetition_penalty]
-
-    def multi_turn(self, session: Session) -> bool:
-        return session.multi_turn if self.context_mode not in CONTEXT_MODES else self.context_mode == CONTEXT_MODES[1]
-
-
-def changed_only(session: Session, update: dict) -> dict:
-    """The update without the panel values the page already shows (text and HTML compared; images always
-    go): while a reply streams most panel values repeat from one redraw to the next, and each one sent
-    costs the server serialisation and the browser a re-render."""
-    out = {}
-    for component, value in update.items():
-        key = id(component)
-        if isinstance(value, (str, list, tuple)) and session.sent.get(key) == value:
-            out[component] = gr.skip()
-            continue
-        if isinstance(value, (str, list, tuple)):
-            session.sent[key] = value
-        out[component] = value
-    return out
-
-
-class Handlers:
+class Handlers(LiveTurns):
     """The handlers of one page, bound to its engine, settings and output components."""
 
     def __init__(self, engine: Any, settings: Settings, caps: Capabilities, page: Page, examples: list[dict]):
@@ -115,12 +69,7 @@ class Handlers:
         controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
                             system, context_mode, typed)
 
-        def again(options) -> Turn:
-            if not session.turns:
-                raise InputError("Nothing to regenerate yet: send a message first.")
-            return session.turns[-1].again(options=options)
-
-        turn = self._new_turn(session, controls, again)
+        turn = self._new_turn(session, controls, self._again(session))
         if turn is None:
             yield self._refused(controls)
             return
@@ -135,22 +84,61 @@ class Handlers:
         earlier version."""
         controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
                             system, context_mode, typed)
-        owners = session.message_turns()
-        index = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else -1)
-        position = owners[index] if 0 <= index < len(owners) else None
-        text = evt.value if isinstance(evt.value, str) else None
-
-        def edited(options) -> Turn:
-            if position is None or text is None or session.history()[index].get("role") != "user" \
-                    or not isinstance(session.history()[index].get("content"), str):
-                raise InputError("Only the text of a question can be edited: send a new message instead.")
-            return session.turns[position].again(text=text.strip(), options=options)
-
+        position, edited = self._edited(session, evt)
         turn = self._new_turn(session, controls, edited)
         if turn is None:
             yield {**self._refused(controls), self.page.chatbot: session.history()}
             return
         yield from self._run(session, turn, position, request, clear_inputs=False, controls=controls)
+
+    @staticmethod
+    def _again(session: Session) -> Callable[[Options], Turn]:
+        def again(options: Options) -> Turn:
+            if not session.turns:
+                raise InputError("Nothing to regenerate yet: send a message first.")
+            return session.turns[-1].again(options=options)
+        return again
+
+    @staticmethod
+    def _edited(session: Session, evt) -> tuple[int | None, Callable[[Options], Turn]]:
+        """The position of the edited question's turn, and how to make its new version."""
+        owners = session.message_turns()
+        index = getattr(evt, "index", None)
+        index = index if isinstance(index, int) else (index[0] if isinstance(index, (list, tuple)) and index else -1)
+        position = owners[index] if 0 <= index < len(owners) else None
+        text = getattr(evt, "value", None)
+        text = text if isinstance(text, str) else None
+
+        def edited(options: Options) -> Turn:
+            history = session.history()
+            if position is None or text is None or not text.strip() or history[index].get("role") != "user" \
+                    or not isinstance(history[index].get("content"), str):
+                raise InputError("Only the text of a question can be edited: send a new message instead.")
+            return session.turns[position].again(text=text.strip(), options=options)
+        return position, edited
+
+    def _start(self, session: Session, turn: Turn, position: int, request: gr.Request | None, clear_inputs: bool,
+               controls: Controls | None) -> dict:
+        """Submit the new turn (the page path): the first full update and the panel timer on, or, when the
+        engine refuses, a warning and nothing sent (the inputs keep what the user typed)."""
+        p = self.page
+        try:
+            undo = session.start_version(turn, position)
+            try:
+                session.handle = session.pending = submit(self.engine, session, _session_id(request))
+            except (EngineBusy, BadRequest) as e:
+                session.discard(undo)
+                wait = f" (try again in about {math.ceil(e.retry_after)} s)" if isinstance(e, EngineBusy) else ""
+                gr.Warning(f"{as_sentence(str(e))}{wait}. Nothing was sent.")
+                return self._refused(controls)
+        finally:
+            session.release()  # from here the handle keeps the session busy
+        session.sent = {}
+        first = {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
+                 **self.panels.all(session), p.timer: gr.Timer(active=True)}
+        if clear_inputs:
+            first.update({p.prompt: gr.update(value=None), p.mic: None})
+        return plain_values(session, first)
 
     def _new_turn(self, session: Session, controls: Controls, make: Callable[[Options], Turn]) -> Turn | None:
         """The new turn, or None (with a warning) when the session already has one in flight (a double
@@ -199,7 +187,7 @@ class Handlers:
                      **self.panels.all(session)}
             if clear_inputs:
                 first.update({p.prompt: gr.update(value=None), p.mic: None})
-            yield first
+            yield changed_only(session, first)
             with closing(stream_turn(self.engine, session, _session_id(request), handle=handle)) as stream:
                 try:
                     for full in stream:
@@ -346,10 +334,12 @@ class Handlers:
         turn = session.shown_turn()
         if turn is not None and index is not None and index < len(turn.words()):
             session.view.word = None if session.view.word == index else index
+        session.sent = {}  # the next panel tick sends full updates again
         return self.panels.all(session)
 
     def change_view(self, turn_pick: int, image_pick: int | None, audio_pick: int | None, colormap: str,
                     opacity: float, aggregation: str, layer_from: float, layer_to: float, load_view: str,
+                    route_layer_from: float, route_layer_to: float, expert_from: float, expert_to: float,
                     session: Session) -> dict:
         view = session.view
         turn = None if turn_pick is None or int(turn_pick) < 0 else int(turn_pick)
@@ -360,6 +350,10 @@ class Handlers:
             view.audio = None if audio_pick is None else int(audio_pick)
         view.colormap, view.opacity, view.aggregation, view.load_view = colormap, float(opacity), aggregation, load_view
         view.layers = (int(layer_from), max(int(layer_to), int(layer_from) + 1))
+        if view.known_routing:  # the look-closer ranges, once the sliders know the model's shape
+            view.moe_layers = (int(route_layer_from), max(int(route_layer_to), int(route_layer_from) + 1))
+            view.experts = (int(expert_from), max(int(expert_to), int(expert_from) + 1))
+        session.sent = {}
         return self.panels.all(session)
 
     def model(self, session: Session) -> str:

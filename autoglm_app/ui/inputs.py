@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from PIL import Image
 from ..config import ASSETS, Settings
 from ..engine.inputs import ImageTooLarge, clean_text, open_image
 from ..events import Audio, BadRequest, Options
-from .session import Turn, as_sentence
+from .session import CONTEXT_MODES, Session, Turn, as_sentence
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +229,31 @@ def chat_example(ex: dict) -> dict:
     if ex.get("image"):
         card["icon"] = ex["image"]
     return card
+
+
+@dataclass
+class Controls:
+    """The generation settings as the page sends them with every Send / Regenerate / edit (``SETTINGS``)."""
+
+    thinking: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: float = 512
+    seed: float | None = -1
+    top_k: float = 0
+    repetition_penalty: float = 1.0
+    stop: str | None = ""
+    system: str | None = ""
+    context_mode: str | None = None  # None: the session's own choice (an API client that does not send it)
+    typed: str | None = None  # the browser-side check's findings: slider boxes typed out of range
+
+    def options(self) -> Options:
+        return make_options(self.thinking, self.temperature, self.top_p, self.max_new_tokens, self.seed, self.top_k,
+                            self.repetition_penalty, self.stop, self.typed)
+
+    def sliders(self) -> list:
+        """The sliders' values in ``inputs.SLIDERS`` order."""
+        return [self.temperature, self.top_p, self.max_new_tokens, self.top_k, self.repetition_penalty]
+
+    def multi_turn(self, session: Session) -> bool:
+        return session.multi_turn if self.context_mode not in CONTEXT_MODES else self.context_mode == CONTEXT_MODES[1]

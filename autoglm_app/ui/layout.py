@@ -26,7 +26,7 @@ from .handlers import Handlers
 from .inputs import EXAMPLES_DIR, SLIDERS, chat_example, example_caption, load_examples
 from .panels import (WORDS_PLACEHOLDER, Capabilities, Page, focus_placeholder, mic_label, model_panel,
                      routing_placeholder)
-from .session import CONTEXT_MODES, Session
+from .session import CONTEXT_MODES, PANELS_EVERY_S, Session
 
 EXPORT_HELP = ("**QA trace.** Download the whole conversation as a zip: `trace.json` with the prompts, reasoning, "
                "answers, settings, model id, speed, per-token focus maps and expert routing, plus the input images, "
@@ -173,9 +173,23 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
                                          info="all tokens, prompt (prefill) or generated (decode) tokens, or by the "
                                               "modality of the token", visible=caps.routing, elem_id="load-view")
                     routing_html = gr.HTML(routing_placeholder(caps), elem_id="routing")
+                    routing_plot = gr.Plot(label="Expert load: layers x experts (hover for values, drag to zoom)",
+                                           visible=False, elem_id="routing-figure")
+                    with gr.Accordion("Look closer: a range of layers and experts", open=False,
+                                      visible=caps.routing, elem_id="routing-range"):
+                        with gr.Row():
+                            route_layer_from = gr.Slider(0, 1, value=0, step=1, label="from MoE layer",
+                                                         elem_id="route-layer-from")
+                            route_layer_to = gr.Slider(1, 2, value=2, step=1, label="to MoE layer (exclusive)",
+                                                       elem_id="route-layer-to")
+                            expert_from = gr.Slider(0, 1, value=0, step=1, label="from expert", elem_id="expert-from")
+                            expert_to = gr.Slider(1, 2, value=2, step=1, label="to expert (exclusive)",
+                                                  elem_id="expert-to")
                     with gr.Row(equal_height=False):
                         token_html = gr.HTML("", elem_id="token-routes")
-                        split_html = gr.HTML("", elem_id="modality-split")
+                        balance_plot = gr.Plot(label="Balance per layer", visible=False, elem_id="balance-figure")
+                    split_html = gr.Plot(label="Tokens per expert by modality", visible=False,
+                                         elem_id="modality-split")
                 with gr.Tab("Model", id="model", elem_id="tab-model"):
                     model_md = gr.Markdown(model_panel(caps, Session()), elem_id="model-panel")
                     refresh_btn = gr.Button("Refresh memory figures", size="sm", visible=not caps.remote)
@@ -188,11 +202,14 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
             api_images = gr.File(label="images", file_count="multiple", file_types=["image"])
             api_audio = gr.Audio(label="audio", type="filepath")
             api_btn = gr.Button("chat")
+            api_send_btn, api_regen_btn = gr.Button("send"), gr.Button("regenerate")
+        timer = gr.Timer(PANELS_EVERY_S, active=False)  # the panels while a reply streams (ui/live.py)
 
         # ------------------------------------------------------------------------------------ wiring
         page = Page(chatbot, prompt, mic, turn_pick, version_pick, focus_caption, image_pick, focus_image, words,
-                    audio_pick, audio_focus, layer_from, layer_to, routing_html, token_html, split_html, model_md,
-                    export_file, settings=sliders, state=state, browser_key=browser_key, context_mode=context_mode)
+                    audio_pick, audio_focus, layer_from, layer_to, routing_html, routing_plot, balance_plot, token_html,
+                    split_html, model_md, export_file, settings=sliders, state=state, browser_key=browser_key,
+                    context_mode=context_mode, timer=timer, route_sliders=(route_layer_from, route_layer_to, expert_from, expert_to))
         h = Handlers(engine, settings, caps, page, examples)
         options = [thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop, system,
                    context_mode, typed]
@@ -203,29 +220,43 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
             bounds = [(offset + options.index(c), c.label, c.minimum, c.maximum) for c in sliders]
             return settings_check_js(bounds, offset + options.index(typed))
 
-        send = dict(fn=h.send, inputs=[prompt, mic, *options, state], outputs=turn_outputs,
-                    concurrency_limit=None, js=checked(first_option))  # the engine queues fairly
-        send_btn.click(**send, api_name="send")
-        prompt.submit(**send, api_visibility="private")
+        # the page's turns: start -> stream (the chat only) -> finish, the panels on the timer (ui/live.py)
+        live = turn_outputs + [timer]
+
+        def streamed(event):
+            return event.then(h.stream_chat, [state], [chatbot], api_visibility="private", concurrency_limit=None,
+                              show_progress="hidden").then(h.finish, [state], live, api_visibility="private",
+                                                           show_progress="hidden")
+
+        start = dict(fn=h.send_page, inputs=[prompt, mic, *options, state], outputs=live, concurrency_limit=None,
+                     js=checked(first_option), api_visibility="private")  # the engine queues fairly
+        streamed(send_btn.click(**start))
+        streamed(prompt.submit(**start))
+        streamed(regen_btn.click(h.regenerate_page, [*options, state], live, api_visibility="private",
+                                 concurrency_limit=None, js=checked(0)))
+        streamed(chatbot.edit(h.edit_page, [*options, state], live, api_visibility="private", concurrency_limit=None,
+                              js=checked(0)))
+        timer.tick(h.tick, [state], panel_outputs, api_visibility="private", show_progress="hidden",
+                   concurrency_limit=None)
         stop_btn.click(h.stop, [state], None, api_name="stop", concurrency_limit=None)
-        regen_btn.click(h.regenerate, [*options, state], turn_outputs, api_name="regenerate", concurrency_limit=None,
-                        js=checked(0))
-        chatbot.edit(h.edit, [*options, state], turn_outputs, api_visibility="private", concurrency_limit=None,
-                     js=checked(0))
         clear_outputs = turn_outputs + [export_file]
         clear_btn.click(h.clear, [state], clear_outputs, api_name="clear")
         chatbot.clear(h.clear, [state], clear_outputs, api_visibility="private")
-        unsent = dict(fn=h.send, inputs=[prompt, mic, *options, state], outputs=turn_outputs, concurrency_limit=None,
-                      js=checked(first_option), api_visibility="private")
-        example_set.click(h.start_example, [example_set, state], clear_outputs,
-                          api_visibility="private").success(**unsent)
-        chatbot.example_select(h.pick_chat_example, [state], clear_outputs,
-                               api_visibility="private").success(**unsent)
+        streamed(example_set.click(h.start_example, [example_set, state], clear_outputs,
+                                   api_visibility="private").success(**start))
+        streamed(chatbot.example_select(h.pick_chat_example, [state], clear_outputs,
+                                        api_visibility="private").success(**start))
+        # the named endpoints for gradio_client: one streaming event each (Handlers._run)
+        api_send_btn.click(h.send, [prompt, mic, *options, state], turn_outputs, api_name="send",
+                           concurrency_limit=None)
+        api_regen_btn.click(h.regenerate, [*options, state], turn_outputs, api_name="regenerate",
+                            concurrency_limit=None)
         version_pick.input(h.choose_version, [version_pick, state],
                            [chatbot, turn_pick, *panel_outputs, model_md], api_visibility="private")
 
         words.select(h.select_word, [state], panel_outputs, api_visibility="private")
-        view = [turn_pick, image_pick, audio_pick, colormap, opacity, aggregation, layer_from, layer_to, load_view]
+        view = [turn_pick, image_pick, audio_pick, colormap, opacity, aggregation, layer_from, layer_to, load_view,
+                route_layer_from, route_layer_to, expert_from, expert_to]
         for control in view:
             control.input(h.change_view, [*view, state], panel_outputs, api_visibility="private")
 
@@ -253,6 +284,10 @@ def build_ui(engine, settings: Settings) -> gr.Blocks:
 def mount_ui(app, engine, settings: Settings):
     """Mount the page at "/" of the FastAPI ``app``; returns the app."""
     blocks = build_ui(engine, settings)
+    # Gradio refuses an upload over its cap in the browser and the question is then sent without the file;
+    # the page's own limit (--max-upload-mb) is checked at Send instead (a warning, nothing sent, the inputs
+    # kept), so Gradio's cap sits well above it and only stops uploads no limit setting would accept.
+    upload_cap = max(4 * settings.limits.max_upload_bytes, settings.limits.max_upload_bytes + 32 * 2**20)
     blocks.queue(default_concurrency_limit=4)
     return gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, allowed_paths=[str(EXAMPLES_DIR)],
-                               footer_links=["api"], show_error=True, max_file_size=settings.limits.max_upload_bytes)
+                               footer_links=["api"], show_error=True, max_file_size=upload_cap)

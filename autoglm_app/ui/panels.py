@@ -16,7 +16,8 @@ import gradio as gr
 import numpy as np
 
 from ..memory import peak_rss_bytes, rss_bytes
-from . import render
+from . import figures, render
+from .model_view import is_remote, model_markdown
 from .session import Session, Turn, View
 from .turn import MediaRef
 from .words import THINK_TAGS
@@ -56,7 +57,7 @@ class Capabilities:
 
     @property
     def remote(self) -> bool:
-        return render.is_remote(self.info)
+        return is_remote(self.info)
 
     @property
     def transcribing(self) -> bool:
@@ -100,7 +101,7 @@ def device_memory() -> dict[str, int]:
 def model_panel(caps: Capabilities, session: Session) -> str:
     """The Model panel: the model, its devices and memory (local engine), the last answer's speed."""
     stats = next((t.stats for t in reversed(session.turns) if t.stats is not None), None)
-    return render.model_markdown(caps.info, {} if caps.remote else device_memory(), stats)
+    return model_markdown(caps.info, {} if caps.remote else device_memory(), stats)
 
 
 def clamp_layers(layers: tuple[int, int] | None, n_layers: int) -> tuple[int, int] | None:
@@ -137,19 +138,26 @@ class Page:
     layer_from: Any
     layer_to: Any
     routing_html: Any
+    routing_plot: Any
+    balance_plot: Any
     token_html: Any
-    split_html: Any
+    split_html: Any  # the modality split (a plot)
     model_md: Any
     export_file: Any
     settings: list = field(default_factory=list)  # the generation-settings sliders, in inputs.SLIDERS order
     state: Any = None
     browser_key: Any = None
     context_mode: Any = None
+    timer: Any = None
+    route_sliders: tuple | None = None  # layer from / to, expert from / to of the routing figure
+
+    def __post_init__(self):
+        self.extra = list(self.route_sliders or ())
 
     def panel_outputs(self) -> list:
         return [self.version_pick, self.focus_caption, self.image_pick, self.focus_image, self.words,
                 self.audio_pick, self.audio_focus, self.layer_from, self.layer_to, self.routing_html,
-                self.token_html, self.split_html]
+                self.routing_plot, self.balance_plot, self.token_html, self.split_html, *self.extra]
 
     def turn_outputs(self) -> list:
         """What sending, regenerating or clearing a turn updates."""
@@ -219,8 +227,9 @@ class Panels:
             dropped = turn.dropped_media(kind)
             if dropped:
                 captions.append(f"{dropped} earlier {what}{'s' if dropped > 1 else ''} left out to fit the context")
-        has_media = bool(turn.context_images or turn.context_audios)
-        out[p.focus_caption] = render.focus_caption_html(label, captions, has_media=has_media, running=turn.running)
+        has_media = bool(turn.media("image") or turn.media("audio"))
+        out[p.focus_caption] = render.focus_caption_html(label, captions, has_media=has_media, running=turn.running,
+                                                         aggregation=view.aggregation)
         if not has_media and not turn.alone:
             out[p.focus_caption] = render.placeholder_html(
                 "No image or recording in this conversation yet, so there is no focus to show. Click a word of "
@@ -233,7 +242,7 @@ class Panels:
         if n_layers and n_layers != view.known_layers:  # first focus of this model: fit the layer sliders
             view.known_layers, view.layers = n_layers, (0, n_layers)
             out[p.layer_from] = gr.update(maximum=max(n_layers - 1, 1), value=0)
-            out[p.layer_to] = gr.update(minimum=1, maximum=n_layers, value=n_layers)
+            out[p.layer_to] = gr.update(minimum=1, maximum=max(n_layers, 2), value=n_layers)  # min < max
         return out
 
     def _share(self, turn: Turn, indices: list[int], kind: str, k: int, view: View, layers) -> float | None:
@@ -246,14 +255,11 @@ class Panels:
     def _share_caption(self, share: float | None, where: str, view: View) -> list[str]:
         if share is None:
             return []
-        text = f"{share:.0%} of the attention on {where}"
-        if view.aggregation == "max":
-            text += " (mean over the layers; the drawing shows the max)"
-        return [text]
+        return [f"{share:.0%} of the attention on {where}"]
 
     def _image(self, turn: Turn, view: View, indices: list[int], layers, captions: list[str]) -> dict:
         p = self.page
-        media = turn.context_images
+        media = turn.media("image")
         if not media:
             return {p.image_pick: gr.update(visible=False), p.focus_image: hidden()}
         k = _pick(turn, "image", view.image)
@@ -271,7 +277,7 @@ class Panels:
 
     def _audio(self, turn: Turn, view: View, indices: list[int], layers, captions: list[str]) -> dict:
         p = self.page
-        media = turn.context_audios
+        media = turn.media("audio")
         if not media:  # none, or transcribed into the text: the model never heard it
             return {p.audio_pick: gr.update(visible=False), p.audio_focus: hidden()}
         k = _pick(turn, "audio", view.audio)
@@ -286,15 +292,41 @@ class Panels:
                 p.audio_focus: gr.update(value=figure, visible=True, label=f"Focus over {media[k].label}")}
 
     def routing(self, session: Session) -> dict:
-        p, turn = self.page, session.shown_turn()
+        """The Routing tab: the layers x experts heatmap (the selected token's experts marked), the balance
+        figures of the selected view, the token's experts with gate weights, and the modality split."""
+        p, turn, view = self.page, session.shown_turn(), session.view
         if not self.caps.routing or turn is None or not turn.load:
-            return {p.routing_html: routing_placeholder(self.caps), p.token_html: "", p.split_html: ""}
+            return {p.routing_html: routing_placeholder(self.caps), p.routing_plot: gr.update(visible=False),
+                    p.balance_plot: gr.update(visible=False), p.token_html: "",
+                    p.split_html: gr.update(visible=False)}
+        load = turn.load
         token = self.routed_token(session, turn)
         token_label = f"“{token.text.strip()}” (token {token.index})" if token else ""
         routes = token.routes if token else None
-        return {p.routing_html: render.routing_heatmap_html(turn.load, session.view.load_view, routes, token_label),
-                p.token_html: render.token_routes_html(routes or [], token_label),
-                p.split_html: render.modality_split_html(turn.load)}
+        out = self._fit_routing_sliders(view, load)
+        empty = figures.empty_view_message(load, view.load_view)
+        heat = figures.routing_figure(load, view.load_view, routes, token_label, view.moe_layers, view.experts)
+        balance = figures.balance_figure(load, view.load_view, view.moe_layers)
+        split = figures.modality_figure(load, view.experts)
+        out.update({p.routing_html: empty or figures.balance_html(load, view.load_view),
+                    p.routing_plot: gr.update(value=heat, visible=heat is not None),
+                    p.balance_plot: gr.update(value=balance, visible=balance is not None),
+                    p.token_html: render.token_routes_html(routes or [], token_label),
+                    p.split_html: gr.update(value=split, visible=split is not None)})
+        return out
+
+    def _fit_routing_sliders(self, view: View, load: dict) -> dict:
+        """The look-closer sliders' ranges set to this model's MoE layers and experts (once per shape)."""
+        p = self.page
+        shape = (len(load.get("layers", [])), int(load.get("experts", 0)))
+        if p.route_sliders is None or shape == getattr(view, "known_routing", None) or not all(shape):
+            return {}
+        view.known_routing, view.moe_layers, view.experts = shape, None, None
+        layer_from, layer_to, expert_from, expert_to = p.route_sliders
+        return {layer_from: gr.update(maximum=max(shape[0] - 1, 1), value=0),
+                layer_to: gr.update(minimum=1, maximum=max(shape[0], 2), value=shape[0]),
+                expert_from: gr.update(maximum=max(shape[1] - 1, 1), value=0),
+                expert_to: gr.update(minimum=1, maximum=max(shape[1], 2), value=shape[1])}
 
     @staticmethod
     def routed_token(session: Session, turn: Turn):

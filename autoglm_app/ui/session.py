@@ -41,11 +41,13 @@ class View:
     load_view: str = "total"
     experts: tuple[int, int] | None = None  # the routing figure's expert range [from, to); None = all
     moe_layers: tuple[int, int] | None = None  # and its layer range (rows)
+    known_routing: tuple[int, int] | None = None  # (MoE layers, experts) the look-closer sliders are set for
 
     def fresh(self) -> View:
         """The same display choices for a new conversation (nothing selected)."""
         return View(colormap=self.colormap, opacity=self.opacity, aggregation=self.aggregation, layers=self.layers,
-                    known_layers=self.known_layers, load_view=self.load_view)
+                    known_layers=self.known_layers, load_view=self.load_view, experts=self.experts,
+                    moe_layers=self.moe_layers, known_routing=self.known_routing)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Session:
     view: View = field(default_factory=View)
     multi_turn: bool = False  # send earlier turns with each question (else each turn alone)
     handle: Any = None  # the engine's RequestHandle of the running turn
+    pending: Any = None  # a handle submitted by the page's start event, not yet followed by its stream event
     transcribed: str | None = None  # fingerprint of the recording last transcribed into the text box
     claimed: bool = False  # a Send / Regenerate is being made into a turn or is streaming
     key: str = ""  # the SessionStore key the browser keeps (empty until stored)
@@ -178,6 +181,7 @@ class Session:
     def clear(self) -> None:
         """A new chat: the conversation goes, the display choices stay."""
         self.cancel()
+        self.pending = None
         self.root = Thread()
         self.transcribed = None
         self.sent = {}
@@ -309,3 +313,8 @@ def submit(engine, session: Session, session_id: str):
     """Submit the session's newest turn; the engine's refusals (EngineBusy, BadRequest) propagate."""
     turn = session.turns[-1]
     return engine.submit(ChatRequest(session.engine_messages(), turn.options, session_id))
+
+
+def request_session_id(request: Any) -> str:
+    """The engine's session id for a page request: Gradio's session hash (one per browser tab)."""
+    return getattr(request, "session_hash", None) or "ui"

@@ -81,8 +81,9 @@ class Turn:
     options: Options = field(default_factory=Options)
     system: str = ""  # the system prompt this turn was sent with
     alone: bool = True  # sent without the earlier turns ("each turn alone")
-    context_images: list[MediaRef] = field(default_factory=list)  # every image in the prompt, oldest first
-    context_audios: list[MediaRef] = field(default_factory=list)  # every recording in the prompt, oldest first
+    # every image / recording in the prompt, oldest first (Session.start sets them; None = this turn's own)
+    context_images: list[MediaRef] | None = None
+    context_audios: list[MediaRef] | None = None
     reasoning: str = ""
     answer: str = ""
     tokens: dict[int, TokenTrace] = field(default_factory=dict)
@@ -192,7 +193,12 @@ class Turn:
 
     def media(self, kind: str) -> list[MediaRef]:
         """The images ("image") or recordings ("audio") in this turn's prompt, oldest first."""
-        return self.context_images if kind == "image" else self.context_audios
+        known = self.context_images if kind == "image" else self.context_audios
+        if known is not None:
+            return known
+        if kind == "image":
+            return [MediaRef(f"image {k + 1}", 0, k, True, image=im) for k, im in enumerate(self.images)]
+        return [MediaRef("recording", 0, 0, True, audio=self.audio)] if self.sends_audio else []
 
     def focus_map(self, indices: list[int], kind: str, i: int, rule: str = "default",
                   layers: tuple[int, int] | None = None) -> np.ndarray | None:

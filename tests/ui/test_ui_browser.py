@@ -80,8 +80,8 @@ def test_example_click_shows_answer_heatmap_routing_and_a_word_click_changes_the
     shoot(page, artifacts, "ui-1366x768-focus.png")
 
     page.get_by_role("tab", name="Routing").click()
-    expect(page.locator("#routing table.heat")).to_be_visible()
-    expect(page.locator("#modality-split table")).to_be_visible()
+    expect(page.locator("#routing-figure .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#modality-split .js-plotly-plot")).to_be_visible()
     shoot(page, artifacts, "ui-1366x768-routing.png")
 
     page.set_viewport_size({"width": 1920, "height": 1080})

@@ -339,7 +339,7 @@ def test_export_zip_holds_trace_json_inputs_and_heatmaps(tmp_path):
     assert len(turn["tokens"]) == 5 and np.asarray(turn["tokens"][2]["focus"]["images"][0]).shape == (4, 4)
     assert turn["tokens"][2]["routing"][1] == {"layer": 1, "experts": [2, 3], "weights": [0.55, 0.45]}
     assert {"turn01/input_image1.png", "turn01/input_audio.wav", "turn01/focus_image1_answer.png",
-            "turn01/focus_audio_answer.png"} <= set(names)
+            "turn01/focus_audio1_answer.png"} <= set(names)
     assert sum(n.startswith("turn01/focus_image1_word") for n in names) == len(turn["words"]) == 4
 
 
@@ -381,7 +381,7 @@ class FakeEngine:
 
 
 def test_stream_turn_folds_events_and_sends_earlier_good_turns_as_history():
-    session = Session()
+    session = Session(multi_turn=True)
     engine = FakeEngine(thinking_turn_events())
     session.start(Turn(text="first"))
     list(stream_turn(engine, session, "s1"))
@@ -466,17 +466,17 @@ def test_panels_pick_the_image_the_word_and_the_layer_aggregation():
         return np.asarray(update[page.focus_image]["value"])
 
     first = studio.panels.all(session)
-    assert first[page.image_pick]["visible"] and first[page.image_pick]["choices"] == ["image 1", "image 2"]
+    assert first[page.image_pick]["visible"] and [c[0] for c in first[page.image_pick]["choices"]] == ["image 1", "image 2"]
     assert first[page.layer_to]["maximum"] == LAYERS
-    second = studio.change_view(-1, "image 2", "inferno", 0.55, "default", 0, LAYERS, "total", session)
+    second = studio.change_view(-1, 1, None, "inferno", 0.55, "default", 0, LAYERS, "total", 0, 1, 0, 1, session)
     assert session.view.image == 1 and not np.array_equal(shown(first), shown(second))
     studio.select_word(session, type("Evt", (), {"index": 1})())
     assert session.view.word == 1 and ("right ", "selected") in studio.panels.all(session)[page.words]
-    top_layer = studio.change_view(-1, "image 2", "inferno", 0.55, "max", LAYERS - 1, LAYERS, "total", session)
+    top_layer = studio.change_view(-1, 1, None, "inferno", 0.55, "max", LAYERS - 1, LAYERS, "total", 0, 1, 0, 1, session)
     assert session.view.layers == (LAYERS - 1, LAYERS) and "Focus of" in top_layer[page.focus_caption]
     # slider values past the model's layers show the top layer's map, as the clamped range does
-    beyond = studio.change_view(-1, "image 2", "inferno", 0.55, "max", LAYERS + 3, LAYERS + 5, "total", session)
+    beyond = studio.change_view(-1, 1, None, "inferno", 0.55, "max", LAYERS + 3, LAYERS + 5, "total", 0, 1, 0, 1, session)
     assert "32% of the attention on image 2" in top_layer[page.focus_caption]  # layer 2: 0.3 + 15 x 0.001
     assert beyond[page.focus_caption] == top_layer[page.focus_caption]
-    bottom = studio.change_view(-1, "image 2", "inferno", 0.55, "max", 0, 1, "total", session)
+    bottom = studio.change_view(-1, 1, None, "inferno", 0.55, "max", 0, 1, "total", 0, 1, 0, 1, session)
     assert "11% of the attention on image 2" in bottom[page.focus_caption]  # layer 0: 0.1 + 15 x 0.001 (float16)
