@@ -9,6 +9,9 @@
                                     chat the earlier turns' images come first)
     turnNN/focus_imageK_answer.png  the mean over the whole answer
     turnNN/focus_audioK_*.png       the same for the K-th recording of the prompt
+    turnNN/routed_experts.npy       the routed experts in vLLM's layout: int16 [tokens, moe_layers, top_k],
+                                    the prompt's tokens then the generated ones but the last (-1: not
+                                    routed at that layer); ``np.load`` reads it
 """
 
 from __future__ import annotations
@@ -118,6 +121,11 @@ def _turn_files(turn: Turn, number: int, colormap: str, opacity: float) -> dict[
         files[f"{folder}/input_image{k + 1}.png"] = _png(image.convert("RGB"))
     if turn.audio is not None:
         files[f"{folder}/input_audio.wav"] = _wav(turn.audio.samples, turn.audio.sample_rate)
+    routed = turn.routed_experts()
+    if routed is not None:
+        buf = io.BytesIO()
+        np.save(buf, routed)
+        files[f"{folder}/routed_experts.npy"] = buf.getvalue()
     if not turn.has_focus():
         return files
     words = turn.words()

@@ -8,6 +8,7 @@ pure functions of ``render``. Nothing here reads events or talks to the engine.
 
 from __future__ import annotations
 
+import html
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,29 @@ class Page:
                 *self.settings]
 
 
+def window_html(load: dict) -> str:
+    """The serving engines' routing figures (issue 20), mean over the MoE layers: balancedness (mean / max
+    load, SGLang's) over the last 10 / 100 / 1,000 routed tokens, the share of dead experts over the
+    same windows, exp(H)/N diversity, and the generated tokens by phase."""
+    windows = load.get("balancedness") or {}
+    if not windows:
+        return ""
+    dead, tokens = load.get("dead_fraction") or {}, load.get("window_tokens") or {}
+    parts = []
+    for w in ("10", "100", "1000"):
+        if w in windows and np.size(windows[w]):
+            n = tokens.get(w, "?")
+            parts.append(f"last {w} ({n} tokens): balancedness {float(np.mean(windows[w])):.2f}, "
+                         f"dead experts {float(np.mean(dead.get(w, [0]))):.0%}")
+    diversity = load.get("diversity")
+    if diversity is not None and np.size(diversity):
+        parts.append(f"diversity exp(H)/N {float(np.mean(diversity)):.2f}")
+    phases = load.get("phase_tokens") or {}
+    if phases:
+        parts.append(f"generated: {phases.get('reasoning', 0)} reasoning, {phases.get('answer', 0)} answer tokens")
+    return f'<div class="caption">{" · ".join(html.escape(x) for x in parts)}</div>'
+
+
 def _default_media(turn: Turn, kind: str) -> int:
     """The map shown first: the turn's own first image / recording, else the newest one in its prompt."""
     media = turn.media(kind)
@@ -308,7 +332,7 @@ class Panels:
         heat = figures.routing_figure(load, view.load_view, routes, token_label, view.moe_layers, view.experts)
         balance = figures.balance_figure(load, view.load_view, view.moe_layers)
         split = figures.modality_figure(load, view.experts)
-        out.update({p.routing_html: empty or figures.balance_html(load, view.load_view),
+        out.update({p.routing_html: empty or figures.balance_html(load, view.load_view) + window_html(load),
                     p.routing_plot: gr.update(value=heat, visible=heat is not None),
                     p.balance_plot: gr.update(value=balance, visible=balance is not None),
                     p.token_html: render.token_routes_html(routes or [], token_label),

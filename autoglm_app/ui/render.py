@@ -218,7 +218,7 @@ WORD_COLORS = {"reasoning": "#e5e7eb", "answer": "#c7d2fe", "selected": "#fb923c
 
 # ----------------------------------------------------------------------------- routing
 
-LOAD_VIEWS = ("total", "prefill", "decode", "text", "image", "audio")
+LOAD_VIEWS = ("total", "prefill", "decode", "reasoning", "answer", "text", "image", "audio")
 
 
 def _cell_color(share: float) -> str:
@@ -231,6 +231,8 @@ def _cell_color(share: float) -> str:
 def load_matrix(load: dict, view: str) -> list[list[int]]:
     if view in ("text", "image", "audio"):
         return load.get("by_modality", {}).get(view, [])
+    if view in ("reasoning", "answer"):  # generated tokens by phase (the engine's "by_phase")
+        return load.get("by_phase", {}).get(view, [])
     return load.get(view, [])
 
 

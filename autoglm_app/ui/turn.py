@@ -34,6 +34,7 @@ from ..events import (
     Routing,
     Stats,
     aggregate_layers,
+    routed_experts_array,
 )
 from .words import Word, merge_words
 
@@ -88,6 +89,7 @@ class Turn:
     answer: str = ""
     tokens: dict[int, TokenTrace] = field(default_factory=dict)
     load: dict | None = None
+    prompt_experts: np.ndarray | None = None  # (prompt tokens, moe layers, top_k) int16, from the prefill
     stats: Stats | None = None
     notices: list[str] = field(default_factory=list)
     error: str | None = None
@@ -130,6 +132,8 @@ class Turn:
             trace = self._token(event.index, event.token, event.phase)
             trace.routes = [(r.layer, list(r.experts), list(r.weights)) for r in event.layers]
             self.load = event.load
+            if self.prompt_experts is None:
+                self.prompt_experts = event.prompt_experts
             return False
         if isinstance(event, Stats):
             self.stats = event
@@ -156,6 +160,14 @@ class Turn:
         if trace is None:
             trace = self.tokens[index] = TokenTrace(index, text, phase)
         return trace
+
+    def routed_experts(self) -> np.ndarray | None:
+        """The turn's routed experts in vLLM's layout, [tokens, moe layers, top_k] int16 (``events``)."""
+        if not self.load or not self.tokens:
+            return None
+        routes = [t.routes for t in sorted(self.tokens.values(), key=lambda t: t.index)]
+        return routed_experts_array(self.prompt_experts, routes, list(self.load.get("layers", [])),
+                                    int(self.load.get("top_k", 0)))
 
     def again(self, text: str | None = None, options: Options | None = None) -> Turn:
         """A new version of this turn: the same question and media (or an edited text), nothing sent yet."""
