@@ -135,7 +135,7 @@ class Handlers(LiveTurns):
             session.release()  # from here the handle keeps the session busy
         session.sent = {}
         first = {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
-                 **self.panels.all(session), p.timer: gr.Timer(active=True)}
+                 **self.panels.all(session), **self.timers(session, True)}
         if clear_inputs:
             first.update({p.prompt: gr.update(value=None), p.mic: None})
         return plain_values(session, first)

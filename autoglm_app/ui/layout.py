@@ -136,7 +136,7 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
                 example_set = gr.Dataset(label="Examples: click one to start a new chat with it",
                                          components=["textbox"], samples=[[example_caption(ex)] for ex in examples],
                                          type="index", samples_per_page=8, elem_id="examples")
-            with gr.Column(scale=6, min_width=480), gr.Tabs():  # --------------------------- panels
+            with gr.Column(scale=6, min_width=480), gr.Tabs(elem_id="panel-tabs") as tabs:  # ------- panels
                 with gr.Tab("Focus", id="focus", elem_id="tab-focus"):
                     focus_caption = gr.HTML(focus_placeholder(caps), elem_id="focus-caption")
                     with gr.Row(equal_height=False, visible=focus_shown or caps.routing):
@@ -203,13 +203,15 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
             api_audio = gr.Audio(label="audio", type="filepath")
             api_btn = gr.Button("chat")
             api_send_btn, api_regen_btn = gr.Button("send"), gr.Button("regenerate")
-        timer = gr.Timer(PANELS_EVERY_S, active=False)  # the panels while a reply streams (ui/live.py)
+        # the shown tab's panels while a reply streams (ui/live.py)
+        timer, routing_timer = gr.Timer(PANELS_EVERY_S, active=False), gr.Timer(PANELS_EVERY_S, active=False)
 
         # ------------------------------------------------------------------------------------ wiring
         page = Page(chatbot, prompt, mic, turn_pick, version_pick, focus_caption, image_pick, focus_image, words,
                     audio_pick, audio_focus, layer_from, layer_to, routing_html, routing_plot, balance_plot, token_html,
                     split_html, model_md, export_file, settings=sliders, state=state, browser_key=browser_key,
-                    context_mode=context_mode, timer=timer, route_sliders=(route_layer_from, route_layer_to, expert_from, expert_to))
+                    context_mode=context_mode, timer=timer, routing_timer=routing_timer,
+                    route_sliders=(route_layer_from, route_layer_to, expert_from, expert_to))
         h = Handlers(engine, settings, caps, page, examples)
         options = [thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop, system,
                    context_mode, typed]
@@ -221,7 +223,7 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
             return settings_check_js(bounds, offset + options.index(typed))
 
         # the page's turns: start -> stream (the chat only) -> finish, the panels on the timer (ui/live.py)
-        live = turn_outputs + [timer]
+        live = turn_outputs + [timer, routing_timer]
 
         def streamed(event):
             return event.then(h.stream_chat, [state], [chatbot], api_visibility="private", concurrency_limit=None,
@@ -236,8 +238,12 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
                                  concurrency_limit=None, js=checked(0)))
         streamed(chatbot.edit(h.edit_page, [*options, state], live, api_visibility="private", concurrency_limit=None,
                               js=checked(0)))
-        timer.tick(h.tick, [state], panel_outputs, api_visibility="private", show_progress="hidden",
+        timer.tick(h.tick_focus, [state], page.focus_outputs(), api_visibility="private", show_progress="hidden",
                    concurrency_limit=None)
+        routing_timer.tick(h.tick_routing, [state], page.routing_outputs(), api_visibility="private",
+                           show_progress="hidden", concurrency_limit=None)
+        tabs.select(h.pick_tab, [state], [timer, routing_timer, *panel_outputs], api_visibility="private",
+                    show_progress="hidden")
         stop_btn.click(h.stop, [state], None, api_name="stop", concurrency_limit=None)
         clear_outputs = turn_outputs + [export_file]
         clear_btn.click(h.clear, [state], clear_outputs, api_name="clear")

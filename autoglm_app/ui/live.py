@@ -49,6 +49,15 @@ def plain_values(session: Session, update: dict) -> dict:
     return out
 
 
+def complete(session: Session, update: dict, outputs: list) -> dict:
+    """Every output of a timer event given a value: one left out would be a ``gr.skip()``, which Gradio
+    turns into a component rebuild; the value sent last (a slider's number, say) costs nothing."""
+    for component in outputs:
+        if component not in update and id(component) in session.sent:
+            update[component] = session.sent[id(component)]
+    return update
+
+
 def changed_only(session: Session, update: dict) -> dict:
     """For the single streaming event of the API endpoints: ``plain_values``, and a text or HTML value the
     page already shows is skipped (a skip costs a component rebuild, but so does any output left out)."""
@@ -137,8 +146,28 @@ class LiveTurns:
             gr.Warning(turns[-1].error)
         session.sent = {}
         return {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
-                **self.panels.all(session), p.model_md: self.model(session), p.timer: gr.Timer(active=False)}
+                **self.panels.all(session), p.model_md: self.model(session), **self.timers(session, False)}
 
-    def tick(self, session: Session) -> dict:
-        """The panel timer: the Focus and Routing panels of the streaming turn, as plain values."""
-        return plain_values(session, self.panels.all(session))
+    def tick_focus(self, session: Session) -> dict:
+        """The Focus panel's timer (on while a reply streams and the Focus tab shows): plain values."""
+        update = plain_values(session, {**self.panels.versions(session), **self.panels.focus(session)})
+        return complete(session, update, self.page.focus_outputs())
+
+    def tick_routing(self, session: Session) -> dict:
+        """The Routing panel's timer (on while a reply streams and the Routing tab shows)."""
+        return complete(session, plain_values(session, self.panels.routing(session)), self.page.routing_outputs())
+
+    def timers(self, session: Session, running: bool) -> dict:
+        """Only the shown tab's panel redraws while a reply streams: a hidden tab costs the server its
+        rendering and the browser its re-rendering (plotly) for nothing; it is drawn when it is picked."""
+        tab = session.view.tab
+        return {self.page.timer: gr.Timer(active=running and tab == "focus"),
+                self.page.routing_timer: gr.Timer(active=running and tab == "routing")}
+
+    def pick_tab(self, session: Session, evt: gr.SelectData = None) -> dict:
+        label = str(getattr(evt, "value", "") or "").strip().lower()
+        session.view.tab = label if label in ("focus", "routing", "model", "export") else "focus"
+        session.sent = {}
+        turns = session.turns
+        running = bool(turns) and turns[-1].running and session.handle is not None
+        return {**self.timers(session, running), **self.panels.all(session)}

@@ -149,11 +149,20 @@ class Page:
     state: Any = None
     browser_key: Any = None
     context_mode: Any = None
-    timer: Any = None
+    timer: Any = None  # the Focus panel's timer while a reply streams
+    routing_timer: Any = None  # the Routing panel's
     route_sliders: tuple | None = None  # layer from / to, expert from / to of the routing figure
 
     def __post_init__(self):
         self.extra = list(self.route_sliders or ())
+
+    def focus_outputs(self) -> list:
+        return [self.version_pick, self.focus_caption, self.image_pick, self.focus_image, self.words,
+                self.audio_pick, self.audio_focus, self.layer_from, self.layer_to]
+
+    def routing_outputs(self) -> list:
+        return [self.routing_html, self.routing_plot, self.balance_plot, self.token_html, self.split_html,
+                *self.extra]
 
     def panel_outputs(self) -> list:
         return [self.version_pick, self.focus_caption, self.image_pick, self.focus_image, self.words,

@@ -42,12 +42,13 @@ class View:
     experts: tuple[int, int] | None = None  # the routing figure's expert range [from, to); None = all
     moe_layers: tuple[int, int] | None = None  # and its layer range (rows)
     known_routing: tuple[int, int] | None = None  # (MoE layers, experts) the look-closer sliders are set for
+    tab: str = "focus"  # the panel tab the browser shows (only it redraws while a reply streams)
 
     def fresh(self) -> View:
         """The same display choices for a new conversation (nothing selected)."""
         return View(colormap=self.colormap, opacity=self.opacity, aggregation=self.aggregation, layers=self.layers,
                     known_layers=self.known_layers, load_view=self.load_view, experts=self.experts,
-                    moe_layers=self.moe_layers, known_routing=self.known_routing)
+                    moe_layers=self.moe_layers, known_routing=self.known_routing, tab=self.tab)
 
 
 @dataclass

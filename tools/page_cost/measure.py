@@ -211,6 +211,11 @@ COLLECT_JS = """() => { const st = window.__pageCost; st.obs.disconnect();
 # Gradio marks the running event's output components with the class "generating" while it streams
 GENERATING = "() => document.querySelectorAll('.generating').length > 0"
 IDLE = "() => document.querySelectorAll('.generating').length === 0"
+# A page turn is several chained events (start -> chat stream -> finish, ui/live.py) with a panel timer
+# beside them, so "no element generating" must hold for a while, not at one poll between two events.
+SETTLED = """() => { const now = performance.now();
+  if (document.querySelectorAll('.generating').length) { window.__busyAt = now; return false; }
+  return now - (window.__busyAt || 0) > 800; }"""
 
 
 class Page:
@@ -297,7 +302,8 @@ class Page:
             pg.wait_for_function(GENERATING, polling=20, timeout=10_000)
         except Exception:
             seen = False  # a turn quicker than the poll: the engine's count below still decides
-        self._idle()  # the send event has delivered its last update
+        pg.evaluate("() => { window.__busyAt = performance.now(); }")
+        pg.wait_for_function(SETTLED, polling=20, timeout=self.timeout_ms)  # the turn's last event is over
         wall, cpu = time.perf_counter() - t0, server.cpu_s() - cpu0
         browser_cpu = descendants_cpu_s(exclude) - bcpu0
         updates = pg.evaluate(COLLECT_JS)
