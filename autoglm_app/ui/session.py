@@ -266,7 +266,7 @@ class SessionStore:
 # ----------------------------------------------------------------------------- talking to the engine
 
 CHAT_EVERY_S = 0.1  # redraw the chat at most this often while tokens stream
-PANELS_EVERY_S = 0.25  # and the focus / routing panels at most this often (4 Hz)
+PANELS_EVERY_S = 0.2  # the shown panel tab redraws this often while a reply streams (the target: 4 Hz or more)
 
 
 def stream_turn(engine, session: Session, session_id: str, chat_every: float = CHAT_EVERY_S,
