@@ -59,15 +59,38 @@ CSS = """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange")
 
 
-def settings_check_js(bounds: list[tuple[int, str, float, float]], typed_at: int) -> str:
+def settings_check_js(bounds: list[tuple[int, str, float, float, str]], typed_at: int) -> str:
     """The Send / Regenerate / edit events' browser-side step: a value typed into a slider's box outside its
-    range is reported in the hidden ``typed`` input (the handler then warns and sends nothing) and replaced
-    by the nearest bound, so Gradio's own range check never turns it into an error on every panel."""
+    range (the slider itself has already clamped it, so the box is read) is reported in the hidden
+    ``typed`` input (the handler then warns and sends nothing) and the value sent stays within the range,
+    so Gradio's own range check never turns it into an error on every panel."""
     return ("(...args) => { const bounds = " + json.dumps(bounds) + "; const bad = {};"
-            " for (const [i, label, lo, hi] of bounds) { const v = Number(args[i]);"
-            " if (!Number.isFinite(v) || v < lo || v > hi) { bad[label] = args[i];"
-            " args[i] = Number.isFinite(v) ? Math.min(Math.max(v, lo), hi) : lo; } }"
+            " for (const [i, label, lo, hi, id] of bounds) {"
+            " const box = document.querySelector('#' + id + ' input[type=number]');"
+            " const typed = (window.__autoglmTyped || {})[id];"
+            " const raw = typed !== undefined ? typed : (box && box.value !== '' ? box.value : args[i]);"
+            " const v = Number(raw);"
+            " if (!Number.isFinite(v) || v < lo || v > hi) { bad[label] = raw;"
+            " args[i] = Math.min(Math.max(Number.isFinite(Number(args[i])) ? Number(args[i]) : lo, lo), hi); } }"
+            " window.__autoglmTyped = {};"
             f" args[{typed_at}] = Object.keys(bad).length ? JSON.stringify(bad) : ''; return args; }}")
+
+
+# Installed on page load: what the user last typed into a slider's number box, before the slider clamps it
+# on blur (Gradio sets box and slider to the bound silently); dragging the slider forgets it. The Send
+# step (settings_check_js) reads it, so "temperature 9" is a warning, not a silent 2.0.
+TYPED_VALUES_JS = """(...args) => {
+  if (!window.__autoglmTypedInstalled) {
+    window.__autoglmTypedInstalled = true; window.__autoglmTyped = {};
+    document.addEventListener('input', (e) => {
+      const el = e.target; if (!(el instanceof HTMLInputElement)) return;
+      const host = el.closest('[id]'); if (!host) return;
+      if (el.type === 'number') window.__autoglmTyped[host.id] = el.value;
+      else if (el.type === 'range') delete window.__autoglmTyped[host.id];
+    }, true);
+  }
+  return args;
+}"""
 
 
 def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
@@ -219,7 +242,7 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
         first_option = 2  # send's inputs: prompt, mic, then the options
 
         def checked(offset: int) -> str:
-            bounds = [(offset + options.index(c), c.label, c.minimum, c.maximum) for c in sliders]
+            bounds = [(offset + options.index(c), c.label, c.minimum, c.maximum, c.elem_id) for c in sliders]
             return settings_check_js(bounds, offset + options.index(typed))
 
         # the page's turns: start -> stream (the chat only) -> finish, the panels on the timer (ui/live.py)
@@ -275,7 +298,7 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
         refresh_btn.click(h.model, [state], [model_md], api_visibility="private")
         demo.load(h.restore, [browser_key, state],
                   [state, browser_key, chatbot, turn_pick, *panel_outputs, model_md, context_mode],
-                  api_visibility="private")
+                  api_visibility="private", js=TYPED_VALUES_JS)
         export_btn.click(h.export, [state], [export_file], api_name="export")
         api_btn.click(h.api_chat, [api_text, api_images, api_audio, thinking, temperature, top_p, max_new_tokens, seed,
                                    state], [chatbot], api_name="chat", concurrency_limit=None)
