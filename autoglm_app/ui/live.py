@@ -59,12 +59,9 @@ def complete(session: Session, update: dict, outputs: list) -> dict:
 
 
 def changed_only(session: Session, update: dict) -> dict:
-    """For the single streaming event of the API endpoints: ``plain_values``, and a text or HTML value the
-    page already shows is skipped (a skip costs a component rebuild, but so does any output left out)."""
-    out = {}
-    for component, value in plain_values(session, update).items():
-        out[component] = value
-    return out
+    """For the single streaming event of the API endpoints (``Handlers._run``): ``plain_values``. Nothing
+    is skipped: a ``gr.skip()`` costs Gradio a component rebuild, more than re-sending a text value."""
+    return plain_values(session, update)
 
 
 def _same(a: dict, b: dict) -> bool:
