@@ -9,7 +9,6 @@ test_page_defects_demo.py; 10 (start-up) is tests/server/test_startup.py.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +16,10 @@ from PIL import Image
 
 from tests.ui.page_defects_helpers import (error_badges, open_settings, send, serve_page, user_messages, user_texts,
                                            wait_idle, wait_turns, warnings)
+from tests.ui.test_ui_browser import browser  # noqa: F401 (fixture)
 from tests.ui_helpers import ScriptedEngine
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
 TIMEOUT_MS = 30_000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,41 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.ui.test_ui_browser import browser, demo_server  # noqa: F401 (fixtures)
 from tests.ui.page_defects_helpers import (TURN_MS, bot_messages, heat_peak, open_settings, percentages, pick_radio,
                                            save, scene, send, shown_image, user_texts, wait_idle, wait_turns)
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
 TIMEOUT_MS = 30_000
 ROOT = Path(__file__).resolve().parents[2]
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "grey", "pink", "brown")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def demo_server():
-    """The full app on the shipped AutoGLM-Phone-Tiny, as `python app.py` serves it."""
-    from autoglm_app.config import DEMO_MODEL, Settings
-    from autoglm_app.server import create_app, load_engine, serve_in_thread
-
-    settings = Settings(model=str(DEMO_MODEL))
-    engine = load_engine(settings)
-    running = serve_in_thread(create_app(engine, settings))
-    yield running.url
-    running.stop()
-    engine.close()
 
 
 @pytest.fixture(scope="module")
