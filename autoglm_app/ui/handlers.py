@@ -23,8 +23,9 @@ from ..events import BadRequest, EngineBusy, Options
 from .export import write_trace_zip
 from .inputs import Controls, InputError, fingerprint, file_path, make_options, make_turn, read_audio, recording_of
 from .panels import Capabilities, Page, Panels, model_panel
-from .live import LiveTurns, changed_only, plain_values
+from .live import LiveTurns, plain_values
 from .session import CONTEXT_MODES, Session, SessionStore, Turn, as_sentence, stream_turn, submit
+from .session import request_session_id as _session_id
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ NO_EARS = ("This model does not hear recordings, and no speech-to-text model is 
            "instead.")
 
 
-from .session import request_session_id as _session_id  # noqa: E402
 
 
 class Handlers(LiveTurns):
@@ -49,12 +49,10 @@ class Handlers(LiveTurns):
              top_k: float = 0, repetition_penalty: float = 1.0, stop: str | None = None, system: str | None = None,
              context_mode: str | None = None, typed: str | None = None,
              session: Session = None, request: gr.Request = None):
-        """Send what is in the inputs as a new turn and stream the reply into the page."""
-        prompt = prompt or {}
+        """Send what is in the inputs as a new turn and stream the reply into the page (the /send endpoint)."""
         controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
                             system, context_mode, typed)
-        turn = self._new_turn(session, controls, lambda options: self.speech(make_turn(
-            prompt.get("text", ""), prompt.get("files", []), recording, options, self.settings), session))
+        turn = self._new_turn(session, controls, self._typed(prompt, recording, session))
         if turn is None:
             yield self._refused(controls)
             return
@@ -75,21 +73,11 @@ class Handlers(LiveTurns):
             return
         yield from self._run(session, turn, len(session.turns) - 1, request, clear_inputs=False, controls=controls)
 
-    def edit(self, thinking: bool, temperature: float, top_p: float, max_new_tokens: float, seed: float | None,
-             top_k: float = 0, repetition_penalty: float = 1.0, stop: str | None = None, system: str | None = None,
-             context_mode: str | None = None, typed: str | None = None,
-             session: Session = None, request: gr.Request = None, evt: gr.EditData = None):
-        """An edited question (the chat's pencil on a user message): a new version of that turn with the new
-        text and the same images / recording, sent with the current settings; later turns stay with the
-        earlier version."""
-        controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
-                            system, context_mode, typed)
-        position, edited = self._edited(session, evt)
-        turn = self._new_turn(session, controls, edited)
-        if turn is None:
-            yield {**self._refused(controls), self.page.chatbot: session.history()}
-            return
-        yield from self._run(session, turn, position, request, clear_inputs=False, controls=controls)
+    def _typed(self, prompt: dict | None, recording: str | None, session: Session) -> Callable[[Options], Turn]:
+        """How to make a new turn of what is in the inputs (the box's text and files, the recording)."""
+        prompt = prompt or {}
+        return lambda options: self.speech(make_turn(prompt.get("text", ""), prompt.get("files", []), recording,
+                                                     options, self.settings), session)
 
     @staticmethod
     def _again(session: Session) -> Callable[[Options], Turn]:
@@ -118,31 +106,32 @@ class Handlers(LiveTurns):
         return position, edited
 
     def _start(self, session: Session, turn: Turn, position: int, request: gr.Request | None, clear_inputs: bool,
-               controls: Controls | None) -> dict:
-        """Submit the new turn (the page path): the first full update and the panel timer on, or, when the
-        engine refuses, a warning and nothing sent (the inputs keep what the user typed)."""
+               controls: Controls | None, timers: bool = True) -> tuple[dict, object]:
+        """Submit the new turn: (the first full update, with the panel timer on for the page path, and the
+        engine's handle), or, when the engine refuses, (a warning and nothing sent, the inputs keeping what
+        the user typed; None)."""
         p = self.page
         try:
             undo = session.start_version(turn, position)
             try:
-                session.handle = session.pending = submit(self.engine, session, _session_id(request))
+                handle = session.handle = submit(self.engine, session, _session_id(request))
             except (EngineBusy, BadRequest) as e:
                 session.discard(undo)
                 wait = f" (try again in about {math.ceil(e.retry_after)} s)" if isinstance(e, EngineBusy) else ""
                 gr.Warning(f"{as_sentence(str(e))}{wait}. Nothing was sent.")
-                return self._refused(controls)
+                return self._refused(controls), None
         finally:
             session.release()  # from here the handle keeps the session busy
         session.sent = {}
         first = {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
-                 **self.panels.all(session), **self.timers(session, True)}
+                 **self.panels.all(session), **(self.timers(session, True) if timers else {})}
         if clear_inputs:
             first.update({p.prompt: gr.update(value=None), p.mic: None})
-        return plain_values(session, first)
+        return plain_values(session, first), handle
 
     def _new_turn(self, session: Session, controls: Controls, make: Callable[[Options], Turn]) -> Turn | None:
         """The new turn, or None (with a warning) when the session already has one in flight (a double
-        click on Send) or the inputs cannot be used. A returned turn holds the session's claim: ``_run``
+        click on Send) or the inputs cannot be used. A returned turn holds the session's claim: ``_start``
         releases it."""
         if not session.claim():
             gr.Warning("A reply is still streaming: wait for it or press Stop.")
@@ -171,37 +160,26 @@ class Handlers(LiveTurns):
 
     def _run(self, session: Session, turn: Turn, position: int, request: gr.Request | None, clear_inputs: bool,
              controls: Controls | None = None):
+        """The named endpoints' single streaming event: ``_start``, then the chat and panels as they stream."""
         p = self.page
+        first, handle = self._start(session, turn, position, request, clear_inputs, controls, timers=False)
+        yield first
+        if handle is None:
+            return
         try:
-            undo = session.start_version(turn, position)
-            try:  # the engine's refusals come before anything changes on the page
-                handle = submit(self.engine, session, _session_id(request))
-            except (EngineBusy, BadRequest) as e:
-                session.discard(undo)
-                wait = f" (try again in about {math.ceil(e.retry_after)} s)" if isinstance(e, EngineBusy) else ""
-                gr.Warning(f"{as_sentence(str(e))}{wait}. Nothing was sent.")
-                yield self._refused(controls)
-                return
-            session.sent = {}
-            first = {p.chatbot: session.history(), p.turn_pick: self.panels.turn_choices(session),
-                     **self.panels.all(session)}
-            if clear_inputs:
-                first.update({p.prompt: gr.update(value=None), p.mic: None})
-            yield changed_only(session, first)
             with closing(stream_turn(self.engine, session, _session_id(request), handle=handle)) as stream:
                 try:
                     for full in stream:
                         update = {p.chatbot: session.history()}
                         if full:
                             update.update(self.panels.all(session))
-                        yield changed_only(session, update)
+                        yield plain_values(session, update)
                 except Exception as e:  # a bug in the page: say so plainly, keep the page usable
                     log.exception("streaming a turn failed")
                     turn.fail(f"The page failed to show this reply ({type(e).__name__}); try again.")
         finally:
             if turn.running:  # the page went away before the turn ended
                 turn.finish_reason = "cancelled"
-            session.release()
         if turn.error:
             gr.Warning(turn.error)
         session.sent = {}

@@ -11,8 +11,8 @@ token against an API turn. So the page splits a turn into events whose outputs a
   timer (every ``PANELS_EVERY_S`` while on): the Focus and Routing panels, as plain values
 
 ``plain_values`` sends a component's properties (visibility, choices, label) only when they changed
-and its plain value otherwise. The named API endpoints (``/send``, ``/regenerate``) keep the single
-streaming event (``Handlers._run``): one request, one stream, for gradio_client users.
+and its plain value otherwise (the named endpoints' single streaming event, ``Handlers._run``, uses it
+too: one request, one stream, for gradio_client users).
 """
 
 from __future__ import annotations
@@ -58,12 +58,6 @@ def complete(session: Session, update: dict, outputs: list) -> dict:
     return update
 
 
-def changed_only(session: Session, update: dict) -> dict:
-    """For the single streaming event of the API endpoints (``Handlers._run``): ``plain_values``. Nothing
-    is skipped: a ``gr.skip()`` costs Gradio a component rebuild, more than re-sending a text value."""
-    return plain_values(session, update)
-
-
 def _same(a: dict, b: dict) -> bool:
     try:
         return bool(a == b)
@@ -73,23 +67,20 @@ def _same(a: dict, b: dict) -> bool:
 
 class LiveTurns:
     """The page's Send / Regenerate / edit as start -> stream -> finish, and the panel timer (mixed into
-    ``Handlers``, which provides ``_new_turn``, ``_start``, ``speech``, ``panels``, ``page``, ``model``)."""
+    ``Handlers``, which provides ``_new_turn``, ``_typed``, ``_again``, ``_edited``, ``_start``, ``_refused``,
+    ``panels``, ``page``, ``model``)."""
 
     def send_page(self, prompt: dict | None, recording: str | None, thinking: bool, temperature: float,
                   top_p: float, max_new_tokens: float, seed: float | None, top_k: float = 0,
                   repetition_penalty: float = 1.0, stop: str | None = None, system: str | None = None,
                   context_mode: str | None = None, typed: str | None = None, session: Session = None,
                   request: gr.Request = None) -> dict:
-        from .inputs import make_turn
-
-        prompt = prompt or {}
         controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
                             system, context_mode, typed)
-        turn = self._new_turn(session, controls, lambda options: self.speech(make_turn(
-            prompt.get("text", ""), prompt.get("files", []), recording, options, self.settings), session))
+        turn = self._new_turn(session, controls, self._typed(prompt, recording, session))
         if turn is None:
             return self._refused(controls)
-        return self._start(session, turn, len(session.turns), request, True, controls)
+        return self._begin(session, turn, len(session.turns), request, True, controls)
 
     def regenerate_page(self, thinking: bool, temperature: float, top_p: float, max_new_tokens: float,
                         seed: float | None, top_k: float = 0, repetition_penalty: float = 1.0,
@@ -100,7 +91,7 @@ class LiveTurns:
         turn = self._new_turn(session, controls, self._again(session))
         if turn is None:
             return self._refused(controls)
-        return self._start(session, turn, len(session.turns) - 1, request, False, controls)
+        return self._begin(session, turn, len(session.turns) - 1, request, False, controls)
 
     def edit_page(self, thinking: bool, temperature: float, top_p: float, max_new_tokens: float,
                   seed: float | None, top_k: float = 0, repetition_penalty: float = 1.0, stop: str | None = None,
@@ -112,7 +103,13 @@ class LiveTurns:
         turn = self._new_turn(session, controls, make)
         if turn is None:
             return {**self._refused(controls), self.page.chatbot: session.history()}
-        return self._start(session, turn, position, request, False, controls)
+        return self._begin(session, turn, position, request, False, controls)
+
+    def _begin(self, session: Session, turn: Turn, position: int, request, clear_inputs: bool,
+               controls: Controls) -> dict:
+        """``Handlers._start``, and the handle left for this event's own stream step to follow."""
+        first, session.pending = self._start(session, turn, position, request, clear_inputs, controls)
+        return first
 
     def stream_chat(self, session: Session, request: gr.Request = None):
         """The chat while the reply streams (the event's only output); the panels follow on the timer."""

@@ -278,17 +278,12 @@ class Panels:
             out[p.layer_to] = gr.update(minimum=1, maximum=max(n_layers, 2), value=n_layers)  # min < max
         return out
 
-    def _share(self, turn: Turn, indices: list[int], kind: str, k: int, view: View, layers) -> float | None:
-        """The share of the attention that went to one image / recording: from a map that is a distribution
-        (the engine's own or the layer mean), never from a max over layers (which does not sum to a share)."""
-        rule = "mean" if view.aggregation == "max" else view.aggregation
-        heat = turn.focus_map(indices, kind, k, rule, layers)
-        return None if heat is None else min(float(np.sum(heat)), 1.0)
-
-    def _share_caption(self, share: float | None, where: str, view: View) -> list[str]:
-        if share is None:
-            return []
-        return [f"{share:.0%} of the attention on {where}"]
+    @staticmethod
+    def _share(turn: Turn, heat, indices: list[int], kind: str, k: int, view: View, layers, where: str) -> list[str]:
+        """The caption's share of the attention on one image / recording, from a map that is a distribution:
+        the drawn map itself, or, when max over layers is drawn (whose sum is no share), the layer mean."""
+        share_map = turn.focus_map(indices, kind, k, "mean", layers) if view.aggregation == "max" else heat
+        return [render.focus_share_caption(share_map, where)] if share_map is not None else []
 
     def _image(self, turn: Turn, view: View, indices: list[int], layers, captions: list[str]) -> dict:
         p = self.page
@@ -300,8 +295,7 @@ class Panels:
         shown = media[k].image
         if heat is not None:
             shown = render.overlay_heatmap(shown, heat, view.colormap, view.opacity)
-            captions += self._share_caption(self._share(turn, indices, "image", k, view, layers), _where(media[k]),
-                                            view)
+            captions += self._share(turn, heat, indices, "image", k, view, layers, _where(media[k]))
         elif turn.tokens:
             captions.append(f"{_where(media[k])} was left out of the prompt to fit the context: no focus on it")
         choices = [(m.label, n) for n, m in enumerate(media)]
@@ -316,8 +310,7 @@ class Panels:
         k = _pick(turn, "audio", view.audio)
         heat = turn.focus_map(indices, "audio", k, view.aggregation, layers)
         if heat is not None:
-            captions += self._share_caption(self._share(turn, indices, "audio", k, view, layers), _where(media[k]),
-                                            view)
+            captions += self._share(turn, heat, indices, "audio", k, view, layers, _where(media[k]))
         audio = media[k].audio
         figure = render.audio_focus_image(audio.samples, audio.sample_rate, heat, view.colormap, view.opacity)
         choices = [(m.label, n) for n, m in enumerate(media)]
