@@ -91,6 +91,11 @@ class Settings:
     cpu_threads: int = setting(0, "torch threads for a model on the CPU; 0 = the cores less one (left to the "
                                   "web server: measured on 2 cores, two threads doubled the CPU per token)",
                                minimum=0)
+    compile: str = setting("auto", "compile the decode step with torch.compile (auto: on for a model with "
+                                   "plain 16/32-bit weights, where it was measured to pay)",
+                           choices=("auto", "on", "off"))
+    max_batch: int = setting(0, "requests decoded together (continuous batching); 0 = up to 8, as the KV "
+                                "cache fits in a quarter of the free memory", minimum=0)
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port for the page and the API", minimum=1)
     share: bool = setting(False, "also open a public Gradio share link")

@@ -75,7 +75,8 @@ def _load_engine(settings: Settings, progress):
                             gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation,
                             trust_remote_code=settings.trust_remote_code)  # it reports to the current progress
     progress.stage("starting the engine")
-    return Engine(loaded, limits, transcribe=asr.transcribe if asr is not None else None)
+    return Engine(loaded, limits, transcribe=asr.transcribe if asr is not None else None,
+                  max_batch=settings.max_batch, compile=settings.compile, progress=progress)
 
 
 def set_cpu_threads(requested: int) -> int:

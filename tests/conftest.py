@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+# every server a test starts decodes eagerly: compiling the decode step costs tens of seconds per start on
+# two cores; tests/engine/test_batching.py compiles it once, on purpose
+os.environ.setdefault("AUTOGLM_COMPILE", "off")
 
 ARTIFACTS = ROOT / "test-artifacts"
 

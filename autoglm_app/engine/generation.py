@@ -12,6 +12,7 @@ import contextlib
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -112,7 +113,10 @@ class TokenEmitter:
         self.answer = ""
         self.phase = splitter.phase  # of the newest token (the RoutingProbe's by_phase split)
 
-    def token(self, index: int, token: int, now: float) -> None:
+    def token(self, index: int, token: int, now: float, focus: np.ndarray | None = None,
+              route: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Emit one kept token; ``focus`` / ``route``: that forward's telemetry from a batched step (else the
+        probes' hooks hold it)."""
         delta = self.decoder.push(token)
         pieces = self.splitter.feed(delta)
         phase = pieces[-1][0] if pieces else self.splitter.phase
@@ -120,10 +124,10 @@ class TokenEmitter:
         self.timeline.piece(phase, now)
         self.pieces(pieces)
         if self.focus is not None:
-            self._focus(index, delta, phase)
+            self._focus(index, delta, phase, focus)
         if self.routing is not None:
-            route = self.routing.collect()
-            self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in route], self.routing.counts()))
+            routes = self.routing.collect() if route is None else self.routing.fold_step(*route)
+            self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in routes], self.routing.counts()))
 
     def pieces(self, pieces: list[tuple[str, str]]) -> None:
         for phase, text in pieces:
@@ -137,8 +141,9 @@ class TokenEmitter:
         """The text the splitter still held back (a possible tag that never completed)."""
         self.pieces(self.splitter.finish())
 
-    def _focus(self, index: int, token: str, phase: str) -> None:
-        per_layer = self.focus.take()
+    def _focus(self, index: int, token: str, phase: str, per_layer: np.ndarray | None) -> None:
+        if per_layer is None:
+            per_layer = self.focus.take()
         if per_layer.size == 0:
             return
         images, audios = self.focus.split(per_layer)
@@ -154,72 +159,123 @@ class TokenEmitter:
 
 
 class Generation:
-    """One request on the loaded model: ``run()`` emits its events and returns its Stats; ``memory_state``
-    is then the model's recurrent memory after it (AutoGLM), for the session's next turn."""
+    """One request on the loaded model, in the steps the worker drives: ``begin()`` fits and prefills the
+    prompt (the probes on, through the model's own forward) and emits the first token; then, one token at a
+    time, ``forward_one()`` (this request's own forward over its own cache) or a batched decoder's step,
+    each token handed to ``accept``; ``end(finish)`` emits nothing and returns the Stats. ``run()`` is the
+    whole of it alone. ``memory_state`` is the model's recurrent memory after it (AutoGLM), for the
+    session's next turn.
+
+    The decode-step telemetry arrives either from the hooks (``forward_one``: FocusProbe and RoutingProbe
+    read during the forward) or ready-made from a batched step (``accept(..., focus=, route=)``)."""
 
     def __init__(self, rt: Runtime, request: ChatRequest, emit: Callable[[Event], None],
                  cancelled: Callable[[], bool], memory_state=None):
         self.rt, self.req, self.emit, self.cancelled = rt, request, emit, cancelled
         self.memory_state = memory_state
         self.cache_tokens = 0  # tokens in this request's KV cache now (the prompt, then one per decode step)
+        self.cache: DynamicCache | None = None  # its own cache while it decodes through forward_one
+        self.token: int | None = None  # the next token to feed (chosen, not yet forwarded)
+        self.finish: str | None = None
 
+    # ------------------------------------------------------------------ begin
     @torch.inference_mode()
-    def run(self) -> Stats:
+    def begin(self) -> str | None:
+        """Fit and prefill the prompt, emit the first token: None while it goes on, else the finish reason."""
         rt, opts = self.rt, self.req.options
-        timeline = Timeline(time.perf_counter())
+        self.timeline = Timeline(time.perf_counter())
         prep, dropped = fit_context(rt.family, rt.processor, self.req.messages, opts, rt.context_limit)
         if dropped:
             self.emit(Notice(f"the conversation was too long for the {rt.context_limit}-token context: "
                              f"the oldest {dropped} turn(s) were left out of this answer"))
+        self.prep = prep
         inputs = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in prep.inputs.items()}
-        focus_rule = rt.focus_rule(opts)
-        sampler = Sampler(opts, inputs["input_ids"][0], rt.banned_ids, rt.stop_list)
-        focus = (FocusProbe(rt.attention_modules, prep.image_spans, prep.audio_spans)
-                 if opts.focus and (prep.image_spans or prep.audio_spans) else None)
-        routing = RoutingProbe(rt.routers, rt.num_experts, rt.top_k, rt.family.read_route) \
+        self.focus_rule = rt.focus_rule(opts)
+        self.sampler = Sampler(opts, inputs["input_ids"][0], rt.banned_ids, rt.stop_list)
+        self.focus = (FocusProbe(rt.attention_modules, prep.image_spans, prep.audio_spans)
+                      if opts.focus and (prep.image_spans or prep.audio_spans) else None)
+        self.routing = RoutingProbe(rt.routers, rt.num_experts, rt.top_k, rt.family.read_route) \
             if opts.routing and rt.routers else None
-        if routing is not None:
-            routing.modality = torch.from_numpy(prep.modality)
-        reset_peak_memory()
-        with contextlib.ExitStack() as probes:
-            for probe in (focus, routing):
-                if probe is not None:
-                    probes.enter_context(probe)
-            emitter = TokenEmitter(self.emit, IncrementalDecoder(rt.processor.tokenizer),
-                                   ThinkSplitter(opts.enable_thinking, rt.family.think_open, rt.family.think_close,
-                                                 rt.family.answer_tags, opened=prep.thinking_open),
-                                   timeline, focus, routing, focus_rule)
-            finish = self._decode(inputs, sampler, emitter, routing)
-            emitter.finish()
+        if self.routing is not None:
+            self.routing.modality = torch.from_numpy(prep.modality)
+        self.emitter = TokenEmitter(self.emit, IncrementalDecoder(rt.processor.tokenizer),
+                                    ThinkSplitter(opts.enable_thinking, rt.family.think_open, rt.family.think_close,
+                                                  rt.family.answer_tags, opened=prep.thinking_open),
+                                    self.timeline, self.focus, self.routing, self.focus_rule)
+        self.cache = DynamicCache()
+        with self._probes():
+            token, self.memory_state = prefill(rt, inputs, self.cache, self.memory_state, self.sampler)
+        self.cache_tokens = int(inputs["input_ids"].shape[1])
+        return self.accept(token, time.perf_counter())
+
+    def _probes(self) -> contextlib.ExitStack:
+        """The hooks of this request's probes, for the forwards that run through the model's own forward."""
+        stack = contextlib.ExitStack()
+        for probe in (self.focus, self.routing):
+            if probe is not None:
+                stack.enter_context(probe)
+        return stack
+
+    @property
+    def media_keys(self) -> torch.Tensor | None:
+        """(K,) the cache positions of the prompt's image / audio keys, or None (no focus asked or nothing to see)."""
+        return self.focus.positions if self.focus is not None else None
+
+    # ------------------------------------------------------------------ one token
+    def accept(self, token: int, now: float, focus: np.ndarray | None = None,
+               route: tuple[np.ndarray, np.ndarray] | None = None) -> str | None:
+        """The token the last forward chose: stop, or emit it with that forward's telemetry (``focus`` (layers, K)
+        and ``route`` (experts (layers, k), weights) from a batched step; else what the hooks read) and keep
+        it as the next token to feed. Returns the finish reason, or None to go on."""
+        opts, emitter = self.req.options, self.emitter
+        if self.cancelled():
+            return self._end("cancelled")
+        emitter.timeline.first_token(now)  # a stop id as the first token still ends the wait for one
+        if token in self.rt.stop_ids:
+            return self._end("stop")
+        self.sampler.accept(token)
+        emitter.token(self.sampler.kept - 1, token, now, focus, route)
+        if any(s and s in emitter.answer for s in opts.stop):
+            return self._end("stop")
+        if self.sampler.kept >= opts.max_new_tokens:
+            return self._end("length")
+        if self.routing is not None:  # the next step routes the token just emitted: its phase
+            self.routing.start_decode(emitter.phase)
+        self.token = token
+        return None
+
+    def _end(self, finish: str) -> str:
+        self.finish = finish
+        self.cache = None  # the memory goes as soon as the answer ends
+        return finish
+
+    @torch.inference_mode()
+    def forward_one(self) -> str | None:
+        """Feed the kept token through the model's own forward and this request's own cache; accept the next."""
+        with self._probes():
+            token, self.memory_state = decode_step(self.rt, self.token, self.cache, self.memory_state, self.sampler)
+        self.cache_tokens += 1
+        return self.accept(token, time.perf_counter())
+
+    # ------------------------------------------------------------------ end
+    def end(self) -> Stats:
+        """The request's Stats (its answer's held-back text emitted first)."""
+        self.emitter.finish()
+        focus, routing = self.focus, self.routing
         stats = timing_stats(
-            timeline, time.perf_counter(), reasoning_tokens=timeline.reasoning, answer_tokens=timeline.answer,
-            completion_tokens=sampler.kept, prompt_tokens=prompt_tokens(prep), finish_reason=finish,
+            self.timeline, time.perf_counter(), reasoning_tokens=self.timeline.reasoning,
+            answer_tokens=self.timeline.answer, completion_tokens=self.sampler.kept,
+            prompt_tokens=prompt_tokens(self.prep), finish_reason=self.finish,
             attention=focus.mode if focus is not None else "sdpa", peak_memory=peak_memory(),
         )
         if routing is not None and routing.tokens["prefill"]:  # what the turn's last Routing event said
             stats.routing = routing_summary(expert_load(routing.counts()))
         return stats
 
-    def _decode(self, inputs: dict, sampler: Sampler, emitter: TokenEmitter, routing: RoutingProbe | None) -> str:
-        """Prefill, then decode until a stop id, a stop string, max_new_tokens or a cancel: the finish reason."""
-        rt, opts = self.rt, self.req.options
-        cache = DynamicCache()
-        token, self.memory_state = prefill(rt, inputs, cache, self.memory_state, sampler)
-        self.cache_tokens = int(inputs["input_ids"].shape[1])
-        while True:
-            if self.cancelled():
-                return "cancelled"
-            now = time.perf_counter()
-            emitter.timeline.first_token(now)  # a stop id as the first token still ends the wait for one
-            if token in rt.stop_ids:
-                return "stop"
-            sampler.accept(token)
-            emitter.token(sampler.kept - 1, token, now)
-            if any(s and s in emitter.answer for s in opts.stop):
-                return "stop"
-            if sampler.kept >= opts.max_new_tokens:
-                return "length"
-            if routing is not None:  # the next step routes the token just emitted: its phase
-                routing.start_decode(emitter.phase)
-            token, self.memory_state = decode_step(rt, token, cache, self.memory_state, sampler)
-            self.cache_tokens += 1
+    def run(self) -> Stats:
+        """The whole request alone, through the model's own forward."""
+        reset_peak_memory()
+        finish = self.begin()
+        while finish is None:
+            finish = self.forward_one()
+        return self.end()

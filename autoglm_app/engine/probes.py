@@ -167,6 +167,7 @@ class RoutingProbe:
         self.modality: torch.Tensor | None = None  # (N,) 0 text, 1 image, 2 audio for the current forward
         self._step: dict[int, tuple] = {}
         self._offsets = (np.arange(L) * num_experts)[:, None, None]
+        self._all_slots = list(range(L))
         self._handles: list = []
 
     def __enter__(self) -> "RoutingProbe":
@@ -186,15 +187,24 @@ class RoutingProbe:
         return hook
 
     def collect(self) -> list[tuple[int, list[int], list[float]]]:
-        """Fold the last forward into the running counts; return the newest token's route per layer."""
+        """Fold the last forward (what the hooks read) into the running counts; return the newest token's route
+        per layer."""
         if not self._step:
             return []
         slots = sorted(self._step)
         experts, weights, kept = (host_stack([self._step[s][i] for s in slots]) for i in range(3))  # (L, N, k)
         self._step.clear()
-        L, n, _ = experts.shape
-        e = experts.numpy()
-        kept_np = kept.numpy().astype(bool, copy=False)
+        return self._fold(slots, experts.numpy(), weights.float().numpy(), kept.numpy().astype(bool, copy=False))
+
+    def fold_step(self, experts: np.ndarray, weights: np.ndarray) -> list[tuple[int, list[int], list[float]]]:
+        """One decode step's route as a batched step returned it (experts, weights: (MoE layers, k), every
+        router ran and nothing was dropped): folded like ``collect``."""
+        experts = np.asarray(experts, np.int64)[:, None, :]
+        return self._fold(self._all_slots, experts, np.asarray(weights)[:, None, :], np.ones(experts.shape, bool))
+
+    def _fold(self, slots: list[int], e: np.ndarray, weights: np.ndarray, kept_np: np.ndarray):
+        """experts, weights, kept (layers run, N tokens, k) on the host -> the counts; the newest token's route."""
+        n = e.shape[1]
         if len(slots) == len(self.routers):  # every router ran (always, for a full forward)
             offsets = self._offsets
         else:
@@ -221,7 +231,7 @@ class RoutingProbe:
         self._record(np.where(kept_np, flat, -1) if not all_kept else flat, slots, e)
         self.tokens[self.phase] += n
         last_e = e[:, -1].tolist()
-        last_w = weights[:, -1].float().tolist()
+        last_w = weights[:, -1].tolist()
         return [(self.layer_ids[s], last_e[i], last_w[i]) for i, s in enumerate(slots)]
 
     def _record(self, flat: np.ndarray, slots: list[int], experts: np.ndarray) -> None:

@@ -1,11 +1,14 @@
-"""The Engine: one per process, owns the loaded model, a bounded fair queue and one worker.
+"""The Engine: one per process, owns the loaded model, a bounded fair queue and one worker that decodes
+every admitted request together (continuous batching, ``engine.decoding``).
 
 ``submit(request)`` validates and converts the inputs (so bad input fails at once,
 before queueing), then returns a ``RequestHandle`` whose ``events()`` yields the
 request's own event stream. Scheduling: interactive before batch; within a priority,
 the session served least recently goes first (round robin across sessions), so one
 busy client cannot starve the others. Past ``max_queue`` waiting requests, submit
-raises ``EngineBusy``.
+raises ``EngineBusy``. Up to ``max_batch`` requests are in flight at once: a waiting request is
+admitted (prefilled, its first token emitted) between two steps as soon as a slot is free, and a
+request that ends or is cancelled frees its slot at the next step; the others go on undisturbed.
 
 Failures stay with their request: a bad request is a ``bad_request`` Error, a CUDA
 out-of-memory error fails only that request (kind ``out_of_memory``, cached memory freed),
@@ -39,10 +42,12 @@ from ..events import (
     Stats,
 )
 from ..families import ModelFamily, family_for
+from .decoding import make_decoder
 from .generation import Generation
 from .handle import RequestHandle, observing
 from .inputs import validate_request
 from .runtime import Runtime
+from .stats import reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +72,20 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 class Engine:
-    def __init__(self, loaded, limits: Limits | None = None, family: ModelFamily | None = None, transcribe=None):
+    def __init__(self, loaded, limits: Limits | None = None, family: ModelFamily | None = None, transcribe=None,
+                 max_batch: int = 0, compile: str = "off", progress=None):
         self.loaded = loaded
         self.limits = limits or Limits()
         self.family = family or family_for(loaded.model)
         # what the loop needs of the model, asked of its family once
         self.rt = Runtime.build(loaded.model, loaded.processor, self.family, self.limits.context_limit)
+        # how the requests in flight advance: one batched static-cache step, or each its own forward
+        self.decoder = make_decoder(self.rt, max_batch, compile, progress)
         self._waiting: list[RequestHandle] = []
         self._last_served: OrderedDict[str, int] = OrderedDict()
         self._serve_tick = 0  # how many requests the worker has started
         self._ids = itertools.count(1)
-        self._running: RequestHandle | None = None
-        self._generation: Generation | None = None  # the running request's, for kv_cache_usage
+        self._active: list[tuple[RequestHandle, Generation]] = []  # in flight; the i-th holds slot i
         self._memory: OrderedDict[str, list] = OrderedDict()
         self._lock = threading.Condition()
         self._closed = False
@@ -126,21 +133,25 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Requests being generated now (0 or 1: one worker)."""
-        return 0 if self._running is None else 1
+        """Requests being generated now (up to ``max_batch``)."""
+        return len(self._active)
+
+    @property
+    def max_batch(self) -> int:
+        return self.decoder.max_batch
 
     @property
     def kv_cache_usage(self) -> float:
-        """The share of the context limit the running request's KV cache holds now (0 when idle): the cache
-        grows per request, so this is the honest figure behind vllm:kv_cache_usage_perc."""
-        gen = self._generation
-        return min(gen.cache_tokens / self.rt.context_limit, 1.0) if gen is not None else 0.0
+        """The share of the KV slots' positions the requests in flight hold now (0 when idle): what is behind
+        vllm:kv_cache_usage_perc (each of ``max_batch`` slots holds up to the context limit)."""
+        used = sum(g.cache_tokens for _, g in list(self._active))
+        return min(used / (self.decoder.max_batch * self.rt.context_limit), 1.0)
 
     @property
     def idle(self) -> bool:
         """Nothing running and nothing waiting (a cancelled request's work is over)."""
         with self._lock:
-            return self._running is None and not self._waiting
+            return not self._active and not self._waiting
 
     def close(self) -> None:
         with self._lock:
@@ -148,8 +159,8 @@ class Engine:
             for h in self._waiting:
                 h.put(Error("the server is shutting down", kind="busy"))
             self._waiting.clear()
-            if self._running is not None:
-                self._running.cancel()
+            for h, _ in self._active:
+                h.cancel()
             self._lock.notify_all()
         self._worker.join(timeout=10)
 
@@ -164,9 +175,16 @@ class Engine:
             "attention": getattr(model.config, "_attn_implementation", "sdpa"),
             "context_limit": self.rt.context_limit,
             "hears_audio": self.family.hears_audio,
+            "decoding": self.decoding(),
             "can_transcribe": self.transcribe is not None,
             **self._card(),
         }
+
+    def decoding(self) -> dict:
+        """How requests are decoded: batched static-cache step or per request, compiled, slots, KV bytes."""
+        d = self.decoder
+        return {"batched": d.batched, "compiled": d.compiled, "compile_warmup_s": round(d.warmup_s, 2),
+                "max_batch": d.max_batch, "kv_bytes": d.max_batch * d.slot_bytes, "note": d.note}
 
     def _card(self) -> dict:
         """The model card's domain and conversation style (``loading.card``), read once."""
@@ -228,14 +246,16 @@ class Engine:
         return order
 
     def _announce_positions(self) -> None:
-        ahead = 1 if self._running is not None else 0
+        ahead = 1 if self._active else 0
         for pos, h in enumerate(self._order()):
             position = pos + ahead
             if h.last_position != position:
                 h.last_position = position
                 h.put(Queued(position))
 
-    def _next(self) -> RequestHandle | None:
+    def _take(self, block: bool) -> RequestHandle | None:
+        """The next waiting request in the fair order, now taken off the queue; None when there is none (at
+        once unless ``block``: then wait for one, None only when the engine closes)."""
         with self._lock:
             while not self._closed:
                 self._waiting = [h for h in self._waiting if not self._drop_if_cancelled(h)]
@@ -243,7 +263,6 @@ class Engine:
                     h = self._order()[0]
                     self._waiting.remove(h)
                     h._on_cancel = None  # from now on the worker sees the flag within one token
-                    self._running = h
                     self._serve_tick += 1
                     self._last_served[h.request.session_id] = self._serve_tick
                     self._last_served.move_to_end(h.request.session_id)
@@ -255,8 +274,9 @@ class Engine:
                     if h.last_position != 0:
                         h.last_position = 0
                         h.put(Queued(0))
-                    self._announce_positions()
                     return h
+                if not block:
+                    return None
                 self._lock.wait(timeout=0.5)
             return None
 
@@ -278,52 +298,94 @@ class Engine:
 
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
+        """Admit waiting requests while there are free slots (each prefilled, its first token out), then
+        one step for every request in flight; a request that ends leaves its slot to the next."""
         while True:
-            h = self._next()
-            if h is None:
-                return
-            error = None
+            while len(self._active) < self.decoder.max_batch:
+                h = self._take(block=not self._active)
+                if h is None:
+                    break
+                self._admit(h)
+            if not self._active:
+                if self._closed:
+                    return
+                continue
             try:
-                self._serve(h)
-            except BadRequest as e:
-                error = Error(str(e), kind="bad_request")
-            except Exception as e:
-                if is_out_of_memory(e):  # this request was too big for the device: fail it alone
-                    log.warning("request %s ran out of device memory: %s", h.id, str(e).splitlines()[0][:300])
-                    error = Error(OOM_MESSAGE, kind="out_of_memory")
-                else:  # a bug: keep serving, tell the client plainly
-                    log.exception("request %s failed", h.id)
-                    error = Error(f"internal error while generating ({type(e).__name__}: {e}); "
-                                  "the server is still running, try again", kind="internal")
-            finally:
-                # the exception (and the tensors its traceback holds) is gone here: free the memory
-                # before the client hears of the failure, so its retry finds it free
-                if error is not None and error.kind != "bad_request":
-                    release_memory()
-                elif torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if error is not None:
-                    h.put(error)
-                with self._lock:
-                    self._running = None
-                    self._announce_positions()
+                results = self.decoder.step([g for _, g in self._active])
+            except Exception as e:  # the batched step itself failed: every request in it fails alike
+                results = [e] * len(self._active)
+            self._settle(results)
 
-    def _serve(self, h: RequestHandle) -> None:
+    def _admit(self, h: RequestHandle) -> None:
+        """Prefill ``h`` and emit its first token; it joins the batch unless that already ended it."""
         req = h.request
-        session = req.session_id
         first_turn = sum(1 for m in req.messages if m.role == "user") == 1
-        memory = None if first_turn else self._memory.get(session)
-        gen = self._generation = Generation(self.rt, req, h.put, lambda: h.cancelled, memory_state=memory)
-        queue_s = time.perf_counter() - h.submitted
+        memory = None if first_turn else self._memory.get(req.session_id)
+        gen = Generation(self.rt, req, h.put, lambda: h.cancelled, memory_state=memory)
+        gen.queue_s = time.perf_counter() - h.submitted
+        if not self._active:
+            reset_peak_memory()  # a request's peak is the batch's while it ran: reset only when none was running
+        with self._lock:
+            self._active.append((h, gen))
+            self._announce_positions()
         try:
-            stats: Stats = gen.run()
-        finally:
-            self._generation = None
-        stats.queue_s = queue_s
-        if gen.memory_state is not None:
-            self._memory[session] = gen.memory_state
-            self._memory.move_to_end(session)
-            while len(self._memory) > self.limits.max_sessions:
-                self._memory.popitem(last=False)  # the least recently used session's memory
-        h.put(stats)
-        h.put(Done(stats.finish_reason))
+            finish = gen.begin()
+            if finish is None:
+                self.decoder.admit(len(self._active) - 1, gen)
+        except Exception as e:
+            finish = e
+        if finish is not None:
+            self._settle([None] * (len(self._active) - 1) + [finish])
+
+    def _settle(self, results: list) -> None:
+        """Each request in flight, by ``results`` (None: goes on; a finish reason; an exception): those that
+        ended get their Stats and Done (or an Error), and their slots are handed to the last requests."""
+        ended = [i for i, r in enumerate(results) if r is not None]
+        failed = False
+        for i in ended:
+            h, gen = self._active[i]
+            failed |= self._end(h, gen, results[i])
+        if not ended:
+            return
+        # pack the batch at the front: each freed slot takes the last running request
+        keep = [i for i, r in enumerate(results) if r is None]
+        with self._lock:
+            active = self._active
+            for slot, src in enumerate(keep):
+                if src != slot:
+                    self.decoder.move(src, slot, active[src][1])
+            self._active = [active[i] for i in keep]
+            self._announce_positions()
+        if failed:
+            release_memory()
+        elif torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _end(self, h: RequestHandle, gen: Generation, result) -> bool:
+        """Finish one request: Stats and Done, or the Error its exception means. True if it failed."""
+        if not isinstance(result, BaseException):
+            try:
+                stats: Stats = gen.end()
+                stats.queue_s = gen.queue_s
+                if gen.memory_state is not None:
+                    self._memory[h.request.session_id] = gen.memory_state
+                    self._memory.move_to_end(h.request.session_id)
+                    while len(self._memory) > self.limits.max_sessions:
+                        self._memory.popitem(last=False)  # the least recently used session's memory
+                h.put(stats)
+                h.put(Done(stats.finish_reason))
+                return False
+            except Exception as e:
+                result = e
+        gen.cache = None
+        if isinstance(result, BadRequest):
+            h.put(Error(str(result), kind="bad_request"))
+            return False
+        if is_out_of_memory(result):  # this request was too big for the device: fail it alone
+            log.warning("request %s ran out of device memory: %s", h.id, str(result).splitlines()[0][:300])
+            h.put(Error(OOM_MESSAGE, kind="out_of_memory"))
+        else:  # a bug: keep serving, tell the client plainly
+            log.error("request %s failed", h.id, exc_info=result)
+            h.put(Error(f"internal error while generating ({type(result).__name__}: {result}); "
+                        "the server is still running, try again", kind="internal"))
+        return True

@@ -1,0 +1,198 @@
+"""AutoGLM's decode step over a static KV cache, for a batch of sequences of different lengths.
+
+The model's own ``forward`` stays the reference (training, prefill, ``generate``); this is the
+serving path for one new token per sequence, written the way gpt-fast writes it so that
+``torch.compile`` can take it whole: fixed-size cache tensors (``StaticKV``), no Python branch on
+tensor values, no host sync, and the probes computed in the step itself:
+
+- focus: the new query's attention row is computed explicitly (for one query per sequence that costs
+  what the fused kernel costs), so its head mean, gathered at the sequence's image / audio key
+  positions, is one more small op per layer;
+- routing: the router's top-k experts and renormalised gate weights per MoE layer, as tensors.
+
+The step returns them in preallocated-shape tensors; the engine copies them to the host once per
+step. Each row attends only to its own cache slot and its own positions, so a sequence's numbers do
+not depend on which other sequences share the batch.
+
+The experts run densely at decode (every expert on every row, weighted by a gate that is zero off
+the row's top-k): data-dependent gathers would need a host sync per layer and break the graph. On a
+CPU or at small batch this costs less than the per-expert launches it replaces (measured in
+docs/PERFORMANCE.md); a GPU with many experts would want grouped NF4 matmuls instead (not built).
+
+Not covered (the engine then uses the model's own forward per sequence): memory slots
+(``memory_slots > 0``), whose state moves with every token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .modeling_autoglm import AutoGLMForConditionalGeneration, AutoGLMMoE, apply_rotary, rotary_cos_sin
+
+
+def supports_static_decode(model) -> str | None:
+    """None when ``model`` can decode through this step, else why not (a sentence for the log)."""
+    if not isinstance(model, AutoGLMForConditionalGeneration):
+        return f"{type(model).__name__} is not an AutoGLM model"
+    if model.config.memory_slots:
+        return "its memory slots change with every token"
+    return None
+
+
+class StaticKV:
+    """Preallocated keys and values: per decoder layer a (slots, kv heads, capacity, head dim) pair on that
+    layer's device, in its dtype. A slot holds one sequence; ``load`` copies a prefill's cache in."""
+
+    def __init__(self, model: AutoGLMForConditionalGeneration, slots: int, capacity: int):
+        cfg = model.config
+        self.slots, self.capacity = slots, capacity
+        self.keys, self.values = [], []
+        for layer in model.model.layers:
+            w = layer.self_attn.k_proj.weight  # its device; the dtype is the activations' (a 4-bit weight's is not)
+            dtype = model.model.embed_tokens.weight.dtype
+            shape = (slots, cfg.num_key_value_heads, capacity, cfg.head_dim)
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=w.device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=w.device))
+
+    @staticmethod
+    def bytes_per_token(model: AutoGLMForConditionalGeneration, dtype: torch.dtype) -> int:
+        cfg = model.config
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def load(self, slot: int, cache, length: int) -> None:
+        """Copy a prefill's DynamicCache (batch 1, ``length`` positions) into ``slot``."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            layer = cache.layers[i]
+            k[slot, :, :length] = layer.keys[0, :, -length:].to(k.dtype)
+            v[slot, :, :length] = layer.values[0, :, -length:].to(v.dtype)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Slot ``src``'s first ``length`` positions into slot ``dst`` (the batch stays packed at the front)."""
+        for k, v in zip(self.keys, self.values):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+def experts_dense(moe: AutoGLMMoE, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Every expert on every row, weighted by the row's gate (zero off its top-k): no data-dependent shapes, so
+    the whole step can be one graph (a GPU's CUDA graph); reads every expert's weights."""
+    gate = torch.zeros(h.shape[0], moe.num_experts, dtype=h.dtype, device=h.device)
+    gate = gate.scatter(1, experts, weights.to(h.dtype))
+    out = torch.zeros_like(h)
+    for e, expert in enumerate(moe.experts):
+        out = out + expert(h) * gate[:, e : e + 1]
+    return out
+
+
+def experts_dispatch(moe: AutoGLMMoE, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each chosen expert once, on the rows that chose it: reads only the chosen experts' weights (what bounds a
+    CPU), at the price of one host read of the choices per layer (free on a CPU, a sync on a GPU)."""
+    chosen = experts.cpu().numpy()
+    w = weights.to(h.dtype)
+    if h.shape[0] == 1:  # one row: its k experts in turn, no gather
+        out = moe.experts[int(chosen[0, 0])](h) * w[:, :1]
+        for j in range(1, chosen.shape[1]):
+            out = out + moe.experts[int(chosen[0, j])](h) * w[:, j : j + 1]
+        return out
+    out = torch.zeros_like(h)
+    for e in np.unique(chosen).tolist():
+        row, slot = np.nonzero(chosen == e)
+        if len(row) == h.shape[0]:  # every row chose it
+            out = out + moe.experts[e](h) * w[torch.arange(len(row)), torch.from_numpy(slot)][:, None]
+            continue
+        r = torch.from_numpy(row).to(h.device)
+        out.index_add_(0, r, moe.experts[e](h[r]) * w[r, torch.from_numpy(slot).to(h.device)][:, None])
+    return out
+
+
+def attend_step(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, media: torch.Tensor | None,
+                probes: bool):
+    """One decoder layer up to its experts, for n rows of one new token each: writes the rows' keys and
+    values at ``positions`` of slots 0..n-1 and attends over the first ``allowed.shape[1]`` positions; a
+    dense layer also runs its MLP. Returns (x, h, focus (n, K) or None, experts (n, k), weights (n, k)):
+    for an MoE layer ``h`` is the normed input of the experts (the caller adds their output to x); for a
+    dense layer h, experts and weights are None.
+
+    Every layer of one kind is the same code on tensors of the same shapes, so one compiled graph serves
+    them all (modules are inlined, their weights are the graph's inputs)."""
+    attn = layer.self_attn
+    n = x.shape[0]
+    H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(n, 1, H, D).transpose(1, 2)
+    k = attn.k_proj(h).view(n, 1, Hkv, D).transpose(1, 2)
+    v = attn.v_proj(h).view(n, 1, Hkv, D).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    rows = torch.arange(n, device=x.device)
+    keys[rows, :, positions] = k[:, :, 0].to(keys.dtype)
+    values[rows, :, positions] = v[:, :, 0].to(values.dtype)
+    S = allowed.shape[1]
+    ks, vs = keys[:n, :, :S], values[:n, :, :S]  # (n, Hkv, S, D)
+    scores = (q.to(ks.dtype).view(n, Hkv, H // Hkv, D) @ ks.transpose(-1, -2)).float() * attn.scale
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))  # (n, Hkv, G, S)
+    attn_probs = scores.softmax(-1)
+    y = (attn_probs.to(vs.dtype) @ vs).reshape(n, 1, H * D)  # heads in (Hkv, G) order = the H order
+    focus = attn_probs.mean(dim=(1, 2)).gather(1, media) if probes and media is not None else None
+    x = x + attn.o_proj(y.to(x.dtype))
+    h = layer.post_attention_layernorm(x)[:, 0]  # (n, C)
+    if not isinstance(layer.mlp, AutoGLMMoE):
+        return x + layer.mlp(h)[:, None], None, focus, None, None
+    router = layer.mlp.router
+    gate_probs = router.classifier(h).float().softmax(dim=-1)
+    weights, experts = gate_probs.topk(router.top_k, dim=-1)
+    # one token per row: its k distinct experts always fit (capacity >= 1), nothing is dropped
+    return x, h, focus, experts, weights / weights.sum(dim=-1, keepdim=True)
+
+
+def head_step(model: AutoGLMForConditionalGeneration, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and output head -> (n, V) float32 logits."""
+    x = model.model.norm(x)
+    return model.lm_head(x[:, 0].to(model.lm_head.weight.device)).float()
+
+
+def decode_step(model: AutoGLMForConditionalGeneration, kv: StaticKV, tokens: torch.Tensor,
+                positions: torch.Tensor, keys_seen: int, media: torch.Tensor | None, probes: bool,
+                attend_fn=attend_step, head_fn=head_step, experts_fn=experts_dispatch):
+    """One new token for each of the first ``n = len(tokens)`` slots.
+
+    tokens, positions: (n,) long; row i's token goes to position ``positions[i]`` of slot i and attends
+    to the slot's positions ``0 .. positions[i]``. ``keys_seen`` (>= max(positions) + 1) is how much of
+    the capacity the step reads. media: (n, K) long key positions of each row's images / audio (padding
+    repeats a valid index) or None. ``attend_fn`` / ``head_fn``: compiled forms of ``attend_step`` /
+    ``head_step`` (the plain functions by default); ``experts_fn``: ``experts_dispatch`` or
+    ``experts_dense``.
+
+    Returns (logits (n, V) float32, focus (n, layers, K) float32 or None, experts (n, moe layers, k) long
+    or None, weights (n, moe layers, k) float32 or None).
+    """
+    backbone = model.model
+    x = backbone.embed_tokens(tokens)[:, None]  # (n, 1, C)
+    cos, sin = rotary_cos_sin(positions[:, None], backbone.rotary_dim, model.config.rope_theta, x.dtype)
+    allowed = torch.arange(keys_seen, device=tokens.device)[None] <= positions[:, None]  # (n, S)
+    on_device: dict = {}  # the step's small inputs, moved once per device
+    focus, routed, gates = [], [], []
+    for i, layer in enumerate(backbone.layers):
+        dev = kv.keys[i].device
+        if dev not in on_device:
+            on_device[dev] = tuple(t.to(dev) if t is not None else None for t in (cos, sin, allowed, positions, media))
+        c, s, a, p, m = on_device[dev]
+        x, h, f, e, w = attend_fn(layer, x.to(dev), c, s, a, kv.keys[i], kv.values[i], p, m, probes)
+        if h is not None:
+            x = x + experts_fn(layer.mlp, h, e, w)[:, None]
+            if probes:
+                routed.append(e)
+                gates.append(w)
+        if f is not None:
+            focus.append(f)
+    logits = head_fn(model, x)
+    out = logits.device
+    focus_t = torch.stack([f.to(out).float() for f in focus], 1) if focus else None
+    experts_t = torch.stack([e.to(out) for e in routed], 1) if routed else None
+    weights_t = torch.stack([w.to(out) for w in gates], 1) if gates else None
+    return logits, focus_t, experts_t, weights_t
