@@ -19,6 +19,7 @@ Both share the slot arithmetic: a slot holds one request of up to the context li
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -33,7 +34,12 @@ log = logging.getLogger(__name__)
 
 COMPILE_CHOICES = ("auto", "on", "off")
 DEFAULT_MAX_BATCH = 8  # the most slots chosen automatically
-KEYS_BUCKET = 128  # the step reads the cache in multiples of this many positions (fewer shapes to compile)
+KEYS_BUCKET = 128
+# the one-graph step runs every expert on every row: past this many bytes of expert weights per step (more than a
+# CPU's last-level cache holds) the per-layer graphs that run only the chosen experts are the candidate instead
+# (measured on the 40-layer scale config, 2 MiB of experts per layer: every expert on every row took 48 ms a
+# token in the eager step against 27 ms for the chosen experts alone)
+DENSE_EXPERTS_BYTES = 32 * 2**20  # the step reads the cache in multiples of this many positions (fewer shapes to compile)
 
 
 def choose_max_batch(slot_bytes: int, device: torch.device, requested: int) -> int:
@@ -103,53 +109,118 @@ class StaticDecoder:
         self.slot_bytes = rt.context_limit * kv_bytes_per_token(rt.model)
         self.max_batch = choose_max_batch(self.slot_bytes, rt.device, max_batch)
         self.kv = sd.StaticKV(rt.model, self.max_batch, rt.context_limit)
-        self.attend, self.head, self.experts = sd.attend_step, sd.head_step, sd.experts_dispatch
-        self.compiled, self.warmup_s, self.note = False, 0.0, ""
+        self.fused = sd.fuse_weights(rt.model)
+        self.compiled, self.warmup_s, self.note, self.timings = False, 0.0, "", {}
+        self.variant = "eager"
+        self._run = self._eager
+        self._media_key, self._media_cache = None, (None, [])
         if compile_mode != "off":
             self._compile(progress)
 
-    # ------------------------------------------------------------------ compile
+    # ------------------------------------------------------------------ the step's forms
+    def _eager(self, tokens, positions, keys_seen, media, probes):
+        sd = self.sd
+        return sd.decode_step(self.rt.model, self.fused, self.kv, tokens, positions, keys_seen, media, probes)
+
     def _compile(self, progress) -> None:
-        """Compile the step's two parts and run them on the shapes requests will bring (1 and 2 rows, two
-        cache lengths, probes on and off), so the first request does not wait; any failure leaves the
-        eager step, with the reason in the log."""
+        """Compile two forms of the step and keep the fastest of them and the eager one, timed here on this
+        machine and model: the whole step as one graph (every expert on every row) and one graph per layer with
+        each row's chosen experts run between them. Both are warmed up on the shapes requests bring (dynamic
+        sizes: rows, cache length, media keys), so no request waits for a compile; in compiled forms the
+        probes are always computed (one graph, not two). Any failure leaves the eager step, with the reason
+        in the log."""
         import torch._inductor.config as inductor
 
         t0 = time.perf_counter()
         if progress is not None:
             progress.stage("compiling the decode step (torch.compile)")
         cuda = self.rt.device.type == "cuda"
+        sd, model = self.sd, self.rt.model
+        forms = {"eager": self._eager}
         try:
             if not cuda:
                 inductor.cpp_wrapper = True  # the generated code calls its kernels from C++, not Python
             mode = "reduce-overhead" if cuda else None
-            attend = torch.compile(self.sd.attend_step, mode=mode, dynamic=None)
-            head = torch.compile(self.sd.head_step, mode=mode, dynamic=None)
-            self._warm(attend, head)
+            whole = torch.compile(functools.partial(sd.decode_step, experts_fn=sd.experts_dense), mode=mode,
+                                  dynamic=True)
+            attend = torch.compile(sd.attend_step, mode=mode, dynamic=True)
+            head = torch.compile(sd.head_step, mode=mode, dynamic=True)
+            if cuda or self._dense_bytes() <= DENSE_EXPERTS_BYTES:
+                forms["compiled, one graph"] = lambda t, p, k, m, probes: whole(
+                    model, self.fused, self.kv, t, p, k, m, True)
+            else:
+                forms["compiled per layer, chosen experts"] = lambda t, p, k, m, probes: sd.decode_step(
+                    model, self.fused, self.kv, t, p, k, m, True, attend, head, sd.experts_dispatch)
+            self.timings = self._measure(forms)
         except Exception as e:
             log.warning("the decode step could not be compiled (%s: %s); decoding eagerly",
                         type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
             self.note = f"compile failed: {type(e).__name__}"
             return
-        finally:
-            if not cuda:
-                inductor.cpp_wrapper = False
-        self.attend, self.head, self.compiled = attend, head, True
+            inductor.cpp_wrapper = False
+            return
+        self.variant = min(self.timings, key=self.timings.get)
+        self._run = forms[self.variant]
+        self.compiled = self.variant != "eager"
         self.warmup_s = time.perf_counter() - t0
-        log.info("decode step compiled and warmed up in %.1f s", self.warmup_s)
+        log.info("decode step: %s, compile and warm-up %.1f s",
+                 ", ".join(f"{k} {v:.2f} ms" for k, v in self.timings.items()) + f" -> {self.variant}",
+                 self.warmup_s)
+
+    def _dense_bytes(self) -> int:
+        """What a step reads of the experts' weights when every expert runs on every row."""
+        return sum(p.numel() * p.element_size() for _, moe in self.rt.model.moe_blocks() for p in moe.experts.parameters())
+
+    def _media_rows(self, gens: list[Generation]) -> tuple[torch.Tensor | None, list[int]]:
+        """(n, K) the cache positions of each row's image / audio keys, padded by repeating a valid one (None
+        when no row asks for focus), and each row's own K; kept while the batch is the same requests."""
+        key = tuple(id(g) for g in gens)
+        if self._media_key == key:
+            return self._media_cache
+        rows = [g.media_keys for g in gens]
+        widths = [0 if m is None else m.numel() for m in rows]
+        media = None
+        if max(widths):
+            media = torch.zeros(len(gens), max(2, max(widths)), dtype=torch.long)  # (2: see _media)
+            for i, m in enumerate(rows):
+                if widths[i]:
+                    media[i, : widths[i]] = m
+                    media[i, widths[i]:] = m[0]
+            media = media.to(self.rt.device)
+        self._media_key, self._media_cache = key, (media, widths)
+        return self._media_cache
+
+    def _media(self, media, tokens):
+        """Compiled forms always compute focus: a row without media reads key 0 (discarded on the host)."""
+        # two keys at least: torch.compile specialises a size of 1, which would be a second graph
+        return media if media is not None else torch.zeros(tokens.shape[0], 2, dtype=torch.long, device=tokens.device)
 
     @torch.inference_mode()
-    def _warm(self, attend, head) -> None:
+    def _measure(self, forms: dict) -> dict:
+        """Each form warmed up on three shapes (so dynamic sizes are traced), then timed at one row: median ms."""
         dev = self.rt.device
-        media = torch.zeros(1, 4, dtype=torch.long, device=dev)
-        for rows, keys in ((1, KEYS_BUCKET), (2, 2 * KEYS_BUCKET)):
-            if rows > self.max_batch or keys > self.kv.capacity:
-                continue
-            tokens = torch.zeros(rows, dtype=torch.long, device=dev)
-            positions = torch.full((rows,), keys - 1, dtype=torch.long, device=dev)
-            for probes in (False, True):
-                self.sd.decode_step(self.rt.model, self.kv, tokens, positions, keys,
-                                    media.expand(rows, -1) if probes else None, probes, attend, head, self.experts)
+        timings = {}
+        for name, run in forms.items():
+            # torch.compile marks a size dynamic once it has seen it change; one row is its own graph (a size of 1 is
+            # specialised), so it gets two shapes of its own
+            for rows, keys, width in ((1, KEYS_BUCKET, 4), (1, 2 * KEYS_BUCKET, 9), (2, 2 * KEYS_BUCKET, 9),
+                                      (3, 3 * KEYS_BUCKET, 17)):
+                rows, keys = min(rows, self.max_batch), min(keys, self.kv.capacity)
+                tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+                positions = torch.full((rows,), keys - 1, dtype=torch.long, device=dev)
+                run(tokens, positions, keys, torch.zeros(rows, width, dtype=torch.long, device=dev), True)
+            tokens = torch.zeros(1, dtype=torch.long, device=dev)
+            positions = torch.full((1,), KEYS_BUCKET - 1, dtype=torch.long, device=dev)
+            media = torch.zeros(1, 4, dtype=torch.long, device=dev)
+            times = []
+            for _ in range(15):
+                t0 = time.perf_counter()
+                run(tokens, positions, KEYS_BUCKET, media, True)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append(1000 * (time.perf_counter() - t0))
+            timings[name] = sorted(times)[len(times) // 2]
+        return timings
 
     # ------------------------------------------------------------------ slots
     def admit(self, slot: int, gen: Generation) -> None:
@@ -167,25 +238,19 @@ class StaticDecoder:
         n = len(gens)
         positions = [g.cache_tokens for g in gens]
         keys_seen = min(self.kv.capacity, math.ceil((max(positions) + 1) / KEYS_BUCKET) * KEYS_BUCKET)
-        media_rows = [g.media_keys for g in gens]
-        want = [g.focus is not None or g.routing is not None for g in gens]
-        probes = any(want)
-        media = None
-        widths = [0 if m is None else m.numel() for m in media_rows]
-        if probes and max(widths):
-            pad = max(widths)
-            media = torch.zeros(n, pad, dtype=torch.long)
-            for i, m in enumerate(media_rows):
-                if m is not None and m.numel():
-                    media[i, : m.numel()] = m
-                    media[i, m.numel():] = m[0]
-            media = media.to(dev)
+        media, widths = self._media_rows(gens)
+        probes = media is not None or any(g.routing is not None for g in gens)
         tokens = torch.tensor([g.token for g in gens], dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        logits, focus, experts, weights = self.sd.decode_step(self.rt.model, self.kv, tokens, pos, keys_seen, media,
-                                                              probes, self.attend, self.head, self.experts)
+        if self.compiled and media is None:
+            media = self._media(None, tokens)
+        logits, telemetry = self._run(tokens, pos, keys_seen, media, probes)
         logits = logits.cpu()
-        focus_h, experts_h, weights_h = _to_host(focus, experts, weights)
+        focus_h = experts_h = weights_h = None
+        if telemetry is not None:
+            focus_h, experts_h, weights_h = self.sd.split_telemetry(
+                telemetry.cpu().numpy(), self.rt.num_layers, media.shape[1] if media is not None else 0,
+                len(self.rt.routers), self.rt.top_k)
         now = time.perf_counter()
         out = []
         for i, g in enumerate(gens):
@@ -198,24 +263,6 @@ class StaticDecoder:
             except Exception as e:  # a failure stays with its request
                 out.append(e)
         return out
-
-
-def _to_host(focus, experts, weights) -> tuple:
-    """The step's telemetry in one device-to-host copy: (focus (n, L, K), experts (n, Lm, k) int, weights) numpy."""
-    parts = [t for t in (focus, experts, weights) if t is not None]
-    if not parts:
-        return None, None, None
-    flat = torch.cat([t.float().reshape(t.shape[0], -1) for t in parts], 1).cpu().numpy()
-    out, at = [], 0
-    for t in (focus, experts, weights):
-        if t is None:
-            out.append(None)
-            continue
-        width = int(np.prod(t.shape[1:]))
-        block = flat[:, at : at + width].reshape(t.shape)
-        out.append(block.astype(np.int64) if t is experts else block)
-        at += width
-    return tuple(out)
 
 
 def make_decoder(rt: Runtime, max_batch: int = 0, compile_mode: str = "off", progress=None):

@@ -169,9 +169,13 @@ class Generation:
     The decode-step telemetry arrives either from the hooks (``forward_one``: FocusProbe and RoutingProbe
     read during the forward) or ready-made from a batched step (``accept(..., focus=, route=)``)."""
 
-    def __init__(self, rt: Runtime, request: ChatRequest, emit: Callable[[Event], None],
+    def __init__(self, rt: Runtime, request: ChatRequest, emit: Callable[[list[Event]], None],
                  cancelled: Callable[[], bool], memory_state=None):
-        self.rt, self.req, self.emit, self.cancelled = rt, request, emit, cancelled
+        """``emit`` takes a list of events, delivered together (a token's text, focus and routing: one
+        ``RequestHandle.put_all``)."""
+        self.rt, self.req, self.deliver, self.cancelled = rt, request, emit, cancelled
+        self._out: list[Event] = []  # the events of the token being accepted, delivered at its end
+        self.emit = self._out.append
         self.memory_state = memory_state
         self.cache_tokens = 0  # tokens in this request's KV cache now (the prompt, then one per decode step)
         self.cache: DynamicCache | None = None  # its own cache while it decodes through forward_one
@@ -206,7 +210,15 @@ class Generation:
         with self._probes():
             token, self.memory_state = prefill(rt, inputs, self.cache, self.memory_state, self.sampler)
         self.cache_tokens = int(inputs["input_ids"].shape[1])
+        self.flush()  # the Notice, if any, before the first token's work
         return self.accept(token, time.perf_counter())
+
+    def flush(self) -> None:
+        """Deliver the events emitted since the last flush, together."""
+        if self._out:
+            events = list(self._out)
+            self._out.clear()
+            self.deliver(events)
 
     def _probes(self) -> contextlib.ExitStack:
         """The hooks of this request's probes, for the forwards that run through the model's own forward."""
@@ -227,6 +239,12 @@ class Generation:
         """The token the last forward chose: stop, or emit it with that forward's telemetry (``focus`` (layers, K)
         and ``route`` (experts (layers, k), weights) from a batched step; else what the hooks read) and keep
         it as the next token to feed. Returns the finish reason, or None to go on."""
+        try:
+            return self._accept(token, now, focus, route)
+        finally:
+            self.flush()
+
+    def _accept(self, token: int, now: float, focus, route) -> str | None:
         opts, emitter = self.req.options, self.emitter
         if self.cancelled():
             return self._end("cancelled")
@@ -261,6 +279,7 @@ class Generation:
     def end(self) -> Stats:
         """The request's Stats (its answer's held-back text emitted first)."""
         self.emitter.finish()
+        self.flush()
         focus, routing = self.focus, self.routing
         stats = timing_stats(
             self.timeline, time.perf_counter(), reasoning_tokens=self.timeline.reasoning,

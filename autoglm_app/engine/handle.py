@@ -63,6 +63,21 @@ class RequestHandle:
         self._events.put(event)
         if self.observe is not None:
             self.observe(self.request, event)
+        self._wake_consumer()
+
+    def put_all(self, events: list[Event]) -> None:
+        """Add several events as one delivery: a token's text, focus and routing wake the consumer once, not
+        three times (measured: each wake-up of the reading thread cost the worker about 0.1 ms of a 1 ms step
+        on two cores, through the interpreter lock)."""
+        if not events:
+            return
+        self._events.put(tuple(events))
+        if self.observe is not None:
+            for event in events:
+                self.observe(self.request, event)
+        self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
         wake, self._wake = self._wake, None  # one wake-up per wait, however many events arrive
         if wake is not None:
             try:
@@ -84,11 +99,12 @@ class RequestHandle:
         finished = False
         try:
             while True:
-                event = self._events.get(timeout=timeout)
-                yield event
-                if isinstance(event, TERMINAL):
-                    finished = True
-                    return
+                item = self._events.get(timeout=timeout)
+                for event in item if type(item) is tuple else (item,):
+                    yield event
+                    if isinstance(event, TERMINAL):
+                        finished = True
+                        return
         finally:
             if not finished:
                 self.cancel()
@@ -101,14 +117,15 @@ class RequestHandle:
         try:
             while True:
                 try:
-                    event = self._events.get_nowait()
+                    item = self._events.get_nowait()
                 except queue.Empty:
                     await self._next_put(loop)
                     continue
-                yield event
-                if isinstance(event, TERMINAL):
-                    finished = True
-                    return
+                for event in item if type(item) is tuple else (item,):
+                    yield event
+                    if isinstance(event, TERMINAL):
+                        finished = True
+                        return
         finally:
             self._wake = None
             if not finished:

@@ -43,8 +43,8 @@ class Sampler:
 
     def __init__(self, opts: Options, prompt_ids: torch.Tensor, banned_ids: list[int], stop_ids: list[int]):
         self.opts = opts
-        self.banned = banned_ids
-        self.stop = stop_ids
+        self.banned = torch.tensor(banned_ids, dtype=torch.long)  # index tensors made once, not per token
+        self.stop = torch.tensor(stop_ids, dtype=torch.long)
         self.seen = prompt_ids.cpu()  # (T,) what the repetition penalty lowers
         self.kept = 0  # tokens accepted so far
         self.gen = request_generator(opts.seed)

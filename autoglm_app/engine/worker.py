@@ -183,7 +183,8 @@ class Engine:
     def decoding(self) -> dict:
         """How requests are decoded: batched static-cache step or per request, compiled, slots, KV bytes."""
         d = self.decoder
-        return {"batched": d.batched, "compiled": d.compiled, "compile_warmup_s": round(d.warmup_s, 2),
+        return {"batched": d.batched, "compiled": d.compiled, "compile_warmup_s": round(d.warmup_s, 2), "step": getattr(d, "variant", "per request"),
+                "step_ms": {k: round(v, 3) for k, v in getattr(d, "timings", {}).items()},
                 "max_batch": d.max_batch, "kv_bytes": d.max_batch * d.slot_bytes, "note": d.note}
 
     def _card(self) -> dict:
@@ -321,7 +322,7 @@ class Engine:
         req = h.request
         first_turn = sum(1 for m in req.messages if m.role == "user") == 1
         memory = None if first_turn else self._memory.get(req.session_id)
-        gen = Generation(self.rt, req, h.put, lambda: h.cancelled, memory_state=memory)
+        gen = Generation(self.rt, req, h.put_all, lambda: h.cancelled, memory_state=memory)
         gen.queue_s = time.perf_counter() - h.submitted
         if not self._active:
             reset_peak_memory()  # a request's peak is the batch's while it ran: reset only when none was running

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .modeling_autoglm import AutoGLMForConditionalGeneration, AutoGLMMoE, apply_rotary, rotary_cos_sin
 
@@ -78,46 +80,117 @@ class StaticKV:
             v[dst, :, :length] = v[src, :, :length]
 
 
-def experts_dense(moe: AutoGLMMoE, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def fuse_weights(model: AutoGLMForConditionalGeneration) -> list[tuple | None]:
+    """Per decoder layer, its projections as a few fused matrices, or None for a layer with 4-bit weights:
+    (qkv (Q + 2 KV, C), qkv bias or None, gate_up (E, 2 I, C) or None, down (E, C, I) or None). The modules'
+    own parameters are made views of these, so nothing is held twice and the model's forward is unchanged;
+    the step then runs 5 matrix products per MoE layer instead of 4 + 3 E (what bounds a small model)."""
+    out = []
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            if any(type(p.weight) is not nn.Parameter or p.weight.dtype not in PLAIN for p in projections):
+                out.append(None)
+                continue
+            qkv = _fuse([p.weight for p in projections], 0)
+            bias = _fuse([p.bias for p in projections], 0) if attn.q_proj.bias is not None else None
+            for p, w, b in zip(projections, _split(qkv, projections), _split(bias, projections) if bias is not None
+                               else (None,) * 3):
+                p.weight = nn.Parameter(w, requires_grad=False)
+                if b is not None:
+                    p.bias = nn.Parameter(b, requires_grad=False)
+            gate_up = down = None
+            if isinstance(layer.mlp, AutoGLMMoE) and all(
+                    type(x.weight) is nn.Parameter and x.weight.dtype in PLAIN
+                    for e in layer.mlp.experts for x in (e.gate_proj, e.up_proj, e.down_proj)):
+                experts = layer.mlp.experts
+                gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
+                down = torch.stack([e.down_proj.weight for e in experts])
+                inner = experts[0].gate_proj.weight.shape[0]
+                for i, e in enumerate(experts):
+                    e.gate_proj.weight = nn.Parameter(gate_up[i, :inner], requires_grad=False)
+                    e.up_proj.weight = nn.Parameter(gate_up[i, inner:], requires_grad=False)
+                    e.down_proj.weight = nn.Parameter(down[i], requires_grad=False)
+            out.append((qkv, bias, gate_up, down))
+    return out
+
+
+PLAIN = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fuse(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return torch.cat([t.detach() for t in tensors], dim)
+
+
+def _split(fused: torch.Tensor, projections) -> list[torch.Tensor]:
+    sizes = [p.out_features for p in projections]
+    return list(fused.split(sizes, 0))
+
+
+def _qkv(attn, fw, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if fw is None:
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    qkv = F.linear(h, fw[0], fw[1])
+    q_size, kv_size = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
+    return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+
+
+def _expert(moe: AutoGLMMoE, fw, e: int, h: torch.Tensor) -> torch.Tensor:
+    if fw is None or fw[2] is None:
+        return moe.experts[e](h)
+    gate, up = F.linear(h, fw[2][e]).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, fw[3][e])
+
+
+def experts_dense(moe: AutoGLMMoE, fw, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Every expert on every row, weighted by the row's gate (zero off its top-k): no data-dependent shapes, so
-    the whole step can be one graph (a GPU's CUDA graph); reads every expert's weights."""
+    the whole step can be one graph (a GPU's CUDA graph); reads every expert's weights. With fused weights
+    all experts are two matrix products."""
     gate = torch.zeros(h.shape[0], moe.num_experts, dtype=h.dtype, device=h.device)
     gate = gate.scatter(1, experts, weights.to(h.dtype))
+    if fw is not None and fw[2] is not None:
+        E, two_inner, C = fw[2].shape
+        gu = F.linear(h, fw[2].reshape(E * two_inner, C)).view(-1, E, two_inner)
+        g, u = gu.chunk(2, dim=-1)
+        y = torch.einsum("nei,eci->nec", F.silu(g) * u, fw[3])  # (n, E, C)
+        return (y * gate[:, :, None]).sum(1)
     out = torch.zeros_like(h)
     for e, expert in enumerate(moe.experts):
         out = out + expert(h) * gate[:, e : e + 1]
     return out
 
 
-def experts_dispatch(moe: AutoGLMMoE, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def experts_dispatch(moe: AutoGLMMoE, fw, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each chosen expert once, on the rows that chose it: reads only the chosen experts' weights (what bounds a
-    CPU), at the price of one host read of the choices per layer (free on a CPU, a sync on a GPU)."""
+    CPU on a model whose experts do not fit its caches), at the price of one host read of the choices per layer
+    (free on a CPU, a sync on a GPU) and of the step being one graph per layer."""
     chosen = experts.cpu().numpy()
     w = weights.to(h.dtype)
     if h.shape[0] == 1:  # one row: its k experts in turn, no gather
-        out = moe.experts[int(chosen[0, 0])](h) * w[:, :1]
+        out = _expert(moe, fw, int(chosen[0, 0]), h) * w[:, :1]
         for j in range(1, chosen.shape[1]):
-            out = out + moe.experts[int(chosen[0, j])](h) * w[:, j : j + 1]
+            out = out + _expert(moe, fw, int(chosen[0, j]), h) * w[:, j : j + 1]
         return out
     out = torch.zeros_like(h)
     for e in np.unique(chosen).tolist():
         row, slot = np.nonzero(chosen == e)
         if len(row) == h.shape[0]:  # every row chose it
-            out = out + moe.experts[e](h) * w[torch.arange(len(row)), torch.from_numpy(slot)][:, None]
+            out = out + _expert(moe, fw, e, h) * w[torch.arange(len(row)), torch.from_numpy(slot)][:, None]
             continue
         r = torch.from_numpy(row).to(h.device)
-        out.index_add_(0, r, moe.experts[e](h[r]) * w[r, torch.from_numpy(slot).to(h.device)][:, None])
+        out.index_add_(0, r, _expert(moe, fw, e, h[r]) * w[r, torch.from_numpy(slot).to(h.device)][:, None])
     return out
 
 
-def attend_step(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+def attend_step(layer, fw, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, media: torch.Tensor | None,
                 probes: bool):
     """One decoder layer up to its experts, for n rows of one new token each: writes the rows' keys and
     values at ``positions`` of slots 0..n-1 and attends over the first ``allowed.shape[1]`` positions; a
-    dense layer also runs its MLP. Returns (x, h, focus (n, K) or None, experts (n, k), weights (n, k)):
-    for an MoE layer ``h`` is the normed input of the experts (the caller adds their output to x); for a
-    dense layer h, experts and weights are None.
+    dense layer also runs its MLP. ``fw``: the layer's fused weights (``fuse_weights``) or None. Returns
+    (x, h, focus (n, K) or None, experts (n, k), weights (n, k)): for an MoE layer ``h`` is the normed input
+    of the experts (the caller adds their output to x); for a dense layer h, experts and weights are None.
 
     Every layer of one kind is the same code on tensors of the same shapes, so one compiled graph serves
     them all (modules are inlined, their weights are the graph's inputs)."""
@@ -125,16 +198,17 @@ def attend_step(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, al
     n = x.shape[0]
     H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(n, 1, H, D).transpose(1, 2)
-    k = attn.k_proj(h).view(n, 1, Hkv, D).transpose(1, 2)
-    v = attn.v_proj(h).view(n, 1, Hkv, D).transpose(1, 2)
+    q, k, v = _qkv(attn, fw, h)
+    q = q.reshape(n, 1, H, D).transpose(1, 2)
+    k = k.reshape(n, 1, Hkv, D).transpose(1, 2)
+    v = v.reshape(n, 1, Hkv, D).transpose(1, 2)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     rows = torch.arange(n, device=x.device)
     keys[rows, :, positions] = k[:, :, 0].to(keys.dtype)
     values[rows, :, positions] = v[:, :, 0].to(values.dtype)
     S = allowed.shape[1]
     ks, vs = keys[:n, :, :S], values[:n, :, :S]  # (n, Hkv, S, D)
-    scores = (q.to(ks.dtype).view(n, Hkv, H // Hkv, D) @ ks.transpose(-1, -2)).float() * attn.scale
+    scores = (q.to(ks.dtype).reshape(n, Hkv, H // Hkv, D) @ ks.transpose(-1, -2)).float() * attn.scale
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))  # (n, Hkv, G, S)
     attn_probs = scores.softmax(-1)
     y = (attn_probs.to(vs.dtype) @ vs).reshape(n, 1, H * D)  # heads in (Hkv, G) order = the H order
@@ -156,7 +230,7 @@ def head_step(model: AutoGLMForConditionalGeneration, x: torch.Tensor) -> torch.
     return model.lm_head(x[:, 0].to(model.lm_head.weight.device)).float()
 
 
-def decode_step(model: AutoGLMForConditionalGeneration, kv: StaticKV, tokens: torch.Tensor,
+def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticKV, tokens: torch.Tensor,
                 positions: torch.Tensor, keys_seen: int, media: torch.Tensor | None, probes: bool,
                 attend_fn=attend_step, head_fn=head_step, experts_fn=experts_dispatch):
     """One new token for each of the first ``n = len(tokens)`` slots.
@@ -164,12 +238,13 @@ def decode_step(model: AutoGLMForConditionalGeneration, kv: StaticKV, tokens: to
     tokens, positions: (n,) long; row i's token goes to position ``positions[i]`` of slot i and attends
     to the slot's positions ``0 .. positions[i]``. ``keys_seen`` (>= max(positions) + 1) is how much of
     the capacity the step reads. media: (n, K) long key positions of each row's images / audio (padding
-    repeats a valid index) or None. ``attend_fn`` / ``head_fn``: compiled forms of ``attend_step`` /
+    repeats a valid index) or None. ``fused``: ``fuse_weights(model)``. ``attend_fn`` / ``head_fn``: compiled forms of ``attend_step`` /
     ``head_step`` (the plain functions by default); ``experts_fn``: ``experts_dispatch`` or
     ``experts_dense``.
 
-    Returns (logits (n, V) float32, focus (n, layers, K) float32 or None, experts (n, moe layers, k) long
-    or None, weights (n, moe layers, k) float32 or None).
+    Returns (logits (n, V) float32, telemetry (n, layers * K + 2 * moe layers * k) float32 or None): per row,
+    the focus rows (layers, K) when ``media`` is given, then the routed experts and their gate weights
+    (moe layers, k) each (``split_telemetry`` takes them apart).
     """
     backbone = model.model
     x = backbone.embed_tokens(tokens)[:, None]  # (n, 1, C)
@@ -182,9 +257,10 @@ def decode_step(model: AutoGLMForConditionalGeneration, kv: StaticKV, tokens: to
         if dev not in on_device:
             on_device[dev] = tuple(t.to(dev) if t is not None else None for t in (cos, sin, allowed, positions, media))
         c, s, a, p, m = on_device[dev]
-        x, h, f, e, w = attend_fn(layer, x.to(dev), c, s, a, kv.keys[i], kv.values[i], p, m, probes)
+        fw = fused[i]
+        x, h, f, e, w = attend_fn(layer, fw, x.to(dev), c, s, a, kv.keys[i], kv.values[i], p, m, probes)
         if h is not None:
-            x = x + experts_fn(layer.mlp, h, e, w)[:, None]
+            x = x + experts_fn(layer.mlp, fw, h, e, w)[:, None]
             if probes:
                 routed.append(e)
                 gates.append(w)
@@ -192,7 +268,25 @@ def decode_step(model: AutoGLMForConditionalGeneration, kv: StaticKV, tokens: to
             focus.append(f)
     logits = head_fn(model, x)
     out = logits.device
-    focus_t = torch.stack([f.to(out).float() for f in focus], 1) if focus else None
-    experts_t = torch.stack([e.to(out) for e in routed], 1) if routed else None
-    weights_t = torch.stack([w.to(out) for w in gates], 1) if gates else None
-    return logits, focus_t, experts_t, weights_t
+    parts = [torch.stack([f.to(out).float() for f in focus], 1)] if focus else []
+    if routed:
+        parts += [torch.stack([e.to(out) for e in routed], 1).float(), torch.stack([w.to(out) for w in gates], 1)]
+    # all the step's telemetry in one tensor: one device-to-host copy (expert ids are exact in float32)
+    telemetry = torch.cat([p.flatten(1) for p in parts], 1) if parts else None
+    return logits, telemetry
+
+
+def split_telemetry(telemetry: np.ndarray, layers: int, width: int, moe_layers: int, top_k: int):
+    """A step's telemetry on the host (n, ...) -> (focus (n, layers, width) or None, experts (n, moe layers, k)
+    int64 or None, weights (n, moe layers, k) or None), as views."""
+    at, focus = 0, None
+    n = telemetry.shape[0]
+    if width:
+        focus = telemetry[:, : layers * width].reshape(n, layers, width)
+        at = layers * width
+    if not moe_layers or telemetry.shape[1] == at:
+        return focus, None, None
+    size = moe_layers * top_k
+    experts = telemetry[:, at : at + size].reshape(n, moe_layers, top_k).astype(np.int64)
+    weights = telemetry[:, at + size : at + 2 * size].reshape(n, moe_layers, top_k)
+    return focus, experts, weights
