@@ -96,6 +96,10 @@ class Settings:
                            choices=("auto", "on", "off"))
     max_batch: int = setting(0, "requests decoded together (continuous batching); 0 = up to 8, as the KV "
                                 "cache fits in a quarter of the free memory", minimum=0)
+    trace_memory_mb: float = setting(512.0, "memory for the per-layer focus detail the page keeps for review and "
+                                            "export, server-wide, in MiB (one session up to a quarter of it); the "
+                                            "oldest turns' per-layer detail goes first, every token's shown maps "
+                                            "stay", positive=True)
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port for the page and the API", minimum=1)
     share: bool = setting(False, "also open a public Gradio share link")
