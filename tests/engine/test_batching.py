@@ -21,7 +21,6 @@ from tests import tiny_families as tiny
 from tests.engine.test_engine import ask, scene, tone
 from tests.helpers import make_engine
 
-pytestmark = pytest.mark.timeout(600)
 
 def solo(engine, request) -> list:
     """The request alone through the model's own forward (no batch, no static cache)."""
@@ -29,8 +28,10 @@ def solo(engine, request) -> list:
     stats = Generation(engine.rt, engine._validate(request), events.extend, lambda: False).run()
     return events + [stats]
 
+
 def tokens_of(events) -> str:
     return "".join(e.text for e in events if isinstance(e, (Reasoning, Answer)))
+
 
 def assert_same_answer(batched: list, alone: list, atol: float = 1e-4) -> None:
     assert tokens_of(batched) == tokens_of(alone)
@@ -51,6 +52,7 @@ def assert_same_answer(batched: list, alone: list, atol: float = 1e-4) -> None:
         np.testing.assert_allclose([r.weights for r in x.layers], [r.weights for r in y.layers], atol=1e-5)
         np.testing.assert_array_equal(x.counts.decode, y.counts.decode)
 
+
 def mixed_requests() -> list:
     """Different media, lengths (so requests leave the batch at different steps) and sampling settings."""
     return [
@@ -65,6 +67,7 @@ def mixed_requests() -> list:
             session="e"),
     ]
 
+
 def widest_step(engine) -> list[int]:
     """Record how many requests each decode step carried."""
     sizes: list[int] = []
@@ -77,9 +80,11 @@ def widest_step(engine) -> list[int]:
     engine.decoder.step = step
     return sizes
 
+
 def run_together(engine, requests) -> list[list]:
     handles = [engine.submit(r) for r in requests]
     return [list(h.events(timeout=120)) for h in handles]
+
 
 @pytest.fixture(scope="module")
 def demo_engine():
@@ -90,6 +95,7 @@ def demo_engine():
     engine = make_engine(loaded.model, loaded.processor, max_batch=4)
     yield engine
     engine.close()
+
 
 @pytest.mark.parametrize("which", ["demo", "small"])
 def test_requests_decoded_together_equal_each_alone(which, demo_engine, small):
@@ -107,6 +113,7 @@ def test_requests_decoded_together_equal_each_alone(which, demo_engine, small):
     finally:
         if engine is not demo_engine:
             engine.close()
+
 
 def test_a_cancelled_request_leaves_within_one_step_and_the_others_go_on(demo_engine):
     requests = [ask(images=[scene()], temperature=0, max_new_tokens=40, min_new_tokens=40, focus=True, routing=True,
@@ -139,6 +146,7 @@ def test_a_cancelled_request_leaves_within_one_step_and_the_others_go_on(demo_en
         assert_same_answer(b, a)
     assert demo_engine.idle
 
+
 def test_a_request_that_finds_every_slot_taken_waits_then_is_served(small):
     engine = make_engine(*small, max_batch=2)
     try:
@@ -155,6 +163,7 @@ def test_a_request_that_finds_every_slot_taken_waits_then_is_served(small):
     finally:
         engine.close()
 
+
 def test_kv_slots_are_accounted(small):
     engine = make_engine(*small, max_batch=3, context_limit=256)
     try:
@@ -165,6 +174,7 @@ def test_kv_slots_are_accounted(small):
         assert engine.kv_cache_usage == 0.0
     finally:
         engine.close()
+
 
 def test_the_compiled_step_equals_the_eager_one(small, caplog):
     """torch.compile of the step (the forms it times at warm-up), then the same requests give the same answers,
@@ -183,6 +193,7 @@ def test_the_compiled_step_equals_the_eager_one(small, caplog):
     finally:
         engine.close()
 
+
 def test_a_step_that_cannot_be_compiled_decodes_eagerly_and_says_why(small, monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
@@ -197,6 +208,7 @@ def test_a_step_that_cannot_be_compiled_decodes_eagerly_and_says_why(small, monk
         assert_same_answer(engine.run(request), solo(engine, request))
     finally:
         engine.close()
+
 
 def test_a_transformers_family_interleaves_requests_with_the_same_answers(tmp_path):
     """A transformers MoE family decodes each request through its own forward (no static step yet), one token
