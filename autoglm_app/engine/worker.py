@@ -324,6 +324,8 @@ class Engine:
         memory = None if first_turn else self._memory.get(req.session_id)
         gen = Generation(self.rt, req, h.put_all, lambda: h.cancelled, memory_state=memory)
         gen.queue_s = time.perf_counter() - h.submitted
+        for _, running in self._active:  # what they hold back reaches their readers before this prefill
+            running.flush()
         if not self._active:
             reset_peak_memory()  # a request's peak is the batch's while it ran: reset only when none was running
         with self._lock:
