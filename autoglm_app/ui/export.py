@@ -1,7 +1,10 @@
 """The QA trace: one zip holding the whole conversation as the page saw it.
 
     trace.json                      prompts, reasoning, answers, settings, stats, model id,
-                                    per-token focus maps and routing, routing load per turn
+                                    per-token focus maps (the shown, aggregated ones) and routing, routing
+                                    load per turn; ``trace_memory`` and each turn's ``per_layer_detail`` say
+                                    what of the per-layer detail the page's memory budget coarsened or
+                                    dropped (ui/traces.py), and each token's ``focus.per_layer`` its own state
     turnNN/input_imageK.png         the images the user sent
     turnNN/input_audio.wav          the recording (16-bit PCM)
     turnNN/focus_imageK_wordMMM.png the heatmap overlay of each word of the reply on the K-th image of
@@ -29,6 +32,7 @@ import soundfile as sf
 
 from .render import audio_focus_image, overlay_heatmap
 from .session import Session, Turn
+from .traces import SESSION_SHARE, turn_manifest
 
 MAX_WORD_IMAGES = 64  # per image per turn: enough for an answer, bounded for long reasoning
 
@@ -79,11 +83,14 @@ def turn_record(turn: Turn, number: int, version: tuple[int, int] = (0, 1)) -> d
             "index": t.index,
             "text": t.text,
             "phase": t.phase,
-            "focus": {"images": [_round(m) for m in t.images], "audios": [_round(m) for m in t.audios]},
+            "focus": {"images": [_round(m) for m in t.images], "audios": [_round(m) for m in t.audios],
+                      # the per-layer detail the page kept: "full", "coarse" (8 bits) or "dropped"
+                      "per_layer": t.detail if t.images or t.audios else None},
             "routing": [{"layer": layer, "experts": experts, "weights": weights}
                         for layer, experts, weights in t.routes],
         } for t in tokens],
         "routing_load": turn.load,
+        "per_layer_detail": turn_manifest(turn),
     }
 
 
@@ -92,8 +99,20 @@ def build_trace(session: Session, info: dict) -> dict:
         "format": "autoglm-studio-qa-trace/1",
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {k: info.get(k) for k in ("model_id", "family", "quantize", "attention", "context_limit")},
+        "trace_memory": _trace_memory(session),
         "turns": [turn_record(t, n, session.versions(n - 1)) for n, t in enumerate(session.turns, 1)],
     }
+
+
+def _trace_memory(session: Session) -> dict:
+    budget = session.traces
+    gave_way = [n for n, t in enumerate(session.turns, 1) if t.detail.gave_way]
+    return {"budget_mb": budget.limit_mb if budget is not None else None,
+            "session_share": SESSION_SHARE if budget is not None else None,
+            "order": "least recently used session first; its finished turns oldest first, the streaming turn "
+                     "last; within a turn every token's per-layer detail is coarsened to 8 bits (oldest first), "
+                     "then dropped (oldest first); the shown (aggregated) maps always stay",
+            "turns_coarsened_or_dropped": gave_way}
 
 
 def _png(image) -> bytes:

@@ -26,6 +26,7 @@ from .panels import Capabilities, Page, Panels, model_panel
 from .live import LiveTurns, plain_values
 from .session import CONTEXT_MODES, Session, SessionStore, Turn, as_sentence, stream_turn, submit
 from .session import request_session_id as _session_id
+from .traces import TraceBudget
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ class Handlers(LiveTurns):
     def __init__(self, engine: Any, settings: Settings, caps: Capabilities, page: Page, examples: list[dict]):
         self.engine, self.settings, self.caps, self.page, self.examples = engine, settings, caps, page, examples
         self.panels = Panels(page, caps)
-        self.sessions = SessionStore()
+        # the per-layer focus detail of every session of this page, within --trace-memory-mb (ui/traces.py)
+        self.traces = TraceBudget(settings.trace_memory_mb)
+        self.sessions = SessionStore(traces=self.traces)
         self.export_dir = Path(tempfile.mkdtemp(prefix="autoglm-export-"))
 
     # ------------------------------------------------------------------ chat
@@ -136,6 +139,7 @@ class Handlers(LiveTurns):
         if not session.claim():
             gr.Warning("A reply is still streaming: wait for it or press Stop.")
             return None
+        self.sessions.touch(session)  # its focus detail counts against the page's budget, newest use
         try:
             turn = make(controls.options())
             turn.system = (controls.system or "").strip()
@@ -191,6 +195,7 @@ class Handlers(LiveTurns):
         """The /chat endpoint: plain inputs in, the session's chat history (messages) out, streamed."""
         if not session.claim():
             raise gr.Error("A reply is still streaming in this session: wait for it or call /stop.")
+        self.sessions.touch(session)
         try:
             try:
                 turn = self.speech(make_turn(text, images or [], audio,

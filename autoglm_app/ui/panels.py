@@ -20,6 +20,7 @@ from ..memory import peak_rss_bytes, rss_bytes
 from . import figures, render
 from .model_view import is_remote, model_markdown
 from .session import Session, Turn, View
+from .traces import detail_note
 from .turn import MediaRef
 from .words import THINK_TAGS
 
@@ -260,9 +261,13 @@ class Panels:
             dropped = turn.dropped_media(kind)
             if dropped:
                 captions.append(f"{dropped} earlier {what}{'s' if dropped > 1 else ''} left out to fit the context")
+        # a per-layer view (mean / max over a layer range) of tokens whose detail gave way to the memory budget
+        note, fell_back = detail_note(turn, indices) if view.aggregation != "default" else ("", False)
+        if note:
+            captions.append(note)
         has_media = bool(turn.media("image") or turn.media("audio"))
         out[p.focus_caption] = render.focus_caption_html(label, captions, has_media=has_media, running=turn.running,
-                                                         aggregation=view.aggregation)
+                                                         aggregation="default" if fell_back else view.aggregation)
         if not has_media and not turn.alone:
             out[p.focus_caption] = render.placeholder_html(
                 "No image or recording in this conversation yet, so there is no focus to show. Click a word of "

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..events import BadRequest, ChatRequest, EngineBusy, Message
+from ..events import BadRequest, ChatRequest, EngineBusy, Focus, Message
+from .traces import TraceBudget
 from .turn import THINKING_TITLE, MediaRef, TokenTrace, Turn, as_sentence  # noqa: F401  (re-exported)
 
 CONTEXT_MODES = ("each turn alone", "multi-turn")
@@ -73,6 +74,7 @@ class Session:
     claimed: bool = False  # a Send / Regenerate is being made into a turn or is streaming
     key: str = ""  # the SessionStore key the browser keeps (empty until stored)
     sent: dict = field(default_factory=dict, repr=False)  # what the page shows now, by component (skip repeats)
+    traces: TraceBudget | None = field(default=None, repr=False)  # counts its per-layer focus detail (None: unbounded)
 
     # ------------------------------------------------------------------ the conversation
     @property
@@ -183,6 +185,8 @@ class Session:
         """A new chat: the conversation goes, the display choices stay."""
         self.cancel()
         self.pending = None
+        if self.traces is not None:  # the old turns' per-layer detail goes, and leaves the budget's count
+            self.traces.release(self)
         self.root = Thread()
         self.transcribed = None
         self.sent = {}
@@ -227,10 +231,13 @@ class Session:
 class SessionStore:
     """Sessions by the random key each browser keeps (``gr.BrowserState``), so a page reload finds its
     conversation, focus and routing again while the server runs. Bounded: the least recently used
-    session goes first, and one idle longer than ``idle_s`` is dropped."""
+    session goes first, and one idle longer than ``idle_s`` is dropped. Its sessions share one ``traces``
+    budget for their per-layer focus detail; a session that leaves the store leaves the budget with its
+    detail dropped (its tab, if still open, keeps the shown maps)."""
 
-    def __init__(self, max_sessions: int = 64, idle_s: float = 24 * 3600):
+    def __init__(self, max_sessions: int = 64, idle_s: float = 24 * 3600, traces: TraceBudget | None = None):
         self.max_sessions, self.idle_s = max_sessions, idle_s
+        self.traces = traces if traces is not None else TraceBudget()
         self._items: OrderedDict[str, tuple[Session, float]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -242,6 +249,7 @@ class SessionStore:
                 return None
             self._items[key] = (item[0], time.monotonic())
             self._items.move_to_end(key)
+            self.traces.touch(item[0])
             return item[0]
 
     def put(self, session: Session) -> str:
@@ -250,14 +258,24 @@ class SessionStore:
                 session.key = secrets.token_urlsafe(18)
             self._items[session.key] = (session, time.monotonic())
             self._items.move_to_end(session.key)
+            self.traces.join(session)
             while len(self._items) > self.max_sessions:
-                self._items.popitem(last=False)
+                _, (gone, _) = self._items.popitem(last=False)
+                self.traces.leave(gone)
             return session.key
+
+    def touch(self, session: Session) -> None:
+        """A turn of this session starts: it is the most recently used (kept longest, its detail last to go)."""
+        with self._lock:
+            if session.key in self._items and self._items[session.key][0] is session:
+                self._items[session.key] = (session, time.monotonic())
+                self._items.move_to_end(session.key)
+        self.traces.join(session)
 
     def _expire(self) -> None:
         now = time.monotonic()
         for key in [k for k, (_, seen) in self._items.items() if now - seen > self.idle_s]:
-            del self._items[key]
+            self.traces.leave(self._items.pop(key)[0])
 
     def __len__(self) -> int:
         return len(self._items)
@@ -296,6 +314,8 @@ def stream_turn(engine, session: Session, session_id: str, chat_every: float = C
     try:
         for event in events:
             urgent = turn.apply(event)
+            if session.traces is not None and isinstance(event, Focus):
+                session.traces.hold(session, turn, event.index)
             now = time.monotonic()
             if urgent or now - last_chat >= chat_every:
                 full = urgent or now - last_panels >= panels_every

@@ -36,6 +36,7 @@ from ..events import (
     aggregate_layers,
     routed_experts_array,
 )
+from .traces import TraceDetail, as_float32
 from .words import Word, merge_words
 
 THINKING_TITLE = "Thinking"
@@ -52,9 +53,12 @@ class TokenTrace:
     phase: str
     images: list[np.ndarray] = field(default_factory=list)  # (rows, cols) each, the engine's aggregation
     audios: list[np.ndarray] = field(default_factory=list)  # (frames,) each
+    # the per-layer detail (float16, or traces.Coarse once coarsened; empty once dropped: traces.TraceBudget)
     per_layer_images: list[np.ndarray] = field(default_factory=list)  # (layers, rows, cols)
     per_layer_audios: list[np.ndarray] = field(default_factory=list)  # (layers, frames)
     routes: list[Route] = field(default_factory=list)
+    detail: str = "full"  # "full", "coarse" (8 bits) or "dropped": what the budget left of the per-layer detail
+    held: int = 0  # bytes of per-layer detail counted by the budget
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Turn:
     think_ended: float | None = None
     children: list[Turn] = field(default_factory=list, repr=False)  # the next turn's versions
     chosen: int = 0  # which child the conversation follows
+    detail: TraceDetail = field(default_factory=TraceDetail, repr=False)  # its per-layer focus detail's account
 
     # ------------------------------------------------------------------ events in
     def apply(self, event: Event) -> bool:
@@ -125,8 +130,8 @@ class Turn:
             trace = self._token(event.index, event.token, event.phase)
             trace.images = [np.asarray(m, np.float32) for m in event.images]
             trace.audios = [np.asarray(m, np.float32) for m in event.audios]
-            trace.per_layer_images = [np.asarray(m, np.float16) for m in event.per_layer_images]
-            trace.per_layer_audios = [np.asarray(m, np.float16) for m in event.per_layer_audios]
+            trace.per_layer_images = [_owned_f16(m) for m in event.per_layer_images]
+            trace.per_layer_audios = [_owned_f16(m) for m in event.per_layer_audios]
             return False
         if isinstance(event, Routing):
             trace = self._token(event.index, event.token, event.phase)
@@ -198,6 +203,8 @@ class Turn:
         return any(t.images or t.audios for t in self.tokens.values())
 
     def num_focus_layers(self) -> int:
+        if self.detail.layers:
+            return self.detail.layers
         for t in self.tokens.values():
             for m in t.per_layer_images + t.per_layer_audios:
                 return int(m.shape[0])
@@ -217,6 +224,8 @@ class Turn:
         """Mean focus of the given tokens on ``self.media(kind)[i]`` (None when no token has a map for it):
         the engine's own maps for ``rule`` "default", else the per-layer maps aggregated by the contract's
         rule over ``layers`` (which must lie within the stack: the page clamps its slider range first).
+        A token whose per-layer detail was dropped to fit the page's memory budget gives its default map
+        (``traces.detail_note`` says so); a coarsened one is re-aggregated from its 8-bit detail.
 
         The engine returns one map per image / recording of the prompt, oldest first; when it dropped
         the oldest turns to fit the context, the maps it sends are those of the newest media, so maps
@@ -233,7 +242,7 @@ class Turn:
             if j < 0:
                 continue  # this image was dropped from the prompt (oldest turns cut to fit the context)
             if rule != "default" and j < len(per_layer):
-                maps.append(aggregate_layers(per_layer[j].astype(np.float32), rule, layers))
+                maps.append(aggregate_layers(as_float32(per_layer[j]), rule, layers))
             elif j < len(aggregated):
                 maps.append(aggregated[j])
         return np.mean(maps, axis=0) if maps else None
@@ -298,6 +307,13 @@ class Turn:
         if self.error:
             out.append({"role": "assistant", "content": f"**Error:** {self.error}"})
         return out
+
+
+def _owned_f16(m: Any) -> np.ndarray:
+    """A per-layer stack as a float16 array of its own (never a view that keeps a larger buffer alive),
+    so its ``nbytes`` is what it holds."""
+    a = np.asarray(m, np.float16)
+    return a if a.base is None and a.flags.c_contiguous else np.array(a, np.float16, order="C")
 
 
 def as_sentence(message: str) -> str:
