@@ -263,7 +263,8 @@ class Generation:
 
     def _accept(self, token: int, now: float, focus, route) -> str | None:
         opts, emitter = self.req.options, self.emitter
-        if self.cancelled():
+        if self.cancelled():  # what was held back is not wanted any more either
+            self._out.clear()
             return self._end("cancelled")
         emitter.timeline.first_token(now)  # a stop id as the first token still ends the wait for one
         if token in self.rt.stop_ids:

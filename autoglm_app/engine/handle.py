@@ -4,7 +4,8 @@ A thread reads with ``events()`` (the page, tests); an asyncio task reads with `
 (the API), which the producer wakes through the consumer's loop, so no thread sits between
 the engine and the route and a burst of events (a token's text, focus and routing) costs one
 wake-up. Both iterators end after ``Done`` or ``Error``; leaving either one early cancels the
-request, and ``cancel()`` stops it within one token.
+request, and ``cancel()`` stops it within one token: from then on the reader gets no token's events, only
+the end (``Stats``, ``Done``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from ..events import ChatRequest, Done, Error, Event
+from ..events import Answer, ChatRequest, Done, Error, Event, Focus, Reasoning, Routing
 
 TERMINAL = (Done, Error)
+# what a token brings; once the request is cancelled the reader is given none of these any more, even those the
+# worker produced before the flag and delivered together with the ones already read
+TOKEN_EVENTS = (Reasoning, Answer, Focus, Routing)
 log = logging.getLogger(__name__)
 
 
@@ -101,6 +105,8 @@ class RequestHandle:
             while True:
                 item = self._events.get(timeout=timeout)
                 for event in item if type(item) is tuple else (item,):
+                    if self._cancel.is_set() and isinstance(event, TOKEN_EVENTS):
+                        continue
                     yield event
                     if isinstance(event, TERMINAL):
                         finished = True
@@ -122,6 +128,8 @@ class RequestHandle:
                     await self._next_put(loop)
                     continue
                 for event in item if type(item) is tuple else (item,):
+                    if self._cancel.is_set() and isinstance(event, TOKEN_EVENTS):
+                        continue
                     yield event
                     if isinstance(event, TERMINAL):
                         finished = True

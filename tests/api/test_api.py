@@ -447,7 +447,8 @@ def test_a_recording_over_the_media_limit_gets_413(engine):
 
 
 def test_a_full_queue_gets_429_with_retry_after():
-    engine = make_engine(*build_small(seed=0), max_queue=1)  # its own model: the session engine stays idle
+    # its own model (the session engine stays idle), one slot: the second request waits, the third finds no room
+    engine = make_engine(*build_small(seed=0), max_batch=1, max_queue=1)
     running = serve(engine)
     long = ChatCompletionRequest(messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=4000,
                                  temperature=0)
