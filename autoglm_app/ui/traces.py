@@ -7,10 +7,12 @@ per-layer detail that the aggregation picker and the layer range re-aggregate. A
 2,700 patches, float16) that is about 216 KB a token, so it is the part that is bounded. The shown maps
 always stay.
 
-``TraceBudget`` (one per page, from ``--trace-memory-mb``) counts the bytes of every per-layer stack the
-page's sessions hold (``ndarray.nbytes``, exactly), in total and per session. When a new token's detail
-takes a session over its share (a quarter of the budget) or the server over the budget, detail gives way
-in this order, one token at a time, until both fit again:
+``TraceBudget`` (one per page, from ``--trace-memory-mb``) counts the bytes of the focus maps the page's
+sessions hold (``ndarray.nbytes``, exactly), in total and per session: the per-layer stacks, and the shown
+maps too, which never give way (so the detail gets what they leave, and the page's focus memory stays
+within the budget until the shown maps alone would fill it). When a new token takes a session over its
+share (a quarter of the budget) or the server over the budget, detail gives way in this order, one token
+at a time, until both fit again:
 
   1. whose:  the session over its share gives way alone; over the server-wide budget, the least recently
              used session first (a turn streamed, or the page reloaded, is a use);
@@ -21,8 +23,9 @@ in this order, one token at a time, until both fit again:
              token of that turn is coarse, the coarse detail is dropped, oldest token first.
 
 A turn keeps what gave way in ``TraceDetail`` (counts and the budget's size), which the Focus caption and
-the QA export read. New chat and the session store's eviction drop a session's detail and take its bytes
-off the count; a session the page let go of (Gradio dropped its state) is taken off at the next count.
+the QA export read. New chat takes the old turns off the count (their detail dropped at once); the session
+store's eviction drops a session's detail (its tab, if still open, keeps the shown maps, counted until
+Gradio lets go of the session); a session Gradio let go of is taken off at the next count.
 """
 
 from __future__ import annotations
@@ -85,18 +88,24 @@ def detail_bytes(trace: TokenTrace) -> int:
     return int(sum(m.nbytes for m in trace.per_layer_images) + sum(m.nbytes for m in trace.per_layer_audios))
 
 
+def shown_bytes(trace: TokenTrace) -> int:
+    return int(sum(m.nbytes for m in trace.images) + sum(m.nbytes for m in trace.audios))
+
+
 @dataclass
 class TraceDetail:
     """One turn's per-layer focus detail: the bytes it holds, and what of it gave way and why."""
 
-    held: int = 0  # bytes of per-layer stacks held now (what the budget counts for this turn)
+    held: int = 0  # bytes of per-layer stacks held now (what gives way)
+    shown: int = 0  # bytes of the shown maps (counted too, never give way)
     layers: int = 0  # layers of the stacks (0: none seen)
     full: deque = field(default_factory=deque)  # token indices whose detail is whole, oldest first
     coarse: deque = field(default_factory=deque)  # ... kept at 8 bits, oldest first
     coarsened: int = 0  # tokens whose detail was coarsened (dropped ones included)
     dropped: int = 0  # tokens whose detail was dropped
     limit_mb: float | None = None  # the budget that made detail give way
-    closed: bool = False  # the turn left its session (New chat, eviction): new detail is not kept
+    closed: bool = False  # its session left the store: new detail is not kept (the shown maps are)
+    gone: bool = False  # it left its session (New chat): nothing of it is kept or counted
 
     @property
     def gave_way(self) -> bool:
@@ -105,23 +114,30 @@ class TraceDetail:
 
 # ----------------------------------------------------------------------------- one turn's detail
 
-def count_token(turn: Turn, index: int) -> int:
-    """Count the per-layer detail ``Turn.apply`` just stored for token ``index``; returns the change in bytes."""
+def count_token(turn: Turn, index: int) -> tuple[int, int]:
+    """Count what ``Turn.apply`` just stored for token ``index``: (change in detail bytes, in shown bytes).
+    A closed turn keeps no detail; a gone one counts nothing."""
     trace, ledger = turn.tokens.get(index), turn.detail
     if trace is None:
-        return 0
+        return 0, 0
+    if ledger.gone:
+        _drop(trace)
+        return 0, 0
+    shown = shown_bytes(trace)
+    shown_delta, trace.shown = shown - trace.shown, shown
+    ledger.shown += shown_delta
     before = trace.held
     if ledger.closed:
         _drop(trace)
         ledger.held -= before
-        return -before
+        return -before, shown_delta
     trace.held, trace.detail = detail_bytes(trace), "full"
     ledger.held += trace.held - before
     if trace.held:
         ledger.full.append(index)
         stacks = trace.per_layer_images or trace.per_layer_audios
         ledger.layers = ledger.layers or (int(stacks[0].shape[0]) if stacks and stacks[0].ndim else 0)
-    return trace.held - before
+    return trace.held - before, shown_delta
 
 
 def give_way(turn: Turn) -> int | None:
@@ -151,15 +167,14 @@ def give_way(turn: Turn) -> int | None:
     return None
 
 
-def drop_all(turn: Turn) -> int:
-    """Drop every token's detail and close the turn (it left its session); returns the bytes freed."""
+def close(turn: Turn) -> int:
+    """Drop every token's detail and keep none from now on; returns the detail bytes freed."""
     ledger, freed = turn.detail, 0
     ledger.closed = True
     for trace in list(turn.tokens.values()):
         if trace.held or trace.per_layer_images or trace.per_layer_audios:
             freed += trace.held
-            if trace.held:
-                ledger.dropped += 1
+            ledger.dropped += bool(trace.held)
             _drop(trace)
     ledger.full.clear()
     ledger.coarse.clear()
@@ -235,23 +250,26 @@ def turn_manifest(turn: Turn) -> dict:
 
 @dataclass(eq=False)
 class _Entry:
-    """One session's part of the budget: its turns with detail, in the order they started."""
+    """One session's part of the budget: its turns with focus, in the order they started."""
 
     ref: Any  # weakref to the Session
     turns: list = field(default_factory=list)
-    held: int = 0
+    held: int = 0  # detail bytes
+    shown: int = 0  # shown-map bytes
 
 
 class TraceBudget:
-    """The bytes of per-layer focus detail held by the page's sessions, and the order in which it gives way
-    (the module's docstring). One per page, shared by every session of its ``SessionStore``; thread-safe
-    (each session's turn streams on its own Gradio thread)."""
+    """The bytes of focus maps held by the page's sessions, and the order in which their per-layer detail
+    gives way (the module's docstring). The shown maps count too (they never give way, so the detail gets
+    what they leave); one per page, shared by every session of its ``SessionStore``; thread-safe (each
+    session's turn streams on its own Gradio thread)."""
 
     def __init__(self, limit_mb: float = 512.0, session_share: float = SESSION_SHARE):
         self.limit_mb = float(limit_mb)
         self.limit = max(int(self.limit_mb * MiB), 0)
         self.session_limit = int(self.limit * session_share)
-        self.held = 0  # bytes, all sessions
+        self.held = 0  # detail bytes, all sessions
+        self.shown = 0  # shown-map bytes, all sessions
         self.coarsened = 0  # tokens coarsened since start, all sessions
         self.dropped = 0  # tokens whose detail was dropped since start
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # by id(session), least recently used first
@@ -263,16 +281,21 @@ class TraceBudget:
 
     # ------------------------------------------------------------------ sessions
     def join(self, session: Any) -> None:
-        """Count this session's detail from now on (idempotent); it becomes the most recently used."""
+        """Count this session's maps from now on (idempotent); it becomes the most recently used."""
         with self._lock:
             self._collect()
-            key = id(session)
-            entry = self._entries.get(key)
-            if entry is None or entry.ref() is not session:
-                self.held -= entry.held if entry is not None else 0  # a stale entry under a reused id
-                self._entries[key] = _Entry(weakref.ref(session, lambda _, k=key: self._gone.append(k)))
-            self._entries.move_to_end(key)
+            self._entry(session)
             session.traces = self
+
+    def _entry(self, session: Any) -> _Entry:
+        key = id(session)
+        entry = self._entries.get(key)
+        if entry is None or entry.ref() is not session:
+            if entry is not None:  # a stale entry under a reused id
+                self._count(entry, -entry.held, -entry.shown)
+            entry = self._entries[key] = _Entry(weakref.ref(session, lambda _, k=key: self._gone.append(k)))
+        self._entries.move_to_end(key)
+        return entry
 
     def touch(self, session: Any) -> None:
         with self._lock:
@@ -280,53 +303,57 @@ class TraceBudget:
                 self._entries.move_to_end(id(session))
 
     def release(self, session: Any) -> None:
-        """New chat: every turn of the session so far drops its detail, and its bytes leave the count."""
+        """New chat: the session's turns so far leave it; their detail goes and nothing of them is counted."""
         with self._lock:
             entry = self._entries.get(id(session))
             if entry is None or entry.ref() is not session:
                 return
             for turn in entry.turns:
-                self._free(entry, drop_all(turn))
+                self._count(entry, -close(turn), -turn.detail.shown)
+                turn.detail.gone, turn.detail.shown = True, 0
             entry.turns.clear()
 
     def leave(self, session: Any) -> None:
-        """The session left the store (evicted or expired): its detail goes and it is no longer counted. Its
-        tab, if still open, keeps the shown maps; a turn it streams later is counted again."""
+        """The session left the store (evicted or expired): the detail of its turns so far goes. Its tab, if
+        still open, keeps the shown maps, so they stay counted until Gradio lets go of the session; a turn it
+        sends later is counted as any other."""
         with self._lock:
-            self.release(session)
             entry = self._entries.get(id(session))
-            if entry is not None and entry.ref() is session:
-                del self._entries[id(session)]
+            if entry is None or entry.ref() is not session:
+                return
+            for turn in entry.turns:
+                self._count(entry, -close(turn), 0)
+                turn.detail.limit_mb = self.limit_mb
+            self._entries.move_to_end(id(session), last=False)
 
     # ------------------------------------------------------------------ tokens
     def hold(self, session: Any, turn: Turn, index: int) -> None:
-        """Count token ``index``'s detail, which ``turn.apply`` just stored; then make everything fit."""
+        """Count token ``index``'s maps, which ``turn.apply`` just stored; then make everything fit."""
         with self._lock:
-            if turn.detail.closed:
-                count_token(turn, index)  # a turn that left its session: nothing is kept, nothing counted
+            self._collect()
+            if turn.detail.gone:
+                count_token(turn, index)  # a turn that left its session: nothing kept, nothing counted
                 return
             entry = self._entries.get(id(session))
             if entry is None or entry.ref() is not session:
                 self.join(session)
                 entry = self._entries[id(session)]
-            delta = count_token(turn, index)
             if not (entry.turns and entry.turns[-1] is turn) and not any(t is turn for t in entry.turns):
                 entry.turns.append(turn)
-            entry.held += delta
-            self.held += delta
+            self._count(entry, *count_token(turn, index))
             self._entries.move_to_end(id(session))
             self._fit(entry)
 
     def _fit(self, entry: _Entry) -> None:
-        while entry.held > self.session_limit:  # the session over its share: its own detail gives way
+        while entry.held + entry.shown > self.session_limit:  # the session over its share: its own detail
             if not (self._step(entry, running=False) or self._step(entry, running=True)):
                 break
         for running in (False, True):  # the server over its budget: least recently used first
             for other in list(self._entries.values()):
-                while self.held > self.limit:
+                while self.held + self.shown > self.limit:
                     if not self._step(other, running):
                         break
-                if self.held <= self.limit:
+                if self.held + self.shown <= self.limit:
                     return
 
     def _step(self, entry: _Entry, running: bool) -> bool:
@@ -335,22 +362,24 @@ class TraceBudget:
             if turn.running != running:
                 continue
             ledger = turn.detail
+            if not (ledger.full or ledger.coarse):
+                continue
             coarsened, dropped = ledger.coarsened, ledger.dropped
             freed = give_way(turn)
             if freed is None:
-                if not turn.running:
-                    entry.turns.remove(turn)
                 continue
             ledger.limit_mb = self.limit_mb
             self.coarsened += ledger.coarsened - coarsened
             self.dropped += ledger.dropped - dropped
-            self._free(entry, freed)
+            self._count(entry, -freed, 0)
             return True
         return False
 
-    def _free(self, entry: _Entry, freed: int) -> None:
-        entry.held -= freed
-        self.held -= freed
+    def _count(self, entry: _Entry, held: int, shown: int) -> None:
+        entry.held += held
+        entry.shown += shown
+        self.held += held
+        self.shown += shown
 
     def _collect(self) -> None:
         """Take the sessions Gradio let go of (garbage-collected) off the count."""
@@ -359,24 +388,28 @@ class TraceBudget:
             entry = self._entries.get(key)
             if entry is not None and entry.ref() is None:
                 self.held -= entry.held
+                self.shown -= entry.shown
                 del self._entries[key]
 
     # ------------------------------------------------------------------ reading
     def session_held(self, session: Any) -> int:
+        """Detail bytes the session holds."""
         with self._lock:
             entry = self._entries.get(id(session))
             return entry.held if entry is not None and entry.ref() is session else 0
 
     def summary(self) -> dict:
-        """Figures for the benchmark and the logs: bytes held, sessions, tokens whole / coarse / dropped now."""
+        """Figures for the benchmark and the logs: bytes held, sessions, tokens whole / coarse now."""
         with self._lock:
             self._collect()
             whole = coarse = 0
             for entry in self._entries.values():
                 for turn in entry.turns:
-                    whole += sum(1 for i in turn.detail.full if turn.tokens.get(i) and turn.tokens[i].detail == "full")
-                    coarse += sum(1 for i in turn.detail.coarse
-                                  if turn.tokens.get(i) and turn.tokens[i].detail == "coarse")
-            return {"limit_bytes": self.limit, "session_limit_bytes": self.session_limit, "held_bytes": self.held,
-                    "sessions": len(self._entries), "tokens_whole": whole, "tokens_coarse": coarse,
-                    "tokens_coarsened_total": self.coarsened, "tokens_dropped_total": self.dropped}
+                    for i in turn.detail.full:
+                        whole += turn.tokens.get(i) is not None and turn.tokens[i].detail == "full"
+                    for i in turn.detail.coarse:
+                        coarse += turn.tokens.get(i) is not None and turn.tokens[i].detail == "coarse"
+            return {"limit_bytes": self.limit, "session_limit_bytes": self.session_limit,
+                    "detail_bytes": self.held, "shown_bytes": self.shown, "sessions": len(self._entries),
+                    "tokens_whole": whole, "tokens_coarse": coarse, "tokens_coarsened_total": self.coarsened,
+                    "tokens_dropped_total": self.dropped}

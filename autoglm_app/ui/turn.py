@@ -59,6 +59,7 @@ class TokenTrace:
     routes: list[Route] = field(default_factory=list)
     detail: str = "full"  # "full", "coarse" (8 bits) or "dropped": what the budget left of the per-layer detail
     held: int = 0  # bytes of per-layer detail counted by the budget
+    shown: int = 0  # bytes of the shown maps counted by it
 
 
 @dataclass(frozen=True)

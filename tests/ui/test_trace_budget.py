@@ -26,6 +26,8 @@ from autoglm_app.ui.traces import MiB, Coarse, TraceBudget
 L, R, C = 8, 16, 16
 FULL = L * R * C * 2  # bytes of one token's float16 stack
 COARSE = L * R * C + 2 * L * 4  # uint8 plus a float32 offset and scale per layer
+SHOWN = R * C * 4  # its shown (aggregated) float32 map: counted too, never gives way
+UNIT = FULL + SHOWN
 
 
 def stack(i: int) -> np.ndarray:
@@ -95,6 +97,11 @@ def actual_bytes(*sessions: Session) -> int:
                for m in tr.per_layer_images + tr.per_layer_audios)
 
 
+def actual_shown(*sessions: Session) -> int:
+    return sum(m.nbytes for s in sessions for t in all_turns(s) for tr in t.tokens.values()
+               for m in tr.images + tr.audios)
+
+
 def budget_of(total_bytes: int, share: float = 0.25) -> TraceBudget:
     return TraceBudget(total_bytes / MiB, session_share=share)
 
@@ -107,19 +114,19 @@ def levels(turn: Turn) -> list[str]:
 
 
 def test_detail_gives_way_oldest_turn_of_the_least_recently_used_session_first_coarsened_then_dropped():
-    budget = budget_of(12 * FULL + FULL // 2, share=1.0)  # only the server-wide budget binds here
+    budget = budget_of(12 * UNIT + FULL // 2, share=1.0)  # only the server-wide budget binds here
     a, b, c = Session(), Session(), Session()
     for s in (a, b):
         budget.join(s)
         finished_turn(s, 3)
         finished_turn(s, 3)
-    assert budget.held == 12 * FULL == actual_bytes(a, b)
+    assert budget.held == 12 * FULL == actual_bytes(a, b) and budget.shown == 12 * SHOWN == actual_shown(a, b)
     # the documented order over the finished turns: A before B (least recently used), each session's turns
     # oldest first, within a turn every token coarsened oldest first, then dropped oldest first
     order = [(t, i, step) for s in (a, b) for t in s.turns for step in ("coarse", "dropped") for i in range(3)]
     budget.join(c)
     live = Live(c)
-    for _ in range(20):
+    for _ in range(40):  # until the streaming turn's first token gives way
         live.push()
         done = {(t, i, "coarse") for s in (a, b) for t in s.turns for i in range(3)
                 if t.tokens[i].detail in ("coarse", "dropped")}
@@ -127,8 +134,10 @@ def test_detail_gives_way_oldest_turn_of_the_least_recently_used_session_first_c
         assert done == set(order[:len(done)]), "detail gave way out of the documented order"
         if len(done) < len(order):  # the streaming turn is coarsened only after every finished turn
             assert set(levels(live.turn)) == {"full"}
-        assert budget.held <= budget.limit
-        assert budget.held == actual_bytes(a, b, c)
+        assert budget.held + budget.shown <= budget.limit
+        assert budget.held == actual_bytes(a, b, c) and budget.shown == actual_shown(a, b, c)
+        if levels(live.turn)[0] != "full":
+            break
     assert len(done) == len(order)  # every finished turn's detail is gone ...
     assert levels(live.turn)[0] == "coarse" and levels(live.turn)[-1] == "full"  # ... then the stream's oldest
     for s in (a, b):  # every token keeps its shown map
@@ -136,7 +145,7 @@ def test_detail_gives_way_oldest_turn_of_the_least_recently_used_session_first_c
 
 
 def test_a_reloaded_session_is_the_most_recently_used_so_the_other_gives_way_first():
-    store = SessionStore(traces=budget_of(12 * FULL + FULL // 2, share=1.0))
+    store = SessionStore(traces=budget_of(12 * UNIT + FULL // 2, share=1.0))
     a, b, c = Session(), Session(), Session()
     for s in (a, b, c):
         store.put(s)
@@ -150,7 +159,7 @@ def test_a_reloaded_session_is_the_most_recently_used_so_the_other_gives_way_fir
 
 
 def test_one_session_over_its_quarter_gives_way_alone_its_finished_turn_before_its_streaming_one():
-    budget = budget_of(16 * FULL)  # a session may hold 4 tokens' full detail
+    budget = budget_of(16 * UNIT)  # a session may hold 4 tokens' maps with their full detail
     a, b = Session(), Session()
     for s in (a, b):
         budget.join(s)
@@ -165,8 +174,8 @@ def test_one_session_over_its_quarter_gives_way_alone_its_finished_turn_before_i
         live.push()
     assert set(levels(old)) == {"dropped"} and "coarse" in levels(live.turn)
     assert set(levels(other)) == {"full"}  # B, within its share and the server's budget, keeps everything
-    assert budget.session_held(a) <= budget.session_limit
-    assert budget.held == actual_bytes(a, b)
+    assert budget.session_held(a) + actual_shown(a) <= budget.session_limit
+    assert budget.held == actual_bytes(a, b) and budget.shown == actual_shown(a, b)
     assert old.detail.limit_mb == budget.limit_mb and old.detail.dropped == 3
 
 
@@ -191,11 +200,11 @@ def view(studio, session: Session, turn: int, aggregation: str) -> dict:
 
 
 def test_a_per_layer_view_of_a_dropped_turn_says_so_and_shows_the_default_map():
-    studio, session = page_with_budget(20 * FULL)  # this session: 5 tokens' full detail
+    studio, session = page_with_budget(28 * UNIT)  # this session: 7 tokens' maps and full detail
     first = finished_turn(session, 4)
     second = finished_turn(session, 8)
     assert set(levels(first)) == {"dropped"} and "coarse" in levels(second)
-    assert studio.traces.limit_mb == pytest.approx(20 * FULL / MiB)
+    assert studio.traces.limit_mb == pytest.approx(28 * UNIT / MiB)
     tokens = sorted(first.tokens)
     for rule in ("mean", "max"):  # the shown maps stay: the view falls back to the model's own map
         np.testing.assert_array_equal(first.focus_map(tokens, "image", 0, rule, (0, L)),
@@ -215,7 +224,7 @@ def test_a_per_layer_view_of_a_dropped_turn_says_so_and_shows_the_default_map():
 
 
 def test_a_per_layer_view_of_coarsened_detail_says_so_and_stays_close_to_the_whole_map():
-    studio, session = page_with_budget(20 * FULL)
+    studio, session = page_with_budget(28 * UNIT)
     finished_turn(session, 4)
     second = finished_turn(session, 8)
     coarse = [i for i in sorted(second.tokens) if second.tokens[i].detail == "coarse"]
@@ -229,7 +238,7 @@ def test_a_per_layer_view_of_coarsened_detail_says_so_and_stays_close_to_the_who
 
 
 def test_the_export_after_a_drop_loads_and_says_what_was_dropped(tmp_path):
-    studio, session = page_with_budget(20 * FULL)
+    studio, session = page_with_budget(28 * UNIT)
     finished_turn(session, 4)
     finished_turn(session, 8)
     path = write_trace_zip(session, {"model_id": "m"}, tmp_path)
@@ -251,7 +260,7 @@ def test_the_export_after_a_drop_loads_and_says_what_was_dropped(tmp_path):
 
 
 def test_the_count_returns_to_the_right_total_when_the_store_evicts_a_session():
-    budget = budget_of(1000 * FULL)
+    budget = budget_of(1000 * UNIT)
     store = SessionStore(max_sessions=2, traces=budget)
     a, b, c = Session(), Session(), Session()
     store.put(a)
@@ -259,17 +268,22 @@ def test_the_count_returns_to_the_right_total_when_the_store_evicts_a_session():
     finished_turn(a, 3)
     finished_turn(b, 2)
     assert budget.held == 5 * FULL == actual_bytes(a, b)
-    store.put(c)  # the least recently used, A, leaves the store and the budget with its detail
+    store.put(c)  # the least recently used, A, leaves the store: its detail goes
     finished_turn(c, 1)
     assert store.get(a.key) is None and budget.session_held(a) == 0
     assert budget.held == 3 * FULL == actual_bytes(a, b, c)
-    assert all(t.images for t in a.turns[0].tokens.values())  # A's open tab still shows its maps
-    finished_turn(a, 1)  # ... and if it sends again, that turn is counted again
-    assert budget.held == 4 * FULL == actual_bytes(a, b, c)
+    assert all(t.images for t in a.turns[0].tokens.values())  # A's open tab still shows its maps ...
+    assert budget.shown == 6 * SHOWN == actual_shown(a, b, c)  # ... which are still counted
+    finished_turn(a, 1)  # if it sends again, that turn is counted as any other
+    assert budget.held == 4 * FULL == actual_bytes(a, b, c) and budget.shown == actual_shown(a, b, c)
+    del a
+    gc.collect()  # Gradio let go of A's tab
+    assert budget.summary()["shown_bytes"] == 3 * SHOWN == actual_shown(b, c)
+    assert budget.held == 3 * FULL == actual_bytes(b, c)
 
 
 def test_the_count_returns_to_the_right_total_on_new_chat_and_after_an_idle_session_expires():
-    budget = budget_of(1000 * FULL)
+    budget = budget_of(1000 * UNIT)
     store = SessionStore(traces=budget)
     a, b = Session(), Session()
     store.put(a)
@@ -278,19 +292,19 @@ def test_the_count_returns_to_the_right_total_on_new_chat_and_after_an_idle_sess
     finished_turn(b, 2)
     live = Live(a)
     live.push()
-    a.clear()  # New chat while a reply streams: the old turns' detail goes, and so does a late token's
-    assert budget.held == 2 * FULL == actual_bytes(a, b)
+    a.clear()  # New chat while a reply streams: the old turns leave the count, and a late token is not counted
+    assert (budget.held, budget.shown) == (2 * FULL, 2 * SHOWN) == (actual_bytes(a, b), actual_shown(a, b))
     live.push()
-    assert budget.held == 2 * FULL and live.turn.tokens[1].per_layer_images == []
+    assert (budget.held, budget.shown) == (2 * FULL, 2 * SHOWN) and live.turn.tokens[1].per_layer_images == []
     finished_turn(a, 2)  # the new chat is counted
-    assert budget.held == 4 * FULL == actual_bytes(a, b)
+    assert (budget.held, budget.shown) == (4 * FULL, 4 * SHOWN) == (actual_bytes(a, b), actual_shown(a, b))
     store.idle_s = 0.0
-    assert store.get(b.key) is None  # every session expired
-    assert budget.held == 0 == actual_bytes(a, b)
+    assert store.get(b.key) is None  # every session expired: the detail goes, the open tabs' shown maps stay
+    assert (budget.held, budget.shown) == (0, 4 * SHOWN) == (actual_bytes(a, b), actual_shown(a, b))
 
 
 def test_a_session_gradio_let_go_of_leaves_the_count():
-    budget = budget_of(1000 * FULL)
+    budget = budget_of(1000 * UNIT)
     a, b = Session(), Session()
     budget.join(a)
     budget.join(b)
@@ -298,14 +312,15 @@ def test_a_session_gradio_let_go_of_leaves_the_count():
     finished_turn(b, 1)
     del a
     gc.collect()
-    assert budget.summary()["held_bytes"] == FULL == actual_bytes(b)
-    assert budget.summary()["sessions"] == 1
+    summary = budget.summary()
+    assert (summary["detail_bytes"], summary["shown_bytes"]) == (FULL, SHOWN) == (actual_bytes(b), actual_shown(b))
+    assert summary["sessions"] == 1
 
 
 def test_a_session_copied_from_the_pages_template_shares_the_one_budget():
     import copy
 
-    budget = budget_of(1000 * FULL)
+    budget = budget_of(1000 * UNIT)
     template = Session()
     budget.join(template)
     copied = copy.deepcopy(template)
@@ -326,7 +341,7 @@ def test_coarsening_odd_maps_never_crashes_and_keeps_their_shape(stack_):
 
 
 def test_focus_events_with_odd_per_layer_maps_are_counted_and_never_crash_the_turn():
-    budget = budget_of(2 * FULL)
+    budget = budget_of(8 * UNIT)
     s = Session()
     budget.join(s)
     s.start(Turn("q", images=[image()]))
@@ -338,7 +353,8 @@ def test_focus_events_with_odd_per_layer_maps_are_counted_and_never_crash_the_tu
     for _ in range(3):
         odd += [focus(i) for i in range(3, 8)]
     list(stream_turn(None, s, "s", handle=Handle(odd + [Done("stop")])))
-    assert budget.held == actual_bytes(s) <= budget.session_limit
+    assert budget.held == actual_bytes(s) and budget.shown == actual_shown(s)
+    assert budget.held + budget.shown <= budget.session_limit
     turn = s.turns[-1]
     assert turn.tokens[0].detail == "full" and turn.tokens[0].held == 0  # nothing to count, nothing to drop
     for rule in ("mean", "max"):
