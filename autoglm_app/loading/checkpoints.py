@@ -2,7 +2,8 @@
 
 ``load_model`` takes a local directory or a hub id (resolved through the usual HF
 cache; ``HF_HUB_OFFLINE=1`` is honoured and a missing model gives an error that says
-what to do), loads it in the format asked for with the bitsandbytes config from
+what to do), or ``random:<config.json>`` (built with seeded random weights by ``random_build``,
+no weights read), loads it in the format asked for with the bitsandbytes config from
 ``quantize`` (the decoder's projections and experts 4-bit, the encoders, adapter,
 router gates, embeddings and output head 16-bit), places it on the GPUs with a plan
 from ``planning`` (or on the CPU when there is none), and proves afterwards, with
@@ -149,8 +150,9 @@ def load_model(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     progress: LoadProgress | None = None,
+    seed: int | None = None,
 ) -> LoadedModel:
-    """Load an AutoGLM checkpoint and its processor.
+    """Load an AutoGLM or transformers-family checkpoint and its processor, or build ``random:<config.json>``.
 
     quantize: one of QUANTIZE_CHOICES (default: int4 with a GPU, fp32 without).
     gpus: devices to shard over (indices, 'cuda:N', or 'cpu' as a test stand-in); default
@@ -160,6 +162,7 @@ def load_model(
         processor classes). Off by default; only for checkpoints you trust.
     progress: where the stages and the weights loaded / total are reported (the loading page reads it);
         by default the one a ``progress.reporting`` block set on this thread.
+    seed: the weights' seed of a ``random:`` model (default ``random_build.DEFAULT_SEED``, 0).
 
     Weights are read from safetensors only (``use_safetensors=True``): a checkpoint with only pickled
     ``.bin`` / ``.pt`` weights is refused (unpickling can run arbitrary code), with a note to convert it.
@@ -173,6 +176,14 @@ def load_model(
     quantize = quantize or default_quantize()
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    from .random_build import DEFAULT_SEED, build_random, is_random
+
+    if is_random(name_or_path):
+        devices = _resolve_devices(gpus)
+        budget = min(_device_budget(d, gpu_memory) for d in devices) if devices else (
+            parse_memory(gpu_memory) if gpu_memory else None)
+        return build_random(str(name_or_path), quantize, devices, budget, DEFAULT_SEED if seed is None else seed,
+                            attn_implementation, progress)
     progress.stage("finding the checkpoint")
     path = resolve_checkpoint(name_or_path)
     progress.stage("reading the config")

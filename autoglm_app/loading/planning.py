@@ -1,16 +1,20 @@
 """Device planning: how many bytes each part of the model holds, and which device holds it.
 
-The model is cut into *placement units* that are never split across devices:
+The model is cut into *placement units* that are never split across devices. For AutoGLM:
 
     model.vision_tower, model.audio_tower, model.adapter, model.embed_tokens,
     model.layers.0 ... model.layers.{N-1}, model.norm, lm_head
 
-The encoders, the adapter and the embeddings go on the first device (the
-multimodal prefix is built there), ``norm`` and ``lm_head`` on the last, and the
-decoder layers are cut into contiguous runs, one per device, chosen to minimise
-the largest per-device total. Everything here runs on the ``meta`` device: the
-9B configuration is planned in about a second without allocating its weights.
-The bytes of a quantized weight come from ``quantize`` (what bitsandbytes stores).
+and for a transformers family the same cut around its ``layers_path`` (``model.visual``,
+``model.language_model.embed_tokens``, ``model.language_model.layers.i``, ``model.language_model.norm``,
+``lm_head``; an Omni thinker adds ``model.audio_tower``). The encoders, the adapter and the embeddings
+go on the first device (the multimodal prefix is built there), the final norm and ``lm_head`` on the
+last, and the decoder layers are cut into contiguous runs, one per device, chosen to minimise the
+largest per-device total. Everything here runs on the ``meta`` device: a 9B configuration is planned
+in about a second without allocating its weights. The bytes of a quantized weight come from
+``quantize`` (what bitsandbytes stores); which layers are quantized follows transformers' own rule
+(``quantize.converts``), and fused 3-D experts count as the per-expert NF4 layers the loader splits
+them into, so the estimate is what a load (or a ``random:`` build) holds.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import normalize_device_text, parse_gpus
-from .quantize import int8_weight_bytes, is_kept_16bit, nf4_weight_bytes
+from .quantize import converts, int8_weight_bytes, nf4_weight_bytes, skip_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int4": 2, "int8": 2}  # non
 
 ENCODER_UNITS = ("model.vision_tower", "model.audio_tower", "model.adapter", "model.embed_tokens")
 HEAD_UNITS = ("model.norm", "lm_head")
+AUTOGLM_LAYERS = "model.layers"
+FUSED_EXPERT_NAMES = ("gate_up_proj", "down_proj")  # (E, out, in) each; see fused_experts
 
 
 class PlanError(ValueError):
@@ -74,85 +80,171 @@ def device_label(device: int | str) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-def placement_unit(param_name: str) -> str:
-    """The placement unit a parameter or buffer belongs to."""
-    parts = param_name.split(".")
-    if parts[0] == "model":
-        if len(parts) > 2 and parts[1] == "layers":
-            return ".".join(parts[:3])
-        return ".".join(parts[:2])
-    return parts[0]
+def placement_unit(param_name: str, layers_path: str = AUTOGLM_LAYERS) -> str:
+    """The placement unit a parameter or buffer belongs to: its decoder layer (``layers_path.i``), or the
+    child it sits in of one of the decoder's ancestors (``model.visual``, ``model.language_model.norm``,
+    ``lm_head``)."""
+    prefix = layers_path + "."
+    if param_name.startswith(prefix):
+        return prefix + param_name[len(prefix):].split(".", 1)[0]
+    parts, ancestors = param_name.split("."), layers_path.split(".")[:-1]
+    depth = 0
+    while depth < len(ancestors) and len(parts) > depth + 1 and parts[depth] == ancestors[depth]:
+        depth += 1
+    return ".".join(parts[: depth + 1])
 
 
 def placement_units(num_layers: int) -> list[str]:
     return [*ENCODER_UNITS, *(f"model.layers.{i}" for i in range(num_layers)), *HEAD_UNITS]
 
 
+def head_units(layers_path: str) -> tuple[str, str]:
+    """The units the last device holds: the decoder's final norm and the output head."""
+    return f"{layers_path.rsplit('.', 1)[0]}.norm", "lm_head"
+
+
 # ----------------------------------------------------------------------------- estimation
 
 
-def build_on_meta(config_or_model: Any) -> nn.Module:
-    """An AutoGLM model on the meta device (no memory) from a config, a config path or a model."""
+def build_on_meta(config_or_model: Any, dtype: torch.dtype | None = None,
+                  attn_implementation: str | None = None) -> nn.Module:
+    """A model on the meta device (no memory for its weights) from a config, a config path or a model.
+
+    AutoGLM or any transformers family (``load_config``). Parameters are meta; buffers (rotary
+    frequencies, sinusoidal position tables) are computed for real on the CPU, as a load would have
+    them. ``dtype`` is the dtype the parameters get (default: float32).
+    """
     if isinstance(config_or_model, nn.Module):
         return config_or_model
-    from autoglm_app.modeling import AutoGLMConfig, AutoGLMForConditionalGeneration
+    from accelerate import init_empty_weights
 
-    config = load_config(config_or_model) if not isinstance(config_or_model, AutoGLMConfig) else config_or_model
-    with torch.device("meta"):
-        return AutoGLMForConditionalGeneration(config)
+    config = load_config(config_or_model)
+    cls = model_class(config)
+    kwargs: dict = {"dtype": dtype or torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        return cls._from_config(config, **kwargs)
+
+
+def model_class(config):
+    """The class a load of ``config`` builds: AutoGLM's, or the family's transformers class."""
+    from ..families import family_for
+
+    family = family_for(config)
+    if family.name == "autoglm":
+        from autoglm_app.modeling import AutoGLMForConditionalGeneration
+
+        return AutoGLMForConditionalGeneration
+    import transformers
+
+    if family.auto_class.startswith("Auto"):  # the Auto class's choice for this config type
+        auto = getattr(transformers, family.auto_class)
+        return auto._model_mapping[type(config)]
+    return getattr(transformers, family.auto_class)
 
 
 def load_config(source: Any):
-    """AutoGLMConfig from a config object, a JSON file, a checkpoint directory or a dict."""
+    """The config a model is built from: an AutoGLMConfig or a transformers config of a supported family
+    (an Omni checkpoint's thinker part), from a config object, a JSON file, a checkpoint directory or a dict.
+    """
+    from transformers import PretrainedConfig
+
     from autoglm_app.modeling import AutoGLMConfig
 
-    if isinstance(source, AutoGLMConfig):
-        return source
+    if isinstance(source, PretrainedConfig):
+        return _family_part(source)
     if isinstance(source, dict):
-        return AutoGLMConfig(**{k: v for k, v in source.items() if k != "model_type"})
+        if source.get("model_type", "autoglm") == "autoglm":
+            return AutoGLMConfig(**{k: v for k, v in source.items() if k != "model_type"})
+        return _family_part(_hf_config(source["model_type"], "the given dict").from_dict(source))
     path = os.fspath(source)
     if os.path.isdir(path):
-        return AutoGLMConfig.from_pretrained(path)
-    if os.path.isfile(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} is a directory without a config.json: give a model config JSON file")
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model config at {path!r} (give a config JSON file or a checkpoint directory)")
+    try:
         with open(path) as f:
             data = json.load(f)
-        if data.get("model_type", "autoglm") != "autoglm":
-            raise ValueError(f"{path} is a {data.get('model_type')!r} config, not an AutoGLM one")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path} as a model config JSON: {err}") from err
+    model_type = data.get("model_type", "autoglm") if isinstance(data, dict) else None
+    if model_type == "autoglm":
         return AutoGLMConfig.from_json_file(path)
-    raise FileNotFoundError(f"no model config at {path!r} (give a config JSON file or a checkpoint directory)")
+    return _family_part(_hf_config(model_type, path).from_json_file(path))
+
+
+def _hf_config(model_type, where: str):
+    """The transformers config class of ``model_type``, or an error naming the supported architectures."""
+    from transformers import CONFIG_MAPPING
+
+    from ..families import HF_FAMILIES
+
+    if model_type in HF_FAMILIES and model_type in CONFIG_MAPPING:
+        return CONFIG_MAPPING[model_type]
+    supported = ", ".join(["autoglm", *HF_FAMILIES])
+    raise ValueError(f"{where}: model_type {model_type!r} is not an architecture this app supports "
+                     f"(supported: {supported}); give the config.json of one of those")
+
+
+def _family_part(config):
+    """The part of a composite config the family loads (the Thinker of a Qwen-Omni checkpoint)."""
+    from ..families import family_for
+
+    family = family_for(config)
+    sub = getattr(family, "sub_config", None)
+    part = getattr(config, sub, None) if sub else None
+    return part if part is not None else config
+
+
+def layers_path_of(model: nn.Module) -> str:
+    """Where the decoder layers sit: the family's ``layers_path`` (AutoGLM: ``model.layers``)."""
+    from ..families import family_for
+
+    return getattr(family_for(model), "layers_path", AUTOGLM_LAYERS)
 
 
 def estimate_module_bytes(model_on_meta: nn.Module, quantize: str) -> dict[str, int]:
     """Bytes each placement unit holds once loaded with ``quantize`` (int4/int8/fp16/bf16/fp32).
 
-    int4: every nn.Linear weight outside KEEP_16BIT is NF4 with double quantization;
-    int8: those weights are LLM.int8 (1 byte per value + a float32 scale per row);
-    everything else (biases, kept modules, norms, embeddings) is 16-bit when quantizing,
-    and the chosen dtype's size otherwise.
+    int4: every layer a bitsandbytes load converts (``quantize.converts``: an ``nn.Linear`` outside the
+    family's 16-bit modules) is NF4 with double quantization, and fused 3-D experts are one NF4 layer per
+    expert and projection (what the loader splits them into); int8: those layers are LLM.int8 (1 byte per
+    value + a float32 scale per row) and fused experts stay 16-bit; everything else (biases, kept modules,
+    norms, embeddings) is 16-bit when quantizing, and the chosen dtype's size otherwise. A tied weight
+    counts once.
     """
     if quantize not in BYTES_PER_PARAM:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {sorted(BYTES_PER_PARAM)}")
+    from ..families import family_for
+
+    family = family_for(model_on_meta)
+    layers_path = getattr(family, "layers_path", AUTOGLM_LAYERS)
+    patterns = skip_patterns(model_on_meta, getattr(family, "keep_16bit", None))
+    split_experts = quantize == "int4" and getattr(family, "fused_experts", False)
     plain = BYTES_PER_PARAM[quantize]
     sizes: dict[str, int] = {}
+    seen: set[int] = set()
     for module_name, module in model_on_meta.named_modules():
-        quantized = (
-            quantize in ("int4", "int8") and isinstance(module, nn.Linear) and not is_kept_16bit(module_name)
-        )
+        quantized = quantize in ("int4", "int8") and converts(module_name, module, patterns)
         for pname, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{pname}" if module_name else pname
-            unit = placement_unit(full)
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             if quantized and pname == "weight":
-                if quantize == "int4":
-                    nbytes = nf4_weight_bytes(p.numel())
-                else:
-                    nbytes = int8_weight_bytes(p.shape[0], p.shape[1])
+                nbytes = nf4_weight_bytes(p.numel()) if quantize == "int4" else int8_weight_bytes(*p.shape)
+            elif split_experts and pname in FUSED_EXPERT_NAMES and p.dim() == 3:
+                nbytes = p.shape[0] * nf4_weight_bytes(p.shape[1] * p.shape[2])
             else:
                 nbytes = p.numel() * plain
+            unit = placement_unit(f"{module_name}.{pname}" if module_name else pname, layers_path)
             sizes[unit] = sizes.get(unit, 0) + nbytes
         for bname, b in module.named_buffers(recurse=False):
-            full = f"{module_name}.{bname}" if module_name else bname
+            unit = placement_unit(f"{module_name}.{bname}" if module_name else bname, layers_path)
             size = plain if b.is_floating_point() else b.element_size()
-            sizes[placement_unit(full)] = sizes.get(placement_unit(full), 0) + b.numel() * size
+            sizes[unit] = sizes.get(unit, 0) + b.numel() * size
     return sizes
 
 
@@ -171,9 +263,12 @@ class Plan:
     devices: list[int | str] = field(default_factory=list)
     slot_labels: list[str] = field(default_factory=list)
     units_per_slot: list[list[str]] = field(default_factory=list)
+    layers_path: str = AUTOGLM_LAYERS
+    head: tuple[str, ...] = HEAD_UNITS  # the units after the decoder layers (final norm, lm_head)
 
     def layers_on(self, slot: int) -> list[int]:
-        return [int(u.rsplit(".", 1)[1]) for u in self.units_per_slot[slot] if u.startswith("model.layers.")]
+        prefix = self.layers_path + "."
+        return [int(u.rsplit(".", 1)[1]) for u in self.units_per_slot[slot] if u.startswith(prefix)]
 
     def table(self) -> str:
         """Which units and layers sit on which device, and the estimated GiB per device."""
@@ -181,12 +276,13 @@ class Plan:
         rows.append("-" * len(rows[0]))
         for slot, label in enumerate(self.slot_labels):
             units = self.units_per_slot[slot]
-            parts = [u.split(".")[-1] for u in units if u in ENCODER_UNITS]
+            front = [u for u in units if u not in self.head and not u.startswith(self.layers_path + ".")]
+            parts = [u.split(".")[-1] for u in front]
             layers = self.layers_on(slot)
             if layers:
                 span = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
                 parts.append(f"{span} ({len(layers)})")
-            parts += [u.split(".")[-1] for u in units if u in HEAD_UNITS]
+            parts += [u.split(".")[-1] for u in units if u in self.head]
             rows.append(f"{label:<10} {', '.join(parts) or '-':<66} {self.bytes_per_device[label] / GiB:>9.2f}")
         rows.append("-" * len(rows[0]))
         budget = f"{self.quantize}, budget {self.budget_bytes_per_device / GiB:.2f} GiB per device"
@@ -233,7 +329,7 @@ def plan_device_map(
 ) -> Plan:
     """Place the model on ``devices`` (GPU indices, 'cuda:N' or 'cpu') within a per-device byte budget.
 
-    Encoders, adapter and embeddings on the first device; norm and lm_head on the last;
+    Encoders, adapter and embeddings on the first device; the final norm and lm_head on the last;
     decoder layers contiguous, never split, balanced to minimise the busiest device.
     Raises PlanError (saying how much is missing) when it does not fit.
     """
@@ -244,27 +340,27 @@ def plan_device_map(
     labels = _slot_labels(devs)
     model = build_on_meta(config_or_model)
     sizes = estimate_module_bytes(model, quantize)
-    num_layers = len(model.model.layers)
-    units = placement_units(num_layers)
-    unknown = set(sizes) - set(units)
-    if unknown:
-        raise ValueError(f"parameters outside the placement units: {sorted(unknown)}")
-    layer_bytes = [sizes.get(f"model.layers.{i}", 0) for i in range(num_layers)]
+    layers_path = layers_path_of(model)
+    num_layers = len(model.get_submodule(layers_path))
+    layer_units = [f"{layers_path}.{i}" for i in range(num_layers)]
+    head = tuple(u for u in head_units(layers_path) if u in sizes)
+    front = [u for u in sizes if u not in head and u not in set(layer_units)]  # in the model's order
+    layer_bytes = [sizes.get(u, 0) for u in layer_units]
     fixed = [0] * len(devs)
-    fixed[0] += sum(sizes.get(u, 0) for u in ENCODER_UNITS)
-    fixed[-1] += sum(sizes.get(u, 0) for u in HEAD_UNITS)
+    fixed[0] += sum(sizes[u] for u in front)
+    fixed[-1] += sum(sizes[u] for u in head)
     bounds = _balanced_partition(fixed, layer_bytes)
 
     device_map: dict[str, int | str] = {}
     units_per_slot: list[list[str]] = [[] for _ in devs]
-    for u in ENCODER_UNITS:
+    for u in front:
         device_map[u] = devs[0]
         units_per_slot[0].append(u)
     for slot in range(len(devs)):
-        for i in range(bounds[slot], bounds[slot + 1]):
-            device_map[f"model.layers.{i}"] = devs[slot]
-            units_per_slot[slot].append(f"model.layers.{i}")
-    for u in HEAD_UNITS:
+        for u in layer_units[bounds[slot] : bounds[slot + 1]]:
+            device_map[u] = devs[slot]
+            units_per_slot[slot].append(u)
+    for u in head:
         device_map[u] = devs[-1]
         units_per_slot[-1].append(u)
     loads = [fixed[s] + sum(layer_bytes[bounds[s] : bounds[s + 1]]) for s in range(len(devs))]
@@ -278,6 +374,8 @@ def plan_device_map(
         devices=devs,
         slot_labels=labels,
         units_per_slot=units_per_slot,
+        layers_path=layers_path,
+        head=head,
     )
     worst = max(loads)
     if worst > budget:

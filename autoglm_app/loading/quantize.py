@@ -27,6 +27,7 @@ __all__ = [
     "QUANTIZE_CHOICES",
     "QuantizationError",
     "compute_dtype",
+    "converts",
     "default_quantize",
     "guard_cpu_int4_packing",
     "int8_weight_bytes",
@@ -36,6 +37,7 @@ __all__ = [
     "model_dtype",
     "nf4_weight_bytes",
     "quantization_config",
+    "skip_patterns",
     "verify_quantized",
 ]
 
@@ -79,6 +81,20 @@ def keep_16bit_patterns(names: list[str] | tuple[str, ...] | None = None) -> lis
     ``(?:.*\\.)?router`` matches the component anywhere, at a module boundary.
     """
     return [rf"(?:.*\.)?{name}" for name in (KEEP_16BIT if names is None else names)]
+
+
+def skip_patterns(model: nn.Module, keep_16bit: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """What a bitsandbytes load leaves unconverted: the kept modules (as ``keep_16bit_patterns``) and the
+    model's own ``_keep_in_fp32_modules``, as transformers' 4-bit and 8-bit quantizers assemble them."""
+    return keep_16bit_patterns(keep_16bit) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def converts(module_name: str, module: nn.Module, patterns: list[str]) -> bool:
+    """True when a bitsandbytes load turns this module into a 4-bit / 8-bit layer: an exact ``nn.Linear``
+    (not a subclass) that no skip pattern matches, by transformers' own matching rule."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return type(module) is nn.Linear and should_convert_module(module_name, patterns)
 
 
 def default_quantize() -> str:
