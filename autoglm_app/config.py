@@ -77,9 +77,12 @@ class Limits:
 
 @dataclass
 class Settings:
-    model: str = setting(help="local directory or hub id; 'small' builds a random small AutoGLM",
+    model: str = setting(help="local directory or hub id; 'small' builds a random small AutoGLM; 'random:PATH' "
+                              "builds the architecture of a config JSON at its full size with random weights",
                          default_factory=default_model, shown_default="`assets/autoglm-phone-tiny` (or `small` "
                                                                        "where it is missing)")
+    random_seed: int = setting(0, "seed of a random: model's weights (the same seed gives the same weights)",
+                               minimum=0)
     quantize: str | None = setting(None, "weight format", choices=QUANTIZE_CHOICES,
                                    shown_default="`int4` with a GPU, `fp32` on the CPU")
     gpus: list | None = setting(None, "GPUs to shard across, e.g. 0,1 (or cuda:0,cpu)", metavar="0,1",

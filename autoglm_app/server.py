@@ -73,7 +73,8 @@ def _load_engine(settings: Settings, progress):
     else:
         loaded = load_model(settings.model, quantize=settings.quantize, gpus=settings.gpus,
                             gpu_memory=settings.gpu_memory, attn_implementation=settings.attn_implementation,
-                            trust_remote_code=settings.trust_remote_code)  # it reports to the current progress
+                            trust_remote_code=settings.trust_remote_code,
+                            seed=settings.random_seed)  # it reports to the current progress
     progress.stage("starting the engine")
     return Engine(loaded, limits, transcribe=asr.transcribe if asr is not None else None,
                   max_batch=settings.max_batch, compile=settings.compile, progress=progress)
