@@ -96,8 +96,10 @@ def test_the_engine_reports_its_kv_cache_usage_while_a_request_runs(engine):
         engine.observers.remove(watch)
     assert isinstance(events[-1], Done) and seen
     prompt = events[-2].prompt_tokens
-    limit = engine.rt.context_limit
-    assert [u for _, u in seen] == pytest.approx([(prompt + i) / limit for i, _ in seen])
+    positions = engine.max_batch * engine.rt.context_limit  # every slot's, the share of all the KV held
+    # a token's events are observed when they are delivered, which may be a few tokens later (4 ms)
+    for i, usage in seen:
+        assert (prompt + i) / positions - 1e-9 <= usage <= (prompt + 5) / positions + 1e-9
     assert engine.kv_cache_usage == 0.0  # idle again
 
 

@@ -607,7 +607,7 @@ def test_limit_settings_reach_the_api_the_engine_and_the_page(small, tmp_path):
 
 
 def test_a_full_queue_is_a_busy_warning_in_the_page_and_429_on_the_api(small):
-    eng = make_engine(*small, max_queue=1)
+    eng = make_engine(*small, max_batch=1, max_queue=1)  # one slot: the second request waits, the third is refused
     running = serve_in_thread(create_app(eng, Settings(model="small"), ui=False))
     long = ChatRequest([Message("user", LONG_PROMPT)], Options(max_new_tokens=4000, min_new_tokens=4000,
                                                                temperature=0, focus=False, routing=False))
@@ -645,8 +645,15 @@ class FakeGeneration:
 
     def __init__(self, rt, req, emit, cancelled, memory_state=None):
         self.memory_state = object()
+        self.cache, self.cache_tokens = None, 0
 
-    def run(self) -> Stats:
+    def begin(self) -> str:
+        return "stop"
+
+    def flush(self) -> None:
+        pass
+
+    def end(self) -> Stats:
         return Stats(ttft_s=0, think_s=None, reasoning_tokens=0, answer_tokens=0, reasoning_tps=0, answer_tps=0,
                      tokens_per_second=0, prompt_tokens=1, completion_tokens=0, queue_s=0, total_s=0,
                      peak_memory={}, finish_reason="stop", attention="sdpa")
@@ -736,9 +743,19 @@ def test_out_of_memory_fails_only_that_request_with_503_and_the_next_is_served(u
     assert_alive(url, reference)
 
 
-def test_out_of_memory_before_a_stream_starts_is_503_and_mid_stream_is_an_error_event(url, reference, oom_once):
+def test_out_of_memory_before_a_stream_starts_is_503_and_mid_stream_is_an_error_event(url, reference, oom_once,
+                                                                                      engine, monkeypatch):
     assert_error(post(url, body(stream=True)), 503, "out_of_memory")
-    oom_once["calls"], oom_once["fail_at"] = 0, {3}  # prefill, one decode step, then out of memory
+    oom_once["fail_at"] = set()  # the prefill goes through; the decoder's second step runs out of memory
+    real_step, steps = engine.decoder.step, []
+
+    def step(gens):
+        steps.append(len(gens))
+        if len(steps) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (fault injection)")
+        return real_step(gens)
+
+    monkeypatch.setattr(engine.decoder, "step", step)
     with httpx.stream("POST", url + "/v1/chat/completions", json=body(stream=True, max_tokens=20),
                       timeout=WAIT_S) as r:
         assert r.status_code == 200
