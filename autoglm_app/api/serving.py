@@ -333,7 +333,7 @@ class CompletionBuilder:
     focus: list[list[ImageFocus]] = field(default_factory=list)
     routing: list[TokenRouting] = field(default_factory=list)
     stats: Stats | None = None
-    expert_load: dict | None = None
+    last_routing: Routing | None = None
     finish: str = "stop"
     routed: RoutedExperts = field(default_factory=RoutedExperts)
 
@@ -350,7 +350,7 @@ class CompletionBuilder:
                 self.routed.add(event)
             if self.extras.routing:
                 self.routing.append(token_routing(event))
-                self.expert_load = event.load
+                self.last_routing = event  # its load is built once, at the end (not per token)
         elif isinstance(event, Stats):
             self.stats = event
         elif isinstance(event, Done):
@@ -365,7 +365,7 @@ class CompletionBuilder:
             focus=self.focus if self.extras.focus else None,
             routing=self.routing if self.extras.routing else None,
         )
-        stats = completion_stats(self.stats, self.expert_load) if self.extras.stats and self.stats else None
+        stats = completion_stats(self.stats, self.last_routing.load if self.last_routing else None) if self.extras.stats and self.stats else None
         return ChatCompletion(id=self.id, created=self.created, model=self.model,
                               choices=[Choice(message=message, finish_reason=self.finish,
                                               routed_experts=self.routed.encoded() if self.extras.routed_experts
@@ -391,7 +391,7 @@ class ChunkBuilder:
     pending: Delta | None = None
     pending_index: int | None = None  # the token whose telemetry the pending delta carries
     stats: Stats | None = None
-    expert_load: dict | None = None
+    last_routing: Routing | None = None
     routed: RoutedExperts = field(default_factory=RoutedExperts)
 
     @property
@@ -425,7 +425,7 @@ class ChunkBuilder:
             if self.extras.routed_experts:
                 self.routed.add(event)
             if self.extras.routing:
-                self.expert_load = event.load
+                self.last_routing = event  # its load is built once, at the end (not per token)
                 out += self.attach(event.index, "routing", token_routing(event))
         elif isinstance(event, Stats):
             self.stats = event
@@ -452,7 +452,7 @@ class ChunkBuilder:
         return [self.chunk(delta)] if delta is not None else []
 
     def finish(self, reason: str) -> list[ChatCompletionChunk]:
-        stats = completion_stats(self.stats, self.expert_load) if self.extras.stats and self.stats else None
+        stats = completion_stats(self.stats, self.last_routing.load if self.last_routing else None) if self.extras.stats and self.stats else None
         routed = self.routed.encoded() if self.extras.routed_experts else None
         out = [self.chunk(Delta(), finish=reason, stats=stats, routed_experts=routed)]
         if self.include_usage:
