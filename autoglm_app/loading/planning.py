@@ -206,7 +206,7 @@ def layers_path_of(model: nn.Module) -> str:
     return getattr(family_for(model), "layers_path", AUTOGLM_LAYERS)
 
 
-def estimate_module_bytes(model_on_meta: nn.Module, quantize: str) -> dict[str, int]:
+def estimate_module_bytes(model_on_meta: nn.Module, quantize: str, buffers: bool = True) -> dict[str, int]:
     """Bytes each placement unit holds once loaded with ``quantize`` (int4/int8/fp16/bf16/fp32).
 
     int4: every layer a bitsandbytes load converts (``quantize.converts``: an ``nn.Linear`` outside the
@@ -214,7 +214,8 @@ def estimate_module_bytes(model_on_meta: nn.Module, quantize: str) -> dict[str, 
     expert and projection (what the loader splits them into); int8: those layers are LLM.int8 (1 byte per
     value + a float32 scale per row) and fused experts stay 16-bit; everything else (biases, kept modules,
     norms, embeddings) is 16-bit when quantizing, and the chosen dtype's size otherwise. A tied weight
-    counts once.
+    counts once. ``buffers=False`` leaves buffers (rotary tables, ...) out: the parameters' bytes alone,
+    exactly what the loaded parameters and their quantization states hold.
     """
     if quantize not in BYTES_PER_PARAM:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {sorted(BYTES_PER_PARAM)}")
@@ -241,7 +242,7 @@ def estimate_module_bytes(model_on_meta: nn.Module, quantize: str) -> dict[str, 
                 nbytes = p.numel() * plain
             unit = placement_unit(f"{module_name}.{pname}" if module_name else pname, layers_path)
             sizes[unit] = sizes.get(unit, 0) + nbytes
-        for bname, b in module.named_buffers(recurse=False):
+        for bname, b in module.named_buffers(recurse=False) if buffers else ():
             unit = placement_unit(f"{module_name}.{bname}" if module_name else bname, layers_path)
             size = plain if b.is_floating_point() else b.element_size()
             sizes[unit] = sizes.get(unit, 0) + b.numel() * size
