@@ -199,8 +199,20 @@ class RoutingProbe:
     def fold_step(self, experts: np.ndarray, weights: np.ndarray) -> list[tuple[int, list[int], list[float]]]:
         """One decode step's route as a batched step returned it (experts, weights: (MoE layers, k), every
         router ran and nothing was dropped): folded like ``collect``."""
-        experts = np.asarray(experts, np.int64)[:, None, :]
-        return self._fold(self._all_slots, experts, np.asarray(weights)[:, None, :], np.ones(experts.shape, bool))
+        experts = np.asarray(experts, np.int64)
+        if self.phase != "decode":
+            e3 = experts[:, None, :]
+            return self._fold(self._all_slots, e3, np.asarray(weights)[:, None, :], np.ones(e3.shape, bool))
+        # the decode step's one token, every layer routed, nothing dropped: its L * k flat ids are distinct, so each
+        # count moves by a plain indexed add (what _fold's bincount and _record's window update come to here)
+        ids = (experts + self._offsets[:, 0]).ravel()
+        for counts in (self.load["decode"], self.by_modality["text"], self.by_phase[self.token_phase]):
+            counts.reshape(-1)[ids] += 1
+        self.phase_tokens[self.token_phase] += 1
+        self.tokens["decode"] += 1
+        self._slide(ids)
+        w = np.asarray(weights).tolist()
+        return [(layer, row, w[i]) for i, (layer, row) in enumerate(zip(self.layer_ids, experts.tolist()))]
 
     def _fold(self, slots: list[int], e: np.ndarray, weights: np.ndarray, kept_np: np.ndarray):
         """experts, weights, kept (layers run, N tokens, k) on the host -> the counts; the newest token's route."""
@@ -251,14 +263,8 @@ class RoutingProbe:
         rows = flat.transpose(1, 0, 2).reshape(n, L * k)
         rows = np.where(rows < 0, self._spare, rows)
         size = self._ring.shape[0]
-        if n == 1:  # a decode step: add the new token to each window, take out the one that left each
-            # a token's ids are distinct (top-k per layer, layers offset by E) but for the spare column
-            self._win[:, rows[0]] += 1
-            old = self._ring[(self._seen - self._sizes) % size]  # (windows, L * k): the tokens leaving
-            old[self._seen < self._sizes] = self._spare  # a window not yet full loses nothing
-            self._win[self._win_rows, old] -= 1
-            self._ring[self._seen % size] = rows[0]
-            self._seen += 1
+        if n == 1:  # a decode step
+            self._slide(rows[0])
             return
         keep = rows[-size:]  # several tokens (the prefill): write them, then count each window afresh
         self._ring[np.arange(self._seen + n - len(keep), self._seen + n) % size] = keep
@@ -266,6 +272,17 @@ class RoutingProbe:
         for i, w in enumerate(ROUTING_WINDOWS):
             last = self._ring[np.arange(self._seen - min(w, self._seen), self._seen) % size].ravel()
             self._win[i] = np.bincount(last, minlength=self._win.shape[1])
+
+    def _slide(self, row: np.ndarray) -> None:
+        """One token's flat ids (L * k) into each window, and the token that left each window out."""
+        # a token's ids are distinct (top-k per layer, layers offset by E) but for the spare column
+        self._win[:, row] += 1
+        size = self._ring.shape[0]
+        old = self._ring[(self._seen - self._sizes) % size]  # (windows, L * k): the tokens leaving
+        old[self._seen < self._sizes] = self._spare  # a window not yet full loses nothing
+        self._win[self._win_rows, old] -= 1
+        self._ring[self._seen % size] = row
+        self._seen += 1
 
     def start_decode(self, phase: str = "answer") -> None:
         """From here on the forwards are decode steps, and their one token each is text; ``phase`` is the

@@ -51,6 +51,11 @@ def assert_same_answer(batched: list, alone: list, atol: float = 1e-4) -> None:
         assert [(r.layer, r.experts) for r in x.layers] == [(r.layer, r.experts) for r in y.layers]
         np.testing.assert_allclose([r.weights for r in x.layers], [r.weights for r in y.layers], atol=1e-5)
         np.testing.assert_array_equal(x.counts.decode, y.counts.decode)
+        for w in x.counts.windows:
+            np.testing.assert_array_equal(x.counts.windows[w], y.counts.windows[w])
+        for p in x.counts.by_phase:
+            np.testing.assert_array_equal(x.counts.by_phase[p], y.counts.by_phase[p])
+        assert x.counts.tokens == y.counts.tokens and x.counts.phase_tokens == y.counts.phase_tokens
 
 
 def mixed_requests() -> list:
