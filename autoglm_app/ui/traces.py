@@ -7,12 +7,12 @@ per-layer detail that the aggregation picker and the layer range re-aggregate. A
 2,700 patches, float16) that is about 216 KB a token, so it is the part that is bounded. The shown maps
 always stay.
 
-``TraceBudget`` (one per page, from ``--trace-memory-mb``) counts the bytes of the focus maps the page's
-sessions hold (``ndarray.nbytes``, exactly), in total and per session: the per-layer stacks, and the shown
-maps too, which never give way (so the detail gets what they leave, and the page's focus memory stays
-within the budget until the shown maps alone would fill it). When a new token takes a session over its
-share (a quarter of the budget) or the server over the budget, detail gives way in this order, one token
-at a time, until both fit again:
+``TraceBudget`` (one per page, from ``--trace-memory-mb``) counts what the page's sessions hold of their
+focus traces, in total and per session: the per-layer stacks exactly (``ndarray.nbytes``), and what never
+gives way, also counted: each token's shown maps (``nbytes``) and its record (``RECORD_BYTES``). So the
+detail gets what the rest leaves, and the traces stay within the budget until the shown maps alone would
+fill it. When a new token takes a session over its share (a quarter of the budget) or the server over the
+budget, detail gives way in this order, one token at a time, until both fit again:
 
   1. whose:  the session over its share gives way alone; over the server-wide budget, the least recently
              used session first (a turn streamed, or the page reloaded, is a use);
@@ -30,6 +30,8 @@ Gradio lets go of the session); a session Gradio let go of is taken off at the n
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 import weakref
 from collections import OrderedDict, deque
@@ -43,9 +45,13 @@ Turn = TokenTrace = Any
 
 MiB = 2**20
 SESSION_SHARE = 0.25  # one session may hold this much of the server-wide budget
+# a token's record besides its maps (TokenTrace, its lists, the maps' array headers, its text, its slot in the
+# turn): about 0.8 KiB measured with tracemalloc; counted with the shown maps, as it never gives way either
+RECORD_BYTES = 1024
+TRIM_EVERY = 8 * MiB  # detail given way between two returns of the heap's free pages to the system
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Coarse:
     """A (layers, ...) stack at 8 bits: ``q * scale + low`` per layer; half the bytes of float16."""
 
@@ -55,7 +61,9 @@ class Coarse:
 
     @classmethod
     def of(cls, stack: np.ndarray) -> Coarse:
-        x = np.nan_to_num(np.asarray(stack, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        x = cast(stack, np.float32)
+        if not np.isfinite(x.sum()):  # a bad map from a bad engine: its non-finite cells count as 0
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         x = x.reshape(1) if x.ndim == 0 else x
         n = x.shape[0]
         flat = x.reshape(n, -1) if x.size else np.zeros((n, 0), np.float32)
@@ -81,7 +89,33 @@ class Coarse:
 
 def as_float32(stack: np.ndarray | Coarse) -> np.ndarray:
     """A stored per-layer stack (float16, or coarse) as float32 for aggregation."""
-    return stack.restore() if isinstance(stack, Coarse) else np.asarray(stack, np.float32)
+    return stack.restore() if isinstance(stack, Coarse) else cast(stack, np.float32)
+
+
+def cast(a: Any, dtype: type) -> np.ndarray:
+    """``a`` as a C-contiguous array of ``dtype`` of its own (so its ``nbytes`` is what it holds). numpy's
+    float16 <-> float32 casts take about 100x longer on subnormal values, which attention maps are full of
+    (measured: 450 vs 4 us for a 40 x 576 stack), so torch's CPU cast does those: bit-identical."""
+    x = np.asarray(a)
+    if x.dtype == dtype and x.base is None and x.flags.c_contiguous:
+        return x
+    halves = (np.float16, np.float32)
+    torch = _torch()
+    if torch is not None and x.dtype in halves and dtype in halves and x.dtype != dtype \
+            and x.flags.c_contiguous and x.flags.writeable:
+        out = np.empty(x.shape, dtype)  # numpy's memory (torch's own allocations fragmented the heap: measured)
+        torch.from_numpy(out).copy_(torch.from_numpy(x))
+        return out
+    return np.array(x, dtype, order="C")
+
+
+@functools.cache
+def _torch():
+    try:
+        import torch
+    except ImportError:  # torch is a dependency; numpy's cast still works without it
+        return None
+    return torch
 
 
 def detail_bytes(trace: TokenTrace) -> int:
@@ -97,7 +131,7 @@ class TraceDetail:
     """One turn's per-layer focus detail: the bytes it holds, and what of it gave way and why."""
 
     held: int = 0  # bytes of per-layer stacks held now (what gives way)
-    shown: int = 0  # bytes of the shown maps (counted too, never give way)
+    kept: int = 0  # bytes that never give way: the shown maps and the tokens' records
     layers: int = 0  # layers of the stacks (0: none seen)
     full: deque = field(default_factory=deque)  # token indices whose detail is whole, oldest first
     coarse: deque = field(default_factory=deque)  # ... kept at 8 bits, oldest first
@@ -115,29 +149,29 @@ class TraceDetail:
 # ----------------------------------------------------------------------------- one turn's detail
 
 def count_token(turn: Turn, index: int) -> tuple[int, int]:
-    """Count what ``Turn.apply`` just stored for token ``index``: (change in detail bytes, in shown bytes).
-    A closed turn keeps no detail; a gone one counts nothing."""
+    """Count what ``Turn.apply`` just stored for token ``index``: (change in detail bytes, in kept bytes:
+    its shown maps and its record). A closed turn keeps no detail; a gone one counts nothing."""
     trace, ledger = turn.tokens.get(index), turn.detail
     if trace is None:
         return 0, 0
     if ledger.gone:
         _drop(trace)
         return 0, 0
-    shown = shown_bytes(trace)
-    shown_delta, trace.shown = shown - trace.shown, shown
-    ledger.shown += shown_delta
+    kept = shown_bytes(trace) + RECORD_BYTES
+    kept_delta, trace.kept = kept - trace.kept, kept
+    ledger.kept += kept_delta
     before = trace.held
     if ledger.closed:
         _drop(trace)
         ledger.held -= before
-        return -before, shown_delta
+        return -before, kept_delta
     trace.held, trace.detail = detail_bytes(trace), "full"
     ledger.held += trace.held - before
     if trace.held:
         ledger.full.append(index)
         stacks = trace.per_layer_images or trace.per_layer_audios
         ledger.layers = ledger.layers or (int(stacks[0].shape[0]) if stacks and stacks[0].ndim else 0)
-    return trace.held - before, shown_delta
+    return trace.held - before, kept_delta
 
 
 def give_way(turn: Turn) -> int | None:
@@ -248,6 +282,26 @@ def turn_manifest(turn: Turn) -> dict:
 
 # ----------------------------------------------------------------------------- the budget
 
+def return_free_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``). Detail that gives way
+    leaves holes between the maps still held, which the process's resident memory keeps otherwise
+    (measured with tools.trace_memory: 1.25x the budget at 20 x 1,000 tokens of 40 layers x 576 patches,
+    1.1x with it). False where the C library has no such call (then nothing happens)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 @dataclass(eq=False)
 class _Entry:
     """One session's part of the budget: its turns with focus, in the order they started."""
@@ -255,23 +309,24 @@ class _Entry:
     ref: Any  # weakref to the Session
     turns: list = field(default_factory=list)
     held: int = 0  # detail bytes
-    shown: int = 0  # shown-map bytes
+    kept: int = 0  # bytes that never give way (shown maps, records)
 
 
 class TraceBudget:
-    """The bytes of focus maps held by the page's sessions, and the order in which their per-layer detail
-    gives way (the module's docstring). The shown maps count too (they never give way, so the detail gets
-    what they leave); one per page, shared by every session of its ``SessionStore``; thread-safe (each
-    session's turn streams on its own Gradio thread)."""
+    """The bytes of focus traces held by the page's sessions, and the order in which their per-layer detail
+    gives way (the module's docstring): ``held`` (detail) + ``kept`` (shown maps, records) within ``limit``,
+    and within ``session_limit`` per session. One per page, shared by every session of its ``SessionStore``;
+    thread-safe (each session's turn streams on its own Gradio thread)."""
 
     def __init__(self, limit_mb: float = 512.0, session_share: float = SESSION_SHARE):
         self.limit_mb = float(limit_mb)
         self.limit = max(int(self.limit_mb * MiB), 0)
         self.session_limit = int(self.limit * session_share)
         self.held = 0  # detail bytes, all sessions
-        self.shown = 0  # shown-map bytes, all sessions
+        self.kept = 0  # bytes that never give way, all sessions: the shown maps and the tokens' records
         self.coarsened = 0  # tokens coarsened since start, all sessions
         self.dropped = 0  # tokens whose detail was dropped since start
+        self._given = 0  # detail bytes given way since the heap's free pages last went back (TRIM_EVERY)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # by id(session), least recently used first
         self._gone: deque[int] = deque()  # sessions garbage-collected since the last count
         self._lock = threading.RLock()
@@ -292,7 +347,7 @@ class TraceBudget:
         entry = self._entries.get(key)
         if entry is None or entry.ref() is not session:
             if entry is not None:  # a stale entry under a reused id
-                self._count(entry, -entry.held, -entry.shown)
+                self._count(entry, -entry.held, -entry.kept)
             entry = self._entries[key] = _Entry(weakref.ref(session, lambda _, k=key: self._gone.append(k)))
         self._entries.move_to_end(key)
         return entry
@@ -309,9 +364,12 @@ class TraceBudget:
             if entry is None or entry.ref() is not session:
                 return
             for turn in entry.turns:
-                self._count(entry, -close(turn), -turn.detail.shown)
-                turn.detail.gone, turn.detail.shown = True, 0
+                freed = close(turn)
+                self._given += freed
+                self._count(entry, -freed, -turn.detail.kept)
+                turn.detail.gone, turn.detail.kept = True, 0
             entry.turns.clear()
+            self._trim(now=True)
 
     def leave(self, session: Any) -> None:
         """The session left the store (evicted or expired): the detail of its turns so far goes. Its tab, if
@@ -322,9 +380,12 @@ class TraceBudget:
             if entry is None or entry.ref() is not session:
                 return
             for turn in entry.turns:
-                self._count(entry, -close(turn), 0)
+                freed = close(turn)
+                self._given += freed
+                self._count(entry, -freed, 0)
                 turn.detail.limit_mb = self.limit_mb
             self._entries.move_to_end(id(session), last=False)
+            self._trim(now=True)
 
     # ------------------------------------------------------------------ tokens
     def hold(self, session: Any, turn: Turn, index: int) -> None:
@@ -340,20 +401,23 @@ class TraceBudget:
                 entry = self._entries[id(session)]
             if not (entry.turns and entry.turns[-1] is turn) and not any(t is turn for t in entry.turns):
                 entry.turns.append(turn)
-            self._count(entry, *count_token(turn, index))
+            held, kept = count_token(turn, index)
+            self._count(entry, held, kept)
+            self._given += abs(held)  # new detail leaves holes too, between the engine's passing arrays
             self._entries.move_to_end(id(session))
             self._fit(entry)
+            self._trim()
 
     def _fit(self, entry: _Entry) -> None:
-        while entry.held + entry.shown > self.session_limit:  # the session over its share: its own detail
+        while entry.held + entry.kept > self.session_limit:  # the session over its share: its own detail
             if not (self._step(entry, running=False) or self._step(entry, running=True)):
                 break
         for running in (False, True):  # the server over its budget: least recently used first
             for other in list(self._entries.values()):
-                while self.held + self.shown > self.limit:
+                while self.held + self.kept > self.limit:
                     if not self._step(other, running):
                         break
-                if self.held + self.shown <= self.limit:
+                if self.held + self.kept <= self.limit:
                     return
 
     def _step(self, entry: _Entry, running: bool) -> bool:
@@ -372,14 +436,22 @@ class TraceBudget:
             self.coarsened += ledger.coarsened - coarsened
             self.dropped += ledger.dropped - dropped
             self._count(entry, -freed, 0)
+            self._given += freed
             return True
         return False
 
-    def _count(self, entry: _Entry, held: int, shown: int) -> None:
+    def _trim(self, now: bool = False) -> None:
+        """Once ``TRIM_EVERY`` bytes of detail have gone (or at once after New chat / an eviction), give the
+        heap's free pages back, so that what gave way leaves the process's resident memory too."""
+        if self._given >= TRIM_EVERY or (now and self._given):
+            self._given = 0
+            return_free_memory()
+
+    def _count(self, entry: _Entry, held: int, kept: int) -> None:
         entry.held += held
-        entry.shown += shown
+        entry.kept += kept
         self.held += held
-        self.shown += shown
+        self.kept += kept
 
     def _collect(self) -> None:
         """Take the sessions Gradio let go of (garbage-collected) off the count."""
@@ -388,7 +460,7 @@ class TraceBudget:
             entry = self._entries.get(key)
             if entry is not None and entry.ref() is None:
                 self.held -= entry.held
-                self.shown -= entry.shown
+                self.kept -= entry.kept
                 del self._entries[key]
 
     # ------------------------------------------------------------------ reading
@@ -410,6 +482,6 @@ class TraceBudget:
                     for i in turn.detail.coarse:
                         coarse += turn.tokens.get(i) is not None and turn.tokens[i].detail == "coarse"
             return {"limit_bytes": self.limit, "session_limit_bytes": self.session_limit,
-                    "detail_bytes": self.held, "shown_bytes": self.shown, "sessions": len(self._entries),
+                    "detail_bytes": self.held, "kept_bytes": self.kept, "sessions": len(self._entries),
                     "tokens_whole": whole, "tokens_coarse": coarse, "tokens_coarsened_total": self.coarsened,
                     "tokens_dropped_total": self.dropped}

@@ -36,7 +36,7 @@ from ..events import (
     aggregate_layers,
     routed_experts_array,
 )
-from .traces import TraceDetail, as_float32
+from .traces import TraceDetail, as_float32, cast
 from .words import Word, merge_words
 
 THINKING_TITLE = "Thinking"
@@ -44,7 +44,7 @@ THINKING_TITLE = "Thinking"
 Route = tuple[int, list[int], list[float]]  # (layer, experts, gate weights)
 
 
-@dataclass
+@dataclass(slots=True)  # one per generated token, kept for the whole session: no __dict__ (~240 B each)
 class TokenTrace:
     """What one generated token looked at and which experts it went to."""
 
@@ -59,7 +59,7 @@ class TokenTrace:
     routes: list[Route] = field(default_factory=list)
     detail: str = "full"  # "full", "coarse" (8 bits) or "dropped": what the budget left of the per-layer detail
     held: int = 0  # bytes of per-layer detail counted by the budget
-    shown: int = 0  # bytes of the shown maps counted by it
+    kept: int = 0  # bytes of its shown maps and its record counted by it
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ class Turn:
             trace = self._token(event.index, event.token, event.phase)
             trace.images = [np.asarray(m, np.float32) for m in event.images]
             trace.audios = [np.asarray(m, np.float32) for m in event.audios]
-            trace.per_layer_images = [_owned_f16(m) for m in event.per_layer_images]
-            trace.per_layer_audios = [_owned_f16(m) for m in event.per_layer_audios]
+            trace.per_layer_images = [cast(m, np.float16) for m in event.per_layer_images]
+            trace.per_layer_audios = [cast(m, np.float16) for m in event.per_layer_audios]
             return False
         if isinstance(event, Routing):
             trace = self._token(event.index, event.token, event.phase)
@@ -308,13 +308,6 @@ class Turn:
         if self.error:
             out.append({"role": "assistant", "content": f"**Error:** {self.error}"})
         return out
-
-
-def _owned_f16(m: Any) -> np.ndarray:
-    """A per-layer stack as a float16 array of its own (never a view that keeps a larger buffer alive),
-    so its ``nbytes`` is what it holds."""
-    a = np.asarray(m, np.float16)
-    return a if a.base is None and a.flags.c_contiguous else np.array(a, np.float16, order="C")
 
 
 def as_sentence(message: str) -> str:

@@ -21,12 +21,12 @@ from autoglm_app.events import Answer, Done, Focus
 from autoglm_app.ui.export import write_trace_zip
 from autoglm_app.ui.layout import build_page
 from autoglm_app.ui.session import Session, SessionStore, Turn, stream_turn
-from autoglm_app.ui.traces import MiB, Coarse, TraceBudget
+from autoglm_app.ui.traces import RECORD_BYTES, MiB, Coarse, TraceBudget
 
 L, R, C = 8, 16, 16
 FULL = L * R * C * 2  # bytes of one token's float16 stack
 COARSE = L * R * C + 2 * L * 4  # uint8 plus a float32 offset and scale per layer
-SHOWN = R * C * 4  # its shown (aggregated) float32 map: counted too, never gives way
+SHOWN = R * C * 4 + RECORD_BYTES  # its shown (aggregated) float32 map and its record: counted, never give way
 UNIT = FULL + SHOWN
 
 
@@ -97,9 +97,10 @@ def actual_bytes(*sessions: Session) -> int:
                for m in tr.per_layer_images + tr.per_layer_audios)
 
 
-def actual_shown(*sessions: Session) -> int:
-    return sum(m.nbytes for s in sessions for t in all_turns(s) for tr in t.tokens.values()
-               for m in tr.images + tr.audios)
+def actual_kept(*sessions: Session) -> int:
+    """The shown maps' bytes, from the arrays, and a record per token with a Focus event."""
+    tokens = [tr for s in sessions for t in all_turns(s) for tr in t.tokens.values()]
+    return sum(m.nbytes for tr in tokens for m in tr.images + tr.audios) + RECORD_BYTES * len(tokens)
 
 
 def budget_of(total_bytes: int, share: float = 0.25) -> TraceBudget:
@@ -120,7 +121,7 @@ def test_detail_gives_way_oldest_turn_of_the_least_recently_used_session_first_c
         budget.join(s)
         finished_turn(s, 3)
         finished_turn(s, 3)
-    assert budget.held == 12 * FULL == actual_bytes(a, b) and budget.shown == 12 * SHOWN == actual_shown(a, b)
+    assert budget.held == 12 * FULL == actual_bytes(a, b) and budget.kept == 12 * SHOWN == actual_kept(a, b)
     # the documented order over the finished turns: A before B (least recently used), each session's turns
     # oldest first, within a turn every token coarsened oldest first, then dropped oldest first
     order = [(t, i, step) for s in (a, b) for t in s.turns for step in ("coarse", "dropped") for i in range(3)]
@@ -134,8 +135,8 @@ def test_detail_gives_way_oldest_turn_of_the_least_recently_used_session_first_c
         assert done == set(order[:len(done)]), "detail gave way out of the documented order"
         if len(done) < len(order):  # the streaming turn is coarsened only after every finished turn
             assert set(levels(live.turn)) == {"full"}
-        assert budget.held + budget.shown <= budget.limit
-        assert budget.held == actual_bytes(a, b, c) and budget.shown == actual_shown(a, b, c)
+        assert budget.held + budget.kept <= budget.limit
+        assert budget.held == actual_bytes(a, b, c) and budget.kept == actual_kept(a, b, c)
         if levels(live.turn)[0] != "full":
             break
     assert len(done) == len(order)  # every finished turn's detail is gone ...
@@ -159,23 +160,24 @@ def test_a_reloaded_session_is_the_most_recently_used_so_the_other_gives_way_fir
 
 
 def test_one_session_over_its_quarter_gives_way_alone_its_finished_turn_before_its_streaming_one():
-    budget = budget_of(16 * UNIT)  # a session may hold 4 tokens' maps with their full detail
+    budget = budget_of(32 * UNIT)  # a session may hold 8 tokens' maps with their full detail
     a, b = Session(), Session()
     for s in (a, b):
         budget.join(s)
     other = finished_turn(b, 3)
     old = finished_turn(a, 3)
     live = Live(a)
-    live.push()  # 4 tokens: within the share
-    assert set(levels(old)) == {"full"}
-    live.push()  # 5: A's finished turn gives way first
-    assert levels(old)[0] == "coarse" and set(levels(live.turn)) == {"full"}
-    for _ in range(6):
+    for _ in range(5):  # 8 tokens: within the share
         live.push()
-    assert set(levels(old)) == {"dropped"} and "coarse" in levels(live.turn)
+    assert set(levels(old)) == {"full"}
+    live.push()  # 9: A's finished turn gives way first
+    assert levels(old)[0] != "full" and set(levels(live.turn)) == {"full"}
+    for _ in range(3):
+        live.push()
+    assert set(levels(old)) == {"dropped"} and levels(live.turn)[0] == "coarse" and levels(live.turn)[-1] == "full"
     assert set(levels(other)) == {"full"}  # B, within its share and the server's budget, keeps everything
-    assert budget.session_held(a) + actual_shown(a) <= budget.session_limit
-    assert budget.held == actual_bytes(a, b) and budget.shown == actual_shown(a, b)
+    assert budget.session_held(a) + actual_kept(a) <= budget.session_limit
+    assert budget.held == actual_bytes(a, b) and budget.kept == actual_kept(a, b)
     assert old.detail.limit_mb == budget.limit_mb and old.detail.dropped == 3
 
 
@@ -200,11 +202,11 @@ def view(studio, session: Session, turn: int, aggregation: str) -> dict:
 
 
 def test_a_per_layer_view_of_a_dropped_turn_says_so_and_shows_the_default_map():
-    studio, session = page_with_budget(28 * UNIT)  # this session: 7 tokens' maps and full detail
+    studio, session = page_with_budget(32 * UNIT)  # this session: 8 tokens' maps and full detail
     first = finished_turn(session, 4)
     second = finished_turn(session, 8)
     assert set(levels(first)) == {"dropped"} and "coarse" in levels(second)
-    assert studio.traces.limit_mb == pytest.approx(28 * UNIT / MiB)
+    assert studio.traces.limit_mb == pytest.approx(32 * UNIT / MiB)
     tokens = sorted(first.tokens)
     for rule in ("mean", "max"):  # the shown maps stay: the view falls back to the model's own map
         np.testing.assert_array_equal(first.focus_map(tokens, "image", 0, rule, (0, L)),
@@ -224,7 +226,7 @@ def test_a_per_layer_view_of_a_dropped_turn_says_so_and_shows_the_default_map():
 
 
 def test_a_per_layer_view_of_coarsened_detail_says_so_and_stays_close_to_the_whole_map():
-    studio, session = page_with_budget(28 * UNIT)
+    studio, session = page_with_budget(32 * UNIT)
     finished_turn(session, 4)
     second = finished_turn(session, 8)
     coarse = [i for i in sorted(second.tokens) if second.tokens[i].detail == "coarse"]
@@ -238,7 +240,7 @@ def test_a_per_layer_view_of_coarsened_detail_says_so_and_stays_close_to_the_who
 
 
 def test_the_export_after_a_drop_loads_and_says_what_was_dropped(tmp_path):
-    studio, session = page_with_budget(28 * UNIT)
+    studio, session = page_with_budget(32 * UNIT)
     finished_turn(session, 4)
     finished_turn(session, 8)
     path = write_trace_zip(session, {"model_id": "m"}, tmp_path)
@@ -273,12 +275,12 @@ def test_the_count_returns_to_the_right_total_when_the_store_evicts_a_session():
     assert store.get(a.key) is None and budget.session_held(a) == 0
     assert budget.held == 3 * FULL == actual_bytes(a, b, c)
     assert all(t.images for t in a.turns[0].tokens.values())  # A's open tab still shows its maps ...
-    assert budget.shown == 6 * SHOWN == actual_shown(a, b, c)  # ... which are still counted
+    assert budget.kept == 6 * SHOWN == actual_kept(a, b, c)  # ... which are still counted
     finished_turn(a, 1)  # if it sends again, that turn is counted as any other
-    assert budget.held == 4 * FULL == actual_bytes(a, b, c) and budget.shown == actual_shown(a, b, c)
+    assert budget.held == 4 * FULL == actual_bytes(a, b, c) and budget.kept == actual_kept(a, b, c)
     del a
     gc.collect()  # Gradio let go of A's tab
-    assert budget.summary()["shown_bytes"] == 3 * SHOWN == actual_shown(b, c)
+    assert budget.summary()["kept_bytes"] == 3 * SHOWN == actual_kept(b, c)
     assert budget.held == 3 * FULL == actual_bytes(b, c)
 
 
@@ -293,14 +295,14 @@ def test_the_count_returns_to_the_right_total_on_new_chat_and_after_an_idle_sess
     live = Live(a)
     live.push()
     a.clear()  # New chat while a reply streams: the old turns leave the count, and a late token is not counted
-    assert (budget.held, budget.shown) == (2 * FULL, 2 * SHOWN) == (actual_bytes(a, b), actual_shown(a, b))
+    assert (budget.held, budget.kept) == (2 * FULL, 2 * SHOWN) == (actual_bytes(a, b), actual_kept(a, b))
     live.push()
-    assert (budget.held, budget.shown) == (2 * FULL, 2 * SHOWN) and live.turn.tokens[1].per_layer_images == []
+    assert (budget.held, budget.kept) == (2 * FULL, 2 * SHOWN) and live.turn.tokens[1].per_layer_images == []
     finished_turn(a, 2)  # the new chat is counted
-    assert (budget.held, budget.shown) == (4 * FULL, 4 * SHOWN) == (actual_bytes(a, b), actual_shown(a, b))
+    assert (budget.held, budget.kept) == (4 * FULL, 4 * SHOWN) == (actual_bytes(a, b), actual_kept(a, b))
     store.idle_s = 0.0
     assert store.get(b.key) is None  # every session expired: the detail goes, the open tabs' shown maps stay
-    assert (budget.held, budget.shown) == (0, 4 * SHOWN) == (actual_bytes(a, b), actual_shown(a, b))
+    assert (budget.held, budget.kept) == (0, 4 * SHOWN) == (actual_bytes(a, b), actual_kept(a, b))
 
 
 def test_a_session_gradio_let_go_of_leaves_the_count():
@@ -313,7 +315,7 @@ def test_a_session_gradio_let_go_of_leaves_the_count():
     del a
     gc.collect()
     summary = budget.summary()
-    assert (summary["detail_bytes"], summary["shown_bytes"]) == (FULL, SHOWN) == (actual_bytes(b), actual_shown(b))
+    assert (summary["detail_bytes"], summary["kept_bytes"]) == (FULL, SHOWN) == (actual_bytes(b), actual_kept(b))
     assert summary["sessions"] == 1
 
 
@@ -341,7 +343,7 @@ def test_coarsening_odd_maps_never_crashes_and_keeps_their_shape(stack_):
 
 
 def test_focus_events_with_odd_per_layer_maps_are_counted_and_never_crash_the_turn():
-    budget = budget_of(8 * UNIT)
+    budget = budget_of(16 * UNIT)
     s = Session()
     budget.join(s)
     s.start(Turn("q", images=[image()]))
@@ -353,8 +355,8 @@ def test_focus_events_with_odd_per_layer_maps_are_counted_and_never_crash_the_tu
     for _ in range(3):
         odd += [focus(i) for i in range(3, 8)]
     list(stream_turn(None, s, "s", handle=Handle(odd + [Done("stop")])))
-    assert budget.held == actual_bytes(s) and budget.shown == actual_shown(s)
-    assert budget.held + budget.shown <= budget.session_limit
+    assert budget.held == actual_bytes(s) and budget.kept == actual_kept(s)
+    assert budget.held + budget.kept <= budget.session_limit
     turn = s.turns[-1]
     assert turn.tokens[0].detail == "full" and turn.tokens[0].held == 0  # nothing to count, nothing to drop
     for rule in ("mean", "max"):

@@ -1,0 +1,5 @@
+"""``python -m tools.trace_memory``."""
+
+from .run import main
+
+main()
