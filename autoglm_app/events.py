@@ -286,8 +286,10 @@ def _expert_load_v1(counts: ExpertCounts, total: np.ndarray) -> dict:
 class Routing:
     """Experts chosen for one generated token, plus the running counts so far.
 
-    ``counts`` is what the engine sends (copies of the small count arrays); a dict already in
-    ``load``'s shape is accepted too (a recorded or hand-built stream). ``load`` is built from the
+    ``counts`` is what the engine sends (copies of the small count arrays), taken when the event is
+    delivered: the Routing events delivered together (a few milliseconds of tokens) share the counts as of
+    the last of them, which is what every consumer reads (the newest load); a dict already in ``load``'s
+    shape is accepted too (a recorded or hand-built stream). ``load`` is built from the
     counts on first read, not per token: most consumers read only the newest record's load.
     """
 

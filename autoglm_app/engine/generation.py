@@ -127,7 +127,8 @@ class TokenEmitter:
             self._focus(index, delta, phase, focus)
         if self.routing is not None:
             routes = self.routing.collect() if route is None else self.routing.fold_step(*route)
-            self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in routes], self.routing.counts()))
+            # its counts are filled in when it is delivered (Generation.flush): one snapshot per delivery
+            self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in routes], None))
 
     def pieces(self, pieces: list[tuple[str, str]]) -> None:
         for phase, text in pieces:
@@ -232,6 +233,12 @@ class Generation:
         events = list(self._out)
         self._out.clear()
         self._delivered = now
+        if self.routing is not None:  # the Routing events of this delivery share the counts as of its last token
+            snapshot = None
+            for e in events:
+                if isinstance(e, Routing) and e.counts is None:
+                    snapshot = snapshot or self.routing.counts()
+                    e.counts = snapshot
         self.deliver(events)
 
     def _probes(self) -> contextlib.ExitStack:

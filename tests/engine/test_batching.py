@@ -50,12 +50,16 @@ def assert_same_answer(batched: list, alone: list, atol: float = 1e-4) -> None:
     for x, y in zip(rb, ra):
         assert [(r.layer, r.experts) for r in x.layers] == [(r.layer, r.experts) for r in y.layers]
         np.testing.assert_allclose([r.weights for r in x.layers], [r.weights for r in y.layers], atol=1e-5)
-        np.testing.assert_array_equal(x.counts.decode, y.counts.decode)
-        for w in x.counts.windows:
-            np.testing.assert_array_equal(x.counts.windows[w], y.counts.windows[w])
-        for p in x.counts.by_phase:
-            np.testing.assert_array_equal(x.counts.by_phase[p], y.counts.by_phase[p])
-        assert x.counts.tokens == y.counts.tokens and x.counts.phase_tokens == y.counts.phase_tokens
+    if rb:  # the running counts as the request ended (events delivered together share their delivery's counts)
+        x, y = rb[-1].counts, ra[-1].counts
+        for name in ("prefill", "decode", "dropped"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+        for got, want in ((x.windows, y.windows), (x.by_phase, y.by_phase), (x.by_modality, y.by_modality)):
+            assert got.keys() == want.keys()
+            for key in got:
+                np.testing.assert_array_equal(got[key], want[key])
+        assert x.tokens == y.tokens and x.phase_tokens == y.phase_tokens
+        np.testing.assert_array_equal(x.prompt_experts, y.prompt_experts)
 
 
 def mixed_requests() -> list:
