@@ -182,8 +182,8 @@ def load_model(
         devices = _resolve_devices(gpus)
         budget = min(_device_budget(d, gpu_memory) for d in devices) if devices else (
             parse_memory(gpu_memory) if gpu_memory else None)
-        return build_random(str(name_or_path), quantize, devices, budget, DEFAULT_SEED if seed is None else seed,
-                            attn_implementation, progress)
+        return LoadedModel(**build_random(str(name_or_path), quantize, devices, budget,
+                                          DEFAULT_SEED if seed is None else seed, attn_implementation, progress))
     progress.stage("finding the checkpoint")
     path = resolve_checkpoint(name_or_path)
     progress.stage("reading the config")

@@ -213,14 +213,14 @@ def materialise(model: nn.Module, device_map: dict, seed: int, std: float, quant
 
 
 def build_random(spec: str, quantize: str, devices: list, budget: int | None, seed: int = DEFAULT_SEED,
-                 attn_implementation: str = "sdpa", progress: LoadProgress | None = None):
-    """A ``LoadedModel`` of the ``random:`` spec's architecture with seeded random weights.
+                 attn_implementation: str = "sdpa", progress: LoadProgress | None = None) -> dict:
+    """The ``random:`` spec's architecture with seeded random weights, as the fields of a ``LoadedModel``
+    (``checkpoints.load_model`` makes it one).
 
     devices: where to place it ([] = the CPU); budget: bytes per device for the plan (checked on the CPU too,
     against ``budget`` when given, so a model that cannot fit fails before anything is built).
     """
     from ..families import family_for
-    from .checkpoints import LoadedModel
 
     progress = progress or current_progress(str(spec))
     if quantize not in QUANTIZE_CHOICES:
@@ -256,8 +256,8 @@ def build_random(spec: str, quantize: str, devices: list, budget: int | None, se
     from .random_processor import build_processor, build_tokenizer
 
     processor = build_processor(config, family.name, build_tokenizer(config, family.name))
-    return LoadedModel(model=model, processor=processor, model_id=f"random-{path.stem}", quantize=quantize,
-                       device_map=device_map, plan=plan if devices else None)
+    return dict(model=model, processor=processor, model_id=f"random-{path.stem}", quantize=quantize,
+                device_map=device_map, plan=plan if devices else None)
 
 
 def _plan(model: nn.Module, devices: list, budget: int | None, quantize: str) -> Plan:
