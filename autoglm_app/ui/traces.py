@@ -25,7 +25,8 @@ budget, detail gives way in this order, one token at a time, until both fit agai
 A turn keeps what gave way in ``TraceDetail`` (counts and the budget's size), which the Focus caption and
 the QA export read. New chat takes the old turns off the count (their detail dropped at once); the session
 store's eviction drops a session's detail (its tab, if still open, keeps the shown maps, counted until
-Gradio lets go of the session); a session Gradio let go of is taken off at the next count.
+Gradio lets go of the session); a session Gradio let go of is taken off at the next count. Memory that
+detail frees goes back to the system too (``return_free_memory``, every ``TRIM_EVERY`` bytes).
 """
 
 from __future__ import annotations
@@ -273,9 +274,9 @@ def turn_manifest(turn: Turn) -> dict:
     coarse = sum(t.detail == "coarse" for t in traced)
     dropped = sum(t.detail == "dropped" for t in traced)
     note = ""
-    if ledger.gave_way:
-        note = (f"to stay within {_flag(turn)}, the oldest per-layer detail was coarsened to 8 bits and then "
-                f"dropped; every token's shown (aggregated) maps are kept")
+    if coarse or dropped:
+        note = (f"to stay within {_flag(turn)}, the per-layer detail of {coarse} tokens is kept at 8 bits and of "
+                f"{dropped} tokens was dropped (oldest first); every token's shown (aggregated) maps are kept")
     return {"tokens_with_focus": len(traced), "whole": len(traced) - coarse - dropped, "coarsened": coarse,
             "dropped": dropped, "bytes_held": int(ledger.held), "budget_mb": ledger.limit_mb, "note": note}
 
@@ -285,8 +286,8 @@ def turn_manifest(turn: Turn) -> dict:
 def return_free_memory() -> bool:
     """Give the heap's free pages back to the system (glibc's ``malloc_trim``). Detail that gives way
     leaves holes between the maps still held, which the process's resident memory keeps otherwise
-    (measured with tools.trace_memory: 1.25x the budget at 20 x 1,000 tokens of 40 layers x 576 patches,
-    1.1x with it). False where the C library has no such call (then nothing happens)."""
+    (measured with tools.trace_memory at 256 MiB, 20 x 1,000 tokens of 40 layers x 576 patches: the growth
+    was 1.25x the budget without it). False where the C library has no such call (then nothing happens)."""
     trim = _malloc_trim()
     if trim is None:
         return False

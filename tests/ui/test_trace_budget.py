@@ -361,3 +361,15 @@ def test_focus_events_with_odd_per_layer_maps_are_counted_and_never_crash_the_tu
     assert turn.tokens[0].detail == "full" and turn.tokens[0].held == 0  # nothing to count, nothing to drop
     for rule in ("mean", "max"):
         assert turn.focus_map(sorted(turn.tokens)[1:], "image", 0, rule, (0, 1)) is not None
+
+
+def test_the_trace_memory_benchmark_drives_the_page_code_and_stays_within_its_budget(tmp_path):
+    from tools.trace_memory.run import main
+
+    out = tmp_path / "trace_memory.json"
+    result = main(["--turns", "3", "--tokens", "60", "--sessions", "2", "--layers", "4", "--grid", "16",
+                   "--trace-memory-mb", "1", "--sample-every", "20", "--out", str(out)])
+    counts = result["counts"]
+    assert counts["detail_bytes"] + counts["kept_bytes"] <= counts["limit_bytes"] == MiB
+    assert counts["tokens_dropped_total"] > 0 and counts["tokens_whole"] > 0
+    assert json.loads(out.read_text())["summary"]["budget_mib"] == 1

@@ -229,8 +229,13 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(turns_table(result["samples"]))
     print(f"\n{result['summary']['us_per_token']:.0f} µs of page code per token (fold + count + give way)")
-    if real is not None:
-        print(f"real-model check: {json.dumps(real)}")
+    if real is not None and "error" not in real:
+        print(f"real-model check: {real['tokens']} tokens of the 40-layer random AutoGLM ({real['s_per_token'] * 1e3:.0f} "
+              f"ms/token): per-layer map {real['per_layer_image']}, {real['detail_bytes_per_token']:,.0f} B/token of "
+              f"detail, {real['kept_bytes_per_token']:,.0f} kept; synthetic: {real['synthetic_detail_bytes_per_token']:,} "
+              f"and {real['synthetic_kept_bytes_per_token']:,} -> {'same shape' if real['same_shape'] else 'DIFFERENT'}")
+    elif real is not None:
+        print(f"real-model check failed: {real['error']}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {a.out}")
