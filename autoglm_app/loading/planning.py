@@ -112,7 +112,7 @@ def build_on_meta(config_or_model: Any, dtype: torch.dtype | None = None,
 
     AutoGLM or any transformers family (``load_config``). Parameters are meta; buffers (rotary
     frequencies, sinusoidal position tables) are computed for real on the CPU, as a load would have
-    them. ``dtype`` is the dtype the parameters get (default: float32).
+    them, and tied weights are tied. ``dtype`` is the dtype the parameters get (default: float32).
     """
     if isinstance(config_or_model, nn.Module):
         return config_or_model
@@ -124,7 +124,9 @@ def build_on_meta(config_or_model: Any, dtype: torch.dtype | None = None,
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     with init_empty_weights(include_buffers=False):
-        return cls._from_config(config, **kwargs)
+        model = cls._from_config(config, **kwargs)
+    model.tie_weights()  # as from_pretrained does: a tied head is the embedding's tensor, counted and made once
+    return model
 
 
 def model_class(config):

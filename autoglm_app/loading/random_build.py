@@ -125,7 +125,8 @@ class _Materialiser:
 
     def __init__(self, model: nn.Module, seed: int, std: float, split_experts: bool):
         self.model, self.seed, self.std, self.split_experts = model, seed, std, split_experts
-        self.done: dict[int, nn.Parameter] = {}  # id(meta parameter) -> its real one (tied weights stay tied)
+        # id(meta parameter) -> (it, its real one): a weight two modules share (tied embeddings) stays shared
+        self.done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
 
     def module(self, name: str, module: nn.Module, device) -> None:
         import bitsandbytes as bnb
@@ -133,7 +134,7 @@ class _Materialiser:
         for pname, p in list(module.named_parameters(recurse=False)):
             full = f"{name}.{pname}" if name else pname
             if id(p) in self.done:
-                module._parameters[pname] = self.done[id(p)]
+                module._parameters[pname] = self.done[id(p)][1]
                 continue
             if isinstance(p, bnb.nn.Params4bit) and pname == "weight":
                 # as transformers' Bnb4bitQuantize: the 16-bit value packed by Params4bit moving to its device
@@ -149,7 +150,7 @@ class _Materialiser:
                 new = nn.Parameter(initial_value(module, pname, full, p, self.seed, self.std, device),
                                    requires_grad=False)
             module._parameters[pname] = new
-            self.done[id(p)] = new
+            self.done[id(p)] = (p, new)
         for bname, b in list(module.named_buffers(recurse=False)):
             if b.device.type == "meta":
                 raise RuntimeError(f"buffer {name}.{bname} was not computed when the model was built")
@@ -261,10 +262,12 @@ def build_random(spec: str, quantize: str, devices: list, budget: int | None, se
 
 
 def _plan(model: nn.Module, devices: list, budget: int | None, quantize: str) -> Plan:
-    """The device plan (exact bytes); on the CPU with no budget given, the memory available now."""
+    """The device plan (exact bytes); on the CPU with no budget given, 90% of the memory available now
+    (free plus reclaimable page cache, as psutil reads it)."""
     if budget is None:
-        pages, page_size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        budget = int(pages * page_size * 0.9)
+        import psutil
+
+        budget = int(psutil.virtual_memory().available * 0.9)
     return plan_device_map(model, devices, budget, quantize)  # PlanError (what is missing, what to do)
 
 

@@ -262,3 +262,16 @@ def test_a_shipped_config_can_be_named_without_its_path():
 
     assert random_config_path("random:glm-4.1v-9b-thinking") == CONFIGS / "glm-4.1v-9b-thinking.json"
     assert random_config_path(f"random:{CONFIGS}/qwen2.5-vl-7b-instruct.json").name == "qwen2.5-vl-7b-instruct.json"
+
+
+def test_tied_embeddings_stay_one_tensor_and_count_once(tmp_path):
+    import json
+
+    path = write_shrunk("qwen2.5-vl-7b-instruct", tmp_path)
+    data = json.loads(path.read_text())
+    data["tie_word_embeddings"] = True  # as Qwen2.5-VL-3B ships
+    path.write_text(json.dumps(data))
+    model = build(path).model
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    estimate = estimate_module_bytes(build_on_meta(load_config(path)), "int4", buffers=False)
+    assert "lm_head" not in estimate and estimate == held_bytes(model)
