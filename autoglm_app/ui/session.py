@@ -232,8 +232,8 @@ class SessionStore:
     """Sessions by the random key each browser keeps (``gr.BrowserState``), so a page reload finds its
     conversation, focus and routing again while the server runs. Bounded: the least recently used
     session goes first, and one idle longer than ``idle_s`` is dropped. Its sessions share one ``traces``
-    budget for their per-layer focus detail; a session that leaves the store leaves the budget with its
-    detail dropped (its tab, if still open, keeps the shown maps)."""
+    budget for their focus traces; a session that leaves the store has its per-layer detail dropped (its
+    tab, if still open, keeps the shown maps, counted until Gradio lets the session go)."""
 
     def __init__(self, max_sessions: int = 64, idle_s: float = 24 * 3600, traces: TraceBudget | None = None):
         self.max_sessions, self.idle_s = max_sessions, idle_s
