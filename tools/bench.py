@@ -97,6 +97,9 @@ def build_bench_engine(model_path: str, quantize: str | None, compile_mode: str)
         from autoglm_app.loading.checkpoints import LoadedModel
         from autoglm_app.modeling.small import build_small
 
+        from autoglm_app.server import set_cpu_threads
+
+        set_cpu_threads(0)  # what the server does: the cores less one (generate runs with the same)
         model, processor = build_small(0, **json.loads(SCALE_CONFIG.read_text()))
         loaded = LoadedModel(model=model, processor=processor, model_id="autoglm-scale-40l (random)",
                              quantize="fp32", device_map=None, plan=None)

@@ -113,6 +113,7 @@ class StaticDecoder:
         self.compiled, self.warmup_s, self.note, self.timings = False, 0.0, "", {}
         self.variant = "eager"
         self._run = self._eager
+        self._forms: dict = {"eager": self._eager}
         self._media_key, self._media_cache = None, (None, [])
         if compile_mode != "off":
             self._compile(progress)
@@ -143,7 +144,7 @@ class StaticDecoder:
             mode = "reduce-overhead" if cuda else None
             whole = torch.compile(functools.partial(sd.decode_step, experts_fn=sd.experts_dense), mode=mode,
                                   dynamic=True)
-            attend = torch.compile(sd.attend_step, mode=mode, dynamic=True)
+            attend = sd.per_layer_attend(torch.compile(sd.attend_core, mode=mode, dynamic=True))
             head = torch.compile(sd.head_step, mode=mode, dynamic=True)
             if cuda or self._dense_bytes() <= DENSE_EXPERTS_BYTES:
                 forms["compiled, one graph"] = lambda t, p, k, m, probes: whole(
@@ -160,6 +161,7 @@ class StaticDecoder:
             inductor.cpp_wrapper = False
             return
         self.variant = min(self.timings, key=self.timings.get)
+        self._forms = forms
         self._run = forms[self.variant]
         self.compiled = self.variant != "eager"
         self.warmup_s = time.perf_counter() - t0

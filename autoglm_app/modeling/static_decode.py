@@ -190,38 +190,96 @@ def attend_step(layer, fw, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     values at ``positions`` of slots 0..n-1 and attends over the first ``allowed.shape[1]`` positions; a
     dense layer also runs its MLP. ``fw``: the layer's fused weights (``fuse_weights``) or None. Returns
     (x, h, focus (n, K) or None, experts (n, k), weights (n, k)): for an MoE layer ``h`` is the normed input
-    of the experts (the caller adds their output to x); for a dense layer h, experts and weights are None.
-
-    Every layer of one kind is the same code on tensors of the same shapes, so one compiled graph serves
-    them all (modules are inlined, their weights are the graph's inputs)."""
+    of the experts (the caller adds their output to x); for a dense layer h, experts and weights are None."""
     attn = layer.self_attn
-    n = x.shape[0]
-    H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
     h = layer.input_layernorm(x)
     q, k, v = _qkv(attn, fw, h)
-    q = q.reshape(n, 1, H, D).transpose(1, 2)
-    k = k.reshape(n, 1, Hkv, D).transpose(1, 2)
-    v = v.reshape(n, 1, Hkv, D).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    rows = torch.arange(n, device=x.device)
-    keys[rows, :, positions] = k[:, :, 0].to(keys.dtype)
-    values[rows, :, positions] = v[:, :, 0].to(values.dtype)
-    S = allowed.shape[1]
-    ks, vs = keys[:n, :, :S], values[:n, :, :S]  # (n, Hkv, S, D)
-    scores = (q.to(ks.dtype).reshape(n, Hkv, H // Hkv, D) @ ks.transpose(-1, -2)).float() * attn.scale
-    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))  # (n, Hkv, G, S)
-    attn_probs = scores.softmax(-1)
-    y = (attn_probs.to(vs.dtype) @ vs).reshape(n, 1, H * D)  # heads in (Hkv, G) order = the H order
-    focus = attn_probs.mean(dim=(1, 2)).gather(1, media) if probes and media is not None else None
+    y, focus = _attention(q, k, v, cos, sin, allowed, keys, values, positions, media, probes,
+                          attn.n_heads, attn.n_kv, attn.head_dim, attn.scale)
     x = x + attn.o_proj(y.to(x.dtype))
     h = layer.post_attention_layernorm(x)[:, 0]  # (n, C)
     if not isinstance(layer.mlp, AutoGLMMoE):
         return x + layer.mlp(h)[:, None], None, focus, None, None
     router = layer.mlp.router
-    gate_probs = router.classifier(h).float().softmax(dim=-1)
-    weights, experts = gate_probs.topk(router.top_k, dim=-1)
-    # one token per row: its k distinct experts always fit (capacity >= 1), nothing is dropped
-    return x, h, focus, experts, weights / weights.sum(dim=-1, keepdim=True)
+    experts, weights = _route(router.classifier(h), router.top_k)
+    return x, h, focus, experts, weights
+
+
+def _attention(q, k, v, cos, sin, allowed, keys, values, positions, media, probes: bool, H: int, Hkv: int, D: int,
+               scale: float):
+    """The rows' new keys and values into their slots, then the new query's attention: (output (n, 1, H * D),
+    focus (n, K) or None)."""
+    n = q.shape[0]
+    q = q.reshape(n, 1, H, D).transpose(1, 2)
+    k = k.reshape(n, 1, Hkv, D).transpose(1, 2)
+    v = v.reshape(n, 1, Hkv, D).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    rows = torch.arange(n, device=q.device)
+    keys[rows, :, positions] = k[:, :, 0].to(keys.dtype)
+    values[rows, :, positions] = v[:, :, 0].to(values.dtype)
+    S = allowed.shape[1]
+    ks, vs = keys[:n, :, :S], values[:n, :, :S]  # (n, Hkv, S, D)
+    scores = (q.to(ks.dtype).reshape(n, Hkv, H // Hkv, D) @ ks.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))  # (n, Hkv, G, S)
+    attn_probs = scores.softmax(-1)
+    y = (attn_probs.to(vs.dtype) @ vs).reshape(n, 1, H * D)  # heads in (Hkv, G) order = the H order
+    focus = attn_probs.mean(dim=(1, 2)).gather(1, media) if probes and media is not None else None
+    return y, focus
+
+
+def _route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's top-k and renormalised gate weights (one token per row: its k distinct experts always fit
+    under any capacity, nothing is dropped)."""
+    weights, experts = logits.float().softmax(dim=-1).topk(top_k, dim=-1)
+    return experts, weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """modeling_autoglm.RMSNorm.forward on plain tensors."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def attend_core(x, cos, sin, allowed, keys, values, positions, media, probes: bool, ln1, qkv_w, qkv_b, o_w, ln2,
+                gate_w, gate_b, spec: tuple):
+    """``attend_step`` of a fused MoE layer on plain tensors (spec: heads, kv heads, head dim, scale, eps, top-k):
+    no module in its arguments, so one compiled graph serves every layer (a module argument is guarded by
+    identity: one graph per layer)."""
+    H, Hkv, D, scale, eps, top_k = spec
+    qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
+    q_size, kv_size = H * D, Hkv * D
+    y, focus = _attention(qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :],
+                          cos, sin, allowed, keys, values, positions, media, probes, H, Hkv, D, scale)
+    x = x + F.linear(y.to(x.dtype), o_w)
+    h = _rms(x, ln2, eps)[:, 0]
+    experts, weights = _route(F.linear(h, gate_w, gate_b), top_k)
+    return x, h, focus, experts, weights
+
+
+def per_layer_attend(core):
+    """An ``attend_fn`` for ``decode_step`` that sends each fused MoE layer through ``core`` (``attend_core``,
+    compiled) and any other layer through ``attend_step``."""
+    tensors: dict[int, tuple | None] = {}
+
+    def attend(layer, fw, x, cos, sin, allowed, keys, values, positions, media, probes):
+        key = id(layer)
+        if key not in tensors:
+            attn, mlp = layer.self_attn, layer.mlp
+            ok = (fw is not None and fw[2] is not None and isinstance(mlp, AutoGLMMoE)
+                  and attn.o_proj.bias is None and type(mlp.router.classifier.weight) is nn.Parameter)
+            tensors[key] = (layer.input_layernorm.weight, fw[0], fw[1], attn.o_proj.weight,
+                            layer.post_attention_layernorm.weight, mlp.router.classifier.weight,
+                            mlp.router.classifier.bias,
+                            (attn.n_heads, attn.n_kv, attn.head_dim, attn.scale, layer.input_layernorm.eps,
+                             mlp.router.top_k)) if ok else None
+        t = tensors[key]
+        if t is None:
+            return attend_step(layer, fw, x, cos, sin, allowed, keys, values, positions, media, probes)
+        return core(x, cos, sin, allowed, keys, values, positions, media, probes, *t)
+
+    return attend
 
 
 def head_step(model: AutoGLMForConditionalGeneration, x: torch.Tensor) -> torch.Tensor:

@@ -203,6 +203,24 @@ def test_the_compiled_step_equals_the_eager_one(small, caplog):
         engine.close()
 
 
+def test_the_per_layer_compiled_step_equals_the_eager_one(small, monkeypatch):
+    """The form for models whose experts do not fit a cache: one graph for every layer (no module in its
+    arguments), the chosen experts between; forced here by lowering the threshold."""
+    from autoglm_app.engine import decoding
+
+    monkeypatch.setattr(decoding, "DENSE_EXPERTS_BYTES", 0)
+    engine = make_engine(*small, max_batch=3, compile="on")
+    try:
+        assert "compiled per layer, chosen experts" in engine.info()["decoding"]["step_ms"]
+        engine.decoder._run = engine.decoder._forms["compiled per layer, chosen experts"]  # whichever was faster
+        requests = mixed_requests()[:3]
+        alone = [solo(engine, r) for r in requests]
+        for b, a in zip(run_together(engine, requests), alone):
+            assert_same_answer(b, a)
+    finally:
+        engine.close()
+
+
 def test_a_step_that_cannot_be_compiled_decodes_eagerly_and_says_why(small, monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
