@@ -93,7 +93,8 @@ class Turn:
     reasoning: str = ""
     answer: str = ""
     tokens: dict[int, TokenTrace] = field(default_factory=dict)
-    load: dict | None = None
+    # the newest Routing event: its load (events.expert_load) is built when the page reads it, not per token
+    routing: Routing | None = field(default=None, repr=False)
     prompt_experts: np.ndarray | None = None  # (prompt tokens, moe layers, top_k) int16, from the prefill
     stats: Stats | None = None
     notices: list[str] = field(default_factory=list)
@@ -105,6 +106,11 @@ class Turn:
     children: list[Turn] = field(default_factory=list, repr=False)  # the next turn's versions
     chosen: int = 0  # which child the conversation follows
     detail: TraceDetail = field(default_factory=TraceDetail, repr=False)  # its per-layer focus detail's account
+
+    @property
+    def load(self) -> dict | None:
+        """The routing load as of the newest Routing event (None before one came)."""
+        return self.routing.load if self.routing is not None else None
 
     # ------------------------------------------------------------------ events in
     def apply(self, event: Event) -> bool:
@@ -137,7 +143,7 @@ class Turn:
         if isinstance(event, Routing):
             trace = self._token(event.index, event.token, event.phase)
             trace.routes = [(r.layer, list(r.experts), list(r.weights)) for r in event.layers]
-            self.load = event.load
+            self.routing = event
             if self.prompt_experts is None:
                 self.prompt_experts = event.prompt_experts
             return False
