@@ -365,7 +365,8 @@ class CompletionBuilder:
             focus=self.focus if self.extras.focus else None,
             routing=self.routing if self.extras.routing else None,
         )
-        stats = completion_stats(self.stats, self.last_routing.load if self.last_routing else None) if self.extras.stats and self.stats else None
+        load = self.last_routing.load if self.last_routing else None
+        stats = completion_stats(self.stats, load) if self.extras.stats and self.stats else None
         return ChatCompletion(id=self.id, created=self.created, model=self.model,
                               choices=[Choice(message=message, finish_reason=self.finish,
                                               routed_experts=self.routed.encoded() if self.extras.routed_experts
@@ -452,7 +453,8 @@ class ChunkBuilder:
         return [self.chunk(delta)] if delta is not None else []
 
     def finish(self, reason: str) -> list[ChatCompletionChunk]:
-        stats = completion_stats(self.stats, self.last_routing.load if self.last_routing else None) if self.extras.stats and self.stats else None
+        load = self.last_routing.load if self.last_routing else None
+        stats = completion_stats(self.stats, load) if self.extras.stats and self.stats else None
         routed = self.routed.encoded() if self.extras.routed_experts else None
         out = [self.chunk(Delta(), finish=reason, stats=stats, routed_experts=routed)]
         if self.include_usage:

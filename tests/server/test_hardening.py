@@ -1017,7 +1017,7 @@ def test_trust_remote_code_is_off_unless_asked_and_reaches_the_loader(monkeypatc
     seen = []
 
     def load_model(name, quantize=None, gpus=None, gpu_memory=None, attn_implementation="sdpa",
-                   trust_remote_code=False):
+                   trust_remote_code=False, seed=0):
         seen.append(trust_remote_code)
         return loading.LoadedModel(model=small[0], processor=small[1], model_id="x", quantize="fp32",
                                    device_map=None, plan=None)
