@@ -72,12 +72,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, quantize: str | None, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, quantize: str | None, log_path: Path, extra: list[str] | None = None,
+                 env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``python app.py`` on ``model`` in a child process on a free loopback port: (process, base URL)."""
     port = free_port()
     args = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--model", model]
     if quantize:
         args += ["--quantize", quantize]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+    args += extra or []
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1",
+           **(env_extra or {})}
     log = open(log_path, "w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     return proc, f"http://127.0.0.1:{port}"

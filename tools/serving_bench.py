@@ -1,13 +1,15 @@
 """``python -m tools.bench serving``: decoding through ``/v1`` with the openai SDK, against a server started
 here on loopback (the page mounted too, as ``python app.py`` serves it).
 
+Every request makes exactly ``--tokens`` tokens (``min_tokens`` = ``max_tokens``, vLLM's way to fix the length).
 (a) telemetry cost: one streamed greedy request at a time, with ``return_focus`` + ``return_routing`` and
     without, interleaved; each request's decode rate is (chunks after the first) / (time from the first
     to the last chunk), as a client sees it. Target: with / without >= 0.95.
 (b) continuous batching: N different greedy streamed requests one after another, then the same N at once
     (one thread each); aggregate tokens/s = completion tokens / wall time. Target >= 4x at N = 8, every
     concurrent answer identical to its sequential twin.
-Ratios are what to quote from a CPU; absolute figures only from a GPU.
+Ratios are what to quote from a CPU; absolute figures only from a GPU. The server runs as ``python app.py`` in a
+child process, so the clients' own work (parsing the streams) does not share its interpreter.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def stream_one(client, model: str, i: int, max_tokens: int, telemetry: bool) -> 
     t0 = time.perf_counter()
     times, text, chunks = [], [], 0
     stream = client.chat.completions.create(model=model, messages=messages(i), max_tokens=max_tokens,
-                                            temperature=0, seed=0, stream=True, extra_body=extra)
+                                            temperature=0, seed=0, stream=True,
+                                            extra_body={**extra, "min_tokens": max_tokens})
     for chunk in stream:
         if not chunk.choices:
             continue
@@ -64,24 +67,31 @@ def stream_one(client, model: str, i: int, max_tokens: int, telemetry: bool) -> 
 
 def completion_tokens(client, model: str, i: int, max_tokens: int) -> int:
     r = client.chat.completions.create(model=model, messages=messages(i), max_tokens=max_tokens, temperature=0,
-                                       seed=0)
+                                       seed=0, extra_body={"min_tokens": max_tokens})
     return r.usage.completion_tokens
 
 
 def run_serving_bench(model_path: str, compile_mode: str, tokens: int, repeats: int, concurrent: int) -> dict:
+    """The server is ``python app.py`` in a child process (its own interpreter: the clients here parse their
+    streams without taking the server's interpreter lock, as real clients do)."""
+    import tempfile
+    from pathlib import Path
+
+    import httpx
     from openai import OpenAI
 
-    from autoglm_app.config import Settings
-    from autoglm_app.server import create_app, load_engine, serve_in_thread
+    from tools.fullsize_cpu import start_server, wait_ready
 
-    settings = Settings(model=model_path, compile=compile_mode, max_batch=concurrent)
+    log = Path(tempfile.mkdtemp(prefix="autoglm-serving-")) / "server.log"
     t0 = time.perf_counter()
-    engine = load_engine(settings)
-    load_s = time.perf_counter() - t0
-    server = serve_in_thread(create_app(engine, settings))
-    client = OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=300)
-    model = engine.info()["model_id"]
+    proc, url = start_server(model_path, None, log, ["--compile", compile_mode, "--max-batch", str(concurrent)],
+                             {"AUTOGLM_COMPILE": compile_mode})
     try:
+        wait_ready(proc, url, 900)
+        load_s = time.perf_counter() - t0
+        client = OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=300)
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        info = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
         for i in range(2):  # warm up both paths
             stream_one(client, model, i, tokens, True)
             stream_one(client, model, i, tokens, False)
@@ -108,14 +118,18 @@ def run_serving_bench(model_path: str, compile_mode: str, tokens: int, repeats: 
             t.join(timeout=600)
         conc_s = max(r["end"] for r in together) - t_conc
         identical = sum(a["text"] == b["text"] for a, b in zip(sequential, together))
-        info = engine.info()["decoding"]
+        decoding = decoding_line(log)
     finally:
-        server.stop()
-        engine.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+    info = {"model": info.get("id"), "step": decoding}
     med = statistics.median
     total = sum(usage)
     return {
-        "model": model, "compile": compile_mode, "decoding": info, "load_s": round(load_s, 1),
+        "model": model, "compile": compile_mode, "decoding": info, "max_batch": concurrent, "load_s": round(load_s, 1),
         "tokens": tokens, "repeats": repeats,
         "decode_tps_plain": round(med(off), 1), "decode_tps_focus_routing": round(med(on), 1),
         "ratio_focus_routing_vs_plain": round(med(on) / med(off), 3),
@@ -130,11 +144,11 @@ def run_serving_bench(model_path: str, compile_mode: str, tokens: int, repeats: 
 
 
 def serving_table(r: dict) -> str:
-    d = r["decoding"]
-    step = d.get("step", "")
+    step = r["decoding"].get("step", "")
     return "\n".join([
-        f"model {r['model']} through /v1 (openai SDK, streamed, greedy, max_tokens {r['tokens']}), step: {step}, "
-        f"compile {r['compile']}, max batch {d['max_batch']}; median of {r['repeats']}",
+        f"model {r['model']} through /v1 of python app.py (openai SDK in another process, streamed, greedy, "
+        f"max_tokens {r['tokens']}), compile {r['compile']}, max batch {r['max_batch']}; median of {r['repeats']}",
+        f"step: {step}",
         "| measure | value | target |",
         "|---|---|---|",
         f"| decode tok/s, plain | {r['decode_tps_plain']} | |",
@@ -146,3 +160,12 @@ def serving_table(r: dict) -> str:
         f"| concurrent answers identical to sequential | {r['identical_answers']} | all |",
         f"| median TTFT of the concurrent ones | {r['median_ttft_concurrent_ms']} ms | |",
     ])
+
+
+def decoding_line(log_path) -> str:
+    """The server's log line saying which decode step it kept (and the forms' times), if it wrote one."""
+    try:
+        lines = [line for line in open(log_path) if "decode step:" in line]
+    except OSError:
+        return ""
+    return lines[-1].split("decode step:", 1)[1].strip() if lines else "eager (not compiled)"

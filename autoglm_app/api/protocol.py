@@ -120,6 +120,7 @@ class ChatCompletionRequest(_Lenient):
     top_k: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    min_tokens: int | None = None  # vLLM's: end-of-text is held back until this many tokens
     stop: str | list[str] | None = None
     seed: int | None = None
     repetition_penalty: float | None = None

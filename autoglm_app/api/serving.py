@@ -127,6 +127,8 @@ def to_options(req: ChatCompletionRequest) -> Options:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None:
         o.max_new_tokens = max_tokens
+    if req.min_tokens is not None:
+        o.min_new_tokens = req.min_tokens
     if req.stop is not None:
         o.stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     return o

@@ -134,6 +134,10 @@ def check_options(o, limits: Limits):
             or not 1 <= o.max_new_tokens <= context_limit:
         raise BadRequest(f"max_new_tokens (max_tokens) must be an integer between 1 and {context_limit}, "
                          f"got {o.max_new_tokens!r}")
+    if isinstance(o.min_new_tokens, bool) or not isinstance(o.min_new_tokens, int) \
+            or not 0 <= o.min_new_tokens <= o.max_new_tokens:
+        raise BadRequest(f"min_new_tokens (min_tokens) must be an integer between 0 and max_tokens "
+                         f"({o.max_new_tokens}), got {o.min_new_tokens!r}")
     temperature = _number(o.temperature, "temperature")
     if not 0 <= temperature <= 5:
         raise BadRequest(f"temperature must be between 0 and 5, got {o.temperature!r}")

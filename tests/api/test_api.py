@@ -356,6 +356,7 @@ BAD_REQUESTS = {
     "undecodable audio": body(messages=[user({"type": "input_audio", "input_audio": {
         "data": base64.b64encode(b"RIFF garbage").decode(), "format": "wav"}})]),
     "engine BadRequest: max_tokens 0": body(max_tokens=0),
+    "engine BadRequest: min_tokens over max_tokens": body(max_tokens=4, min_tokens=5),
     "engine BadRequest: last message not from the user": body(
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]),
     "temperature not a number": body(temperature="hot"),
@@ -444,6 +445,12 @@ def test_a_recording_over_the_media_limit_gets_413(engine):
         assert_serves(running.url)
     finally:
         running.stop()
+
+
+def test_min_tokens_holds_end_of_text_back(api_url):
+    """vLLM's min_tokens: the answer is at least that long (the random model's end-of-text held back)."""
+    data = post(api_url, body(max_tokens=24, min_tokens=24, temperature=0)).json()
+    assert data["usage"]["completion_tokens"] == 24 and data["choices"][0]["finish_reason"] == "length"
 
 
 def test_a_full_queue_gets_429_with_retry_after():
