@@ -4,6 +4,7 @@
                                  [--repeats 5]
     python -m tools.bench serving [--model DIR] [--compile on|off] [--concurrent 8] [--tokens 96]
     python -m tools.bench render [--repeats 30] [--out bench-results/render.json]
+    python -m tools.bench gpu [--device cuda:0] [--budget-s 480] [--small]   (issue 18: tools/gpu_bench.py)
 
 engine: in one run on one machine, on the same model and prompt, greedy decoding with
 end-of-text suppressed so every run makes exactly ``--tokens`` tokens; decode rates leave the prompt out:
@@ -326,9 +327,17 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("render", help="page render cost per update (routing figures, focus overlay, encodings)")
     r.add_argument("--repeats", type=int, default=30)
     r.add_argument("--out", type=Path, default=Path("bench-results") / "render.json")
+    from tools.gpu_bench import add_parser as add_gpu_parser
+
+    add_gpu_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.what == "render":
+    if args.what == "gpu":
+        from tools.gpu_bench import gpu_table, run_from_args
+
+        result = run_from_args(args)
+        table = gpu_table(result)
+    elif args.what == "render":
         result = run_render_bench(args.repeats)
         table = render_table(result)
     elif args.what == "serving":
