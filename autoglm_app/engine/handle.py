@@ -143,15 +143,20 @@ class RequestHandle:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def _readable(self, item) -> Iterator[Event]:
+        """The events of one delivery (one event, or a tuple of them) the reader is given: after a cancel,
+        none of a token's."""
+        for event in item if type(item) is tuple else (item,):
+            if not (self._cancel.is_set() and isinstance(event, TOKEN_EVENTS)):
+                yield event
+
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Yield events until Done or Error (blocking). Closing the iterator early cancels the request."""
         finished = False
         try:
             while True:
                 item = self._events.get(timeout=timeout)
-                for event in item if type(item) is tuple else (item,):
-                    if self._cancel.is_set() and isinstance(event, TOKEN_EVENTS):
-                        continue
+                for event in self._readable(item):
                     yield event
                     if isinstance(event, TERMINAL):
                         finished = True
@@ -172,9 +177,7 @@ class RequestHandle:
                 except queue.Empty:
                     await self._next_put(loop)
                     continue
-                for event in item if type(item) is tuple else (item,):
-                    if self._cancel.is_set() and isinstance(event, TOKEN_EVENTS):
-                        continue
+                for event in self._readable(item):
                     yield event
                     if isinstance(event, TERMINAL):
                         finished = True

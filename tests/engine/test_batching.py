@@ -90,6 +90,12 @@ def widest_step(engine) -> list[int]:
     return sizes
 
 
+def assert_batched_equals_alone(engine, requests) -> None:
+    alone = [solo(engine, r) for r in requests]
+    for b, a in zip(run_together(engine, requests), alone):
+        assert_same_answer(b, a)
+
+
 def run_together(engine, requests) -> list[list]:
     handles = [engine.submit(r) for r in requests]
     return [list(h.events(timeout=120)) for h in handles]
@@ -195,10 +201,7 @@ def test_the_compiled_step_equals_the_eager_one(small, caplog):
         assert info["compiled"], info
         assert info["compile_warmup_s"] > 0 and "eager" in info["step_ms"]
         assert "decode step:" in caplog.text
-        requests = mixed_requests()[:3]
-        alone = [solo(engine, r) for r in requests]
-        for b, a in zip(run_together(engine, requests), alone):
-            assert_same_answer(b, a)
+        assert_batched_equals_alone(engine, mixed_requests()[:3])
     finally:
         engine.close()
 
@@ -213,10 +216,7 @@ def test_the_per_layer_compiled_step_equals_the_eager_one(small, monkeypatch):
     try:
         assert "compiled per layer, chosen experts" in engine.info()["decoding"]["step_ms"]
         engine.decoder._run = engine.decoder._forms["compiled per layer, chosen experts"]  # whichever was faster
-        requests = mixed_requests()[:3]
-        alone = [solo(engine, r) for r in requests]
-        for b, a in zip(run_together(engine, requests), alone):
-            assert_same_answer(b, a)
+        assert_batched_equals_alone(engine, mixed_requests()[:3])
     finally:
         engine.close()
 
