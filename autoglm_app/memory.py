@@ -8,6 +8,8 @@ the peak comes from ``getrusage`` (``ru_maxrss``, KiB on Linux), which is the sa
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 
 import psutil
@@ -33,3 +35,24 @@ def anon_rss_bytes(pid: int | None = None) -> int | None:
 def peak_rss_bytes() -> int:
     """The highest resident memory this process has had (VmHWM)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def return_free_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``), which glibc keeps otherwise:
+    freed large temporaries (bitsandbytes' dequantized CPU weights, a page's dropped focus detail) leave holes
+    the resident memory counts. Measured: a 9B int4 model on the CPU held 4.5 GiB more after one image turn
+    than before it (tools.fullsize_cpu); the page's trace budget grew 1.25x its budget (tools.trace_memory).
+    False where the C library has no such call (then nothing happens)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None

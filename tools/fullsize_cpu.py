@@ -150,6 +150,15 @@ def page_turn(url: str, tokens: int, workdir: Path) -> dict:
     return {"total_s": round(time.monotonic() - t0, 1), "messages": len(history or [])}
 
 
+def kv_bytes(log_path: Path) -> int:
+    """The KV cache the engine allocated, from its start-up line (0 when it has none: per-request caches)."""
+    import re
+
+    text = log_path.read_text(errors="replace")
+    m = re.search(r"decoding: (.*?), KV cache .*?\(kv_bytes=(\d+)\)", text)
+    return int(m.group(2)) if m and m.group(1).startswith("one batched") else 0
+
+
 def plan_bytes(name: str) -> int:
     from autoglm_app.loading.planning import build_on_meta, estimate_module_bytes, load_config
 
@@ -158,7 +167,8 @@ def plan_bytes(name: str) -> int:
 
 
 def measure(model: str, quantize: str | None, tokens: int, workdir: Path, timeout_s: float) -> dict:
-    proc, url = start_server(model, quantize, workdir / f"{model.replace(':', '_').replace('/', '_')}.log")
+    log_path = workdir / f"{model.replace(':', '_').replace('/', '_')}.log"
+    proc, url = start_server(model, quantize, log_path)
     sampler = Sampler(proc.pid)
     sampler.start()
     row: dict = {"model": model}
@@ -167,7 +177,7 @@ def measure(model: str, quantize: str | None, tokens: int, workdir: Path, timeou
         loaded_at = sampler.samples[-1][0] if sampler.samples else 0.0
         time.sleep(2)
         row.update(load_s=round(load_s, 1), peak_load_rss=sampler.peak(until=loaded_at + 0.5),
-                   steady_rss=sampler.rss())
+                   steady_rss=sampler.rss(), kv_bytes=kv_bytes(log_path))
         if tokens:
             served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             row["api"] = api_turn(url, served, tokens)
@@ -194,8 +204,9 @@ def run_fullsize(models: list[str], tokens: int, timeout_s: float) -> dict:
         row = measure(f"random:{name}", "int4", tokens, workdir, timeout_s)
         row["plan_bytes"] = plan_bytes(name)
         row["baseline_rss"] = baseline["steady_rss"]
-        row["steady_over_plan_plus_baseline"] = round(row["steady_rss"] / (row["plan_bytes"] + baseline["steady_rss"]),
-                                                      3)
+        expected = row["plan_bytes"] + row["kv_bytes"] + baseline["steady_rss"]
+        row["steady_over_expected"] = round(row["steady_rss"] / expected, 3)
+        row["peak_over_expected"] = round(row.get("peak_rss", row["peak_load_rss"]) / expected, 3)
         rows.append(row)
     return {"machine": f"{psutil.cpu_count(logical=False)} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
             "tokens": tokens, "baseline": baseline, "rows": rows, "logs": str(workdir)}
@@ -205,17 +216,18 @@ def fullsize_table(r: dict) -> str:
     gib = 2**30
     lines = [f"full-size random models in int4 on the CPU ({r['machine']}); baseline: the same server on the demo "
              f"model, steady {r['baseline']['steady_rss'] / gib:.2f} GiB; turns of {r['tokens']} tokens", "",
-             "| model | plan (weights) | load | peak RSS while loading | steady RSS | steady / (plan + baseline) | "
-             "/v1 turn: TTFT, s/token, focus / routing records | page turn | RSS after the turns |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | plan (weights) | KV cache (slots) | load | peak RSS while loading | steady RSS | "
+             "steady / (plan + KV + baseline) | /v1 turn: TTFT, s/token, focus / routing records | page turn | "
+             "RSS after the turns | peak / (plan + KV + baseline) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         api, page = row.get("api", {}), row.get("page", {})
         lines.append(
-            f"| {row['model']} | {row['plan_bytes'] / gib:.2f} GiB | {row['load_s']} s | "
+            f"| {row['model']} | {row['plan_bytes'] / gib:.2f} GiB | {row['kv_bytes'] / gib:.2f} GiB | {row['load_s']} s | "
             f"{row['peak_load_rss'] / gib:.2f} GiB | {row['steady_rss'] / gib:.2f} GiB | "
-            f"{row['steady_over_plan_plus_baseline']} | {api.get('ttft_s')} s, {api.get('s_per_token')} s, "
+            f"{row['steady_over_expected']} | {api.get('ttft_s')} s, {api.get('s_per_token')} s, "
             f"{api.get('focus_records')} / {api.get('routing_records')} | {page.get('total_s')} s | "
-            f"{row.get('after_turns_rss', 0) / gib:.2f} GiB |")
+            f"{row.get('after_turns_rss', 0) / gib:.2f} GiB | {row['peak_over_expected']} |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ from ..events import (
     Stats,
 )
 from ..families import ModelFamily, family_for
+from ..memory import return_free_memory
 from .decoding import make_decoder
 from .generation import Generation
 from .handle import RequestHandle, observing
@@ -81,6 +82,10 @@ class Engine:
         self.rt = Runtime.build(loaded.model, loaded.processor, self.family, self.limits.context_limit)
         # how the requests in flight advance: one batched static-cache step, or each its own forward
         self.decoder = make_decoder(self.rt, max_batch, compile, progress)
+        d = self.decoder
+        log.info("decoding: %s, %d slots of %d tokens, KV cache %.2f GiB (kv_bytes=%d)",
+                 "one batched static-cache step" if d.batched else "each request through its own forward",
+                 d.max_batch, self.rt.context_limit, d.max_batch * d.slot_bytes / 2**30, d.max_batch * d.slot_bytes)
         self._waiting: list[RequestHandle] = []
         self._last_served: OrderedDict[str, int] = OrderedDict()
         self._serve_tick = 0  # how many requests the worker has started
@@ -363,6 +368,8 @@ class Engine:
             release_memory()
         elif torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if not self._active:  # the batch ran dry: what its temporaries left in the heap goes back
+            return_free_memory()
 
     def _end(self, h: RequestHandle, gen: Generation, result) -> bool:
         """Finish one request: Stats and Done, or the Error its exception means. True if it failed."""

@@ -31,7 +31,6 @@ detail frees goes back to the system too (``return_free_memory``, every ``TRIM_E
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import threading
 import weakref
@@ -40,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ..memory import return_free_memory
 
 # ``Turn`` / ``TokenTrace`` (ui/turn.py, which imports this module) are typed ``Any`` here
 Turn = TokenTrace = Any
@@ -282,26 +283,6 @@ def turn_manifest(turn: Turn) -> dict:
 
 
 # ----------------------------------------------------------------------------- the budget
-
-def return_free_memory() -> bool:
-    """Give the heap's free pages back to the system (glibc's ``malloc_trim``). Detail that gives way
-    leaves holes between the maps still held, which the process's resident memory keeps otherwise
-    (measured with tools.trace_memory at 256 MiB, 20 x 1,000 tokens of 40 layers x 576 patches: the growth
-    was 1.25x the budget without it). False where the C library has no such call (then nothing happens)."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
 
 @dataclass(eq=False)
 class _Entry:
