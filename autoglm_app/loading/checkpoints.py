@@ -24,12 +24,11 @@ from .planning import Plan, normalize_device, parse_memory, plan_device_map
 from .progress import LoadProgress, counting_weights, current_progress
 from .quantize import (
     QUANTIZE_CHOICES,
+    check_load,
     compute_dtype,
     default_quantize,
-    guard_cpu_int4_packing,
     model_dtype,
     quantization_config,
-    verify_quantized,
 )
 
 logger = logging.getLogger(__name__)
@@ -222,12 +221,7 @@ def load_model(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         ).eval()
-    progress.stage("checking the quantized layers")
-    checked = verify_quantized(model, quantize)
-    if quantize == "int4":
-        guard_cpu_int4_packing(model)
-    if checked:
-        logger.info("%d decoder projections verified %s", checked, quantize)
+    check_load(model, quantize, progress)
     progress.stage("loading the processor")
     processor = AutoGLMProcessor.from_pretrained(path)
     return LoadedModel(
@@ -314,12 +308,7 @@ def _load_hf(path: str, model_id: str, family, quantize: str, devices: list, gpu
     else:
         with counting_weights(progress):
             model = auto_class.from_pretrained(path, **kwargs).eval()
-    progress.stage("checking the quantized layers")
-    checked = verify_quantized(model, quantize, family)
-    if quantize == "int4":
-        guard_cpu_int4_packing(model)
-    if checked:
-        logger.info("%d decoder projections verified %s", checked, quantize)
+    check_load(model, quantize, progress, family)
     progress.stage("loading the processor")
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, processor=processor, model_id=model_id, quantize=quantize,

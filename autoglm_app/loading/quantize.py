@@ -15,6 +15,7 @@ is the same accounting as ``autoglm_app.modeling.summary.total_bytes``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from ..config import QUANTIZE_CHOICES
 
 __all__ = [
+    "check_load",
     "KEEP_16BIT",
     "QUANTIZE_CHOICES",
     "QuantizationError",
@@ -232,3 +234,16 @@ def _hf_targets(model: nn.Module, family) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules()
             if name.startswith(prefix) and not keep & set(name.split("."))
             and (isinstance(m, nn.Linear) or any(p.dim() == 3 for p in m.parameters(recurse=False)))]
+
+
+def check_load(model: nn.Module, quantize: str, progress, family=None) -> int:
+    """After any load or build: prove it quantized what it should (``verify_quantized``) and, for int4, that the
+    CPU packing is usable (``guard_cpu_int4_packing``), as a stage of ``progress``; logs and returns the count."""
+    progress.stage("checking the quantized layers")
+    checked = verify_quantized(model, quantize, family)
+    if quantize == "int4":
+        guard_cpu_int4_packing(model)
+    if checked:
+        logging.getLogger("autoglm_app.loading.checkpoints").info("%d decoder projections verified %s", checked,
+                                                                  quantize)
+    return checked

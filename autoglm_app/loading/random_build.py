@@ -38,7 +38,7 @@ from torch import nn
 from ..config import ASSETS
 from .planning import Plan, build_on_meta, layers_path_of, load_config, placement_unit, plan_device_map
 from .progress import LoadProgress, current_progress
-from .quantize import QUANTIZE_CHOICES, compute_dtype, guard_cpu_int4_packing, model_dtype, verify_quantized
+from .quantize import QUANTIZE_CHOICES, check_load, compute_dtype, model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +247,7 @@ def build_random(spec: str, quantize: str, devices: list, budget: int | None, se
         dispatch_model(model, device_map=device_map)  # hooks that move activations between devices
     if devices:
         model.hf_device_map = device_map
-    progress.stage("checking the quantized layers")
-    checked = verify_quantized(model, quantize, family)
-    if quantize == "int4":
-        guard_cpu_int4_packing(model)
-    if checked:
-        log.info("%d decoder projections verified %s", checked, quantize)
+    check_load(model, quantize, progress, family)
     progress.stage("building the tokenizer and processor")
     from .random_processor import build_processor, build_tokenizer
 

@@ -345,11 +345,7 @@ class TraceBudget:
             entry = self._entries.get(id(session))
             if entry is None or entry.ref() is not session:
                 return
-            for turn in entry.turns:
-                freed = close(turn)
-                self._given += freed
-                self._count(entry, -freed, -turn.detail.kept)
-                turn.detail.gone, turn.detail.kept = True, 0
+            self._close_turns(entry, shown_too=True)
             entry.turns.clear()
             self._trim(now=True)
 
@@ -361,13 +357,22 @@ class TraceBudget:
             entry = self._entries.get(id(session))
             if entry is None or entry.ref() is not session:
                 return
-            for turn in entry.turns:
-                freed = close(turn)
-                self._given += freed
-                self._count(entry, -freed, 0)
-                turn.detail.limit_mb = self.limit_mb
+            self._close_turns(entry, shown_too=False)
             self._entries.move_to_end(id(session), last=False)
             self._trim(now=True)
+
+    def _close_turns(self, entry, shown_too: bool) -> None:
+        """The detail of every turn of ``entry`` goes; with ``shown_too`` its shown maps stop being counted as well
+        (New chat), else they stay counted (the tab may still show them)."""
+        for turn in entry.turns:
+            freed = close(turn)
+            self._given += freed
+            if shown_too:
+                self._count(entry, -freed, -turn.detail.kept)
+                turn.detail.gone, turn.detail.kept = True, 0
+            else:
+                self._count(entry, -freed, 0)
+                turn.detail.limit_mb = self.limit_mb
 
     # ------------------------------------------------------------------ tokens
     def hold(self, session: Any, turn: Turn, index: int) -> None:
