@@ -176,8 +176,9 @@ class StaticDecoder:
     def _media_rows(self, gens: list[Generation]) -> tuple[torch.Tensor | None, list[int]]:
         """(n, K) the cache positions of each row's image / audio keys, padded by repeating a valid one (None
         when no row asks for focus), and each row's own K; kept while the batch is the same requests."""
-        key = tuple(id(g) for g in gens)
-        if self._media_key == key:
+        key = list(gens)  # the objects themselves, held: an id can be reused by a later request
+        if self._media_key is not None and len(key) == len(self._media_key) and all(
+                a is b for a, b in zip(key, self._media_key)):
             return self._media_cache
         rows = [g.media_keys for g in gens]
         widths = [0 if m is None else m.numel() for m in rows]
