@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ui.test_ui_browser import browser, demo_server  # noqa: F401 (fixtures)
+from tests.ui.test_ui_browser import browser, demo_server, set_number  # noqa: F401 (fixtures)
 from tests.ui.page_defects_helpers import (TURN_MS, bot_messages, heat_peak, open_settings, percentages, pick_radio,
                                            save, scene, send, shown_image, user_texts, wait_idle, wait_turns)
 
@@ -44,9 +44,7 @@ def open_page(browser, url: str, width: int = 1366, height: int = 768):
 
 
 def set_box(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    set_number(page, elem_id, value)
 
 
 def greedy(page, max_tokens: int = 24, thinking: bool = False, seed: int = 1) -> None:

@@ -42,10 +42,26 @@ def open_page(browser, url: str, width: int = 1366, height: int = 768):
     return page
 
 
-def set_number(page, elem_id: str, value: int) -> None:
+def set_number(page, elem_id: str, value) -> None:
+    """Type a value into a slider's number box and wait until the slider itself shows it.
+
+    On a loaded machine the settings accordion can still be rendering when the box is first
+    filled, and the typed value is then lost; so check the range input and type again."""
+    from playwright.sync_api import expect
+
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    track = page.locator(f"#{elem_id} input[type=range]")
+    for attempt in range(4):
+        box.fill(str(value))
+        box.press("Enter")
+        if not track.count():
+            return
+        try:
+            expect(track).to_have_value(str(value), timeout=5_000)
+            return
+        except AssertionError:
+            if attempt == 3:
+                raise
 
 
 def shoot(page, artifacts: Path, name: str) -> None:
