@@ -53,6 +53,11 @@ class Options:
     routing: bool = True  # emit Routing events
     focus_aggregation: str | None = None  # "mean" | "max"; None = the model's default
     focus_layers: tuple[int, int] | None = None  # [start, end) of decoder layers; None = default
+    # emit a Logprobs record per generated token with this many alternatives (0..MAX_TOP_LOGPROBS); None = off
+    logprobs: int | None = None
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's limit on top_logprobs
 
 
 @dataclass
@@ -61,6 +66,10 @@ class ChatRequest:
     options: Options = field(default_factory=Options)
     session_id: str = "default"
     priority: Literal["interactive", "batch"] = "interactive"
+    # token ids the reply already starts with (a branch of an earlier answer, continued from a chosen
+    # alternative): fed with the prompt, not emitted again; the new tokens are numbered after them
+    # and max_new_tokens counts only the new ones
+    continue_from: list[int] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- events
@@ -311,6 +320,32 @@ class Routing:
 
 
 @dataclass
+class Alternative:
+    token: str  # the token's own text (decoded alone; a piece of a multi-byte character shows as U+FFFD)
+    token_id: int
+    logprob: float  # natural log of its probability
+    bytes: bytes = b""  # its raw bytes (a piece of a multi-byte character has a few of its bytes)
+
+
+@dataclass
+class Logprobs:
+    """How sure the model was of one generated token: the log-probability of the token it emitted, the
+    ``top`` most likely tokens at that position (most likely first), and the entropy (nats) of the whole
+    next-token distribution. All from the model's own distribution (the raw logits' log-softmax, before
+    temperature, top-k/top-p, penalties or banned ids: vLLM's default), so they do not depend on how
+    the token was sampled."""
+
+    index: int  # position of the token among the generated tokens (as Focus.index)
+    token: str
+    token_id: int
+    logprob: float
+    entropy: float
+    top: list[Alternative]
+    phase: Literal["reasoning", "answer"] = "answer"
+    bytes: bytes = b""
+
+
+@dataclass
 class Stats:
     ttft_s: float  # time to first token (from start of work, not queueing)
     think_s: float | None  # time to end of reasoning
@@ -340,7 +375,7 @@ class Error:
     kind: Literal["busy", "bad_request", "internal", "cancelled", "out_of_memory"] = "internal"
 
 
-Event = Queued | Notice | Reasoning | Answer | Focus | Routing | Stats | Done | Error
+Event = Queued | Notice | Reasoning | Answer | Focus | Routing | Logprobs | Stats | Done | Error
 
 
 class EngineBusy(Exception):

@@ -121,6 +121,8 @@ class ChatCompletionRequest(_Lenient):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     min_tokens: int | None = None  # vLLM's: end-of-text is held back until this many tokens
+    logprobs: bool | None = None  # each generated token's log-probability in choices[].logprobs
+    top_logprobs: int | None = None  # and this many most likely alternatives at each position (0..20)
     stop: str | list[str] | None = None
     seed: int | None = None
     repetition_penalty: float | None = None
@@ -145,8 +147,6 @@ class ChatCompletionRequest(_Lenient):
     function_call: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
 
@@ -254,6 +254,27 @@ class Usage(BaseModel):
     completion_tokens_details: TokenDetails | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's per-choice logprobs: one entry per generated token, in order (with reasoning returned, the
+    reasoning's tokens too, as vLLM does; ``refusal`` is never filled: this server does not refuse)."""
+
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -271,6 +292,7 @@ class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
     routed_experts: str | None = Field(None, description=ROUTED_EXPERTS_DOC)
 
 
@@ -297,6 +319,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None  # of the tokens whose text (or telemetry) this chunk carries
     routed_experts: str | None = Field(None, description=ROUTED_EXPERTS_DOC + " (on the finish chunk)")
 
 

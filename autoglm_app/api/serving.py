@@ -6,8 +6,8 @@ stream into a ``chat.completion`` or a sequence of ``chat.completion.chunk`` obj
 
 Checks live in one place each. Here, at the edge, only what the engine's request cannot express
 or what must be refused before any image or recording is decoded: the OpenAI fields this server
-does not implement (``refuse_unsupported``: tools, response_format, logit_bias, logprobs, audio
-output), ``n``, media on a message that is not the user's, images per turn (before decoding any),
+does not implement (``refuse_unsupported``: tools, response_format, logit_bias, audio output),
+``top_logprobs`` without ``logprobs`` or over 20, ``n``, media on a message that is not the user's, images per turn (before decoding any),
 and through ``media`` the bytes, pixels and seconds read from base64 lengths and headers.
 Everything else (ranges of the options, roles, text, the decoded media themselves, the context) is
 the engine's ``validate_request``.
@@ -33,7 +33,9 @@ from ..events import (
     Done,
     Error,
     Event,
+    MAX_TOP_LOGPROBS,
     Focus,
+    Logprobs,
     Message,
     Options,
     Reasoning,
@@ -49,6 +51,7 @@ from .protocol import (
     ChatCompletionRequest,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     CompletionStats,
     Delta,
@@ -60,7 +63,9 @@ from .protocol import (
     TokenDetails,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
+    TokenLogprob,
     TokenRouting,
+    TopLogprob,
     Usage,
     bad_request,
 )
@@ -97,12 +102,6 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.logit_bias:
         raise unsupported("logit_bias", "logit_bias is not supported: leave it out (or send {}); "
                                         "temperature, top_p, top_k, repetition_penalty and stop are")
-    if req.logprobs:
-        raise unsupported("logprobs", "logprobs are not returned by this server: leave logprobs out "
-                                      "(or send false)")
-    if req.top_logprobs:
-        raise unsupported("top_logprobs", "top_logprobs are not returned by this server: leave top_logprobs "
-                                          "out (or send 0)")
     if req.audio is not None or "audio" in (req.modalities or []):
         param = "audio" if req.audio is not None else "modalities"
         raise unsupported(param, 'audio output is not supported: the model answers in text; send modalities '
@@ -120,7 +119,7 @@ def to_options(req: ChatCompletionRequest) -> Options:
         what = "n > 1 is not supported" if req.n > 1 else f"n must be 1, got {req.n}"
         raise bad_request(f"{what}: leave n out (or send n=1) and repeat the request for more choices", param="n")
     o = Options(enable_thinking=req.thinking, focus=req.return_focus,
-                routing=req.return_routing or req.return_routed_experts)
+                routing=req.return_routing or req.return_routed_experts, logprobs=to_logprobs(req))
     for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         if (value := getattr(req, name)) is not None:
             setattr(o, name, value)
@@ -132,6 +131,25 @@ def to_options(req: ChatCompletionRequest) -> Options:
     if req.stop is not None:
         o.stop = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     return o
+
+
+def to_logprobs(req: ChatCompletionRequest) -> int | None:
+    """The engine's ``Options.logprobs`` (alternatives per token; None = off) from OpenAI's pair of fields."""
+    top = req.top_logprobs
+    if top is not None and not (isinstance(top, int) and 0 <= top <= MAX_TOP_LOGPROBS):
+        raise bad_request(f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}",
+                          param="top_logprobs")
+    if not req.logprobs:
+        if top:
+            raise bad_request("top_logprobs needs logprobs: send logprobs=true with it", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def wire_logprob(event: Logprobs) -> TokenLogprob:
+    return TokenLogprob(token=event.token, logprob=event.logprob, bytes=list(event.bytes),
+                        top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.bytes))
+                                      for a in event.top])
 
 
 def to_message(index: int, m: ChatMessage, allow_remote_images: bool, limits: Limits) -> Message:
@@ -223,12 +241,17 @@ class Extras:
     routing: bool = False
     stats: bool = False
     routed_experts: bool = False
+    logprobs: bool = False
 
     @classmethod
     def of(cls, req: ChatCompletionRequest) -> Extras:
         return cls(reasoning=req.return_reasoning is not False, focus=req.return_focus,
                    routing=req.return_routing, stats=req.return_stats or req.return_routing,
-                   routed_experts=req.return_routed_experts)
+                   routed_experts=req.return_routed_experts, logprobs=bool(req.logprobs))
+
+    def wants_logprob(self, event: Logprobs) -> bool:
+        """A token's logprob goes out with the text it belongs to: a reasoning token's only when the reasoning does."""
+        return self.logprobs and (event.phase == "answer" or self.reasoning)
 
 
 @dataclass
@@ -338,10 +361,14 @@ class CompletionBuilder:
     last_routing: Routing | None = None
     finish: str = "stop"
     routed: RoutedExperts = field(default_factory=RoutedExperts)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, event: Event) -> None:
         """Take one event; an engine Error raises APIError."""
-        if isinstance(event, Answer):
+        if isinstance(event, Logprobs):
+            if self.extras.wants_logprob(event):
+                self.logprobs.append(wire_logprob(event))
+        elif isinstance(event, Answer):
             self.answer.append(event.text)
         elif isinstance(event, Reasoning):
             self.reasoning.append(event.text)
@@ -371,6 +398,8 @@ class CompletionBuilder:
         stats = completion_stats(self.stats, load) if self.extras.stats and self.stats else None
         return ChatCompletion(id=self.id, created=self.created, model=self.model,
                               choices=[Choice(message=message, finish_reason=self.finish,
+                                              logprobs=ChoiceLogprobs(content=self.logprobs)
+                                              if self.extras.logprobs else None,
                                               routed_experts=self.routed.encoded() if self.extras.routed_experts
                                               else None)],
                               usage=usage(self.stats), stats=stats)
@@ -380,10 +409,11 @@ class CompletionBuilder:
 class ChunkBuilder:
     """Turns one request's events into ``chat.completion.chunk`` objects, in order.
 
-    Text deltas go out as they come. With focus or routing asked for, a token's chunk is
-    held until its next event: the Focus / Routing records of the same token (which the
-    engine emits right after the token's text) ride on that chunk's delta; a token with no
-    text of its own (half a character, a think tag) gets a chunk with telemetry only.
+    Text deltas go out as they come. With focus, routing or logprobs asked for, a token's chunk
+    is held until its next event: the Logprobs / Focus / Routing records of the same token
+    (which the engine emits right after the token's text) ride on that chunk (logprobs on its
+    choice, the rest on its delta); a token with no text of its own (half a character, a think
+    tag) gets a chunk with those only.
     """
 
     model: str
@@ -396,15 +426,18 @@ class ChunkBuilder:
     stats: Stats | None = None
     last_routing: Routing | None = None
     routed: RoutedExperts = field(default_factory=RoutedExperts)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def holds_for_telemetry(self) -> bool:
-        return self.extras.focus or self.extras.routing
+        return self.extras.focus or self.extras.routing or self.extras.logprobs
 
     def chunk(self, delta: Delta, finish: str | None = None, routed_experts: str | None = None,
-              **extra) -> ChatCompletionChunk:
+              logprobs: list[TokenLogprob] | None = None, **extra) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                    choices=[ChunkChoice(delta=delta, finish_reason=finish,
+                                                        logprobs=ChoiceLogprobs(content=logprobs)
+                                                        if logprobs else None,
                                                         routed_experts=routed_experts)], **extra)
 
     def first(self) -> ChatCompletionChunk:
@@ -422,6 +455,14 @@ class ChunkBuilder:
                             else Delta(reasoning_content=text, reasoning=text))
             if not self.holds_for_telemetry:
                 out += self.flush()
+        elif isinstance(event, Logprobs):
+            if self.extras.wants_logprob(event):
+                if self.pending is not None and self.pending_index not in (None, event.index):
+                    out += self.flush()
+                if self.pending is None:
+                    self.pending = Delta()
+                self.pending_logprobs.append(wire_logprob(event))
+                self.pending_index = event.index
         elif isinstance(event, Focus) and self.extras.focus and event.images:
             out += self.attach(event.index, "focus", image_focus(event))
         elif isinstance(event, Routing) and (self.extras.routing or self.extras.routed_experts):
@@ -452,7 +493,8 @@ class ChunkBuilder:
 
     def flush(self) -> list[ChatCompletionChunk]:
         delta, self.pending, self.pending_index = self.pending, None, None
-        return [self.chunk(delta)] if delta is not None else []
+        logprobs, self.pending_logprobs = self.pending_logprobs, []
+        return [self.chunk(delta, logprobs=logprobs)] if delta is not None else []
 
     def finish(self, reason: str) -> list[ChatCompletionChunk]:
         load = self.last_routing.load if self.last_routing else None

@@ -29,6 +29,7 @@ import torch
 
 from .generation import Generation
 from .runtime import Runtime
+from .sampling import logprob_rows
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,10 @@ class StaticDecoder:
         if self.compiled and media is None:
             media = self._media(None, tokens)
         logits, telemetry = self._run(tokens, pos, keys_seen, media, probes)
+        asked = [g.req.options.logprobs for g in gens]
+        stats = [None] * n
+        if any(k is not None for k in asked):  # on the logits' device, for every row at once, before the copy
+            stats = logprob_rows(logits, max(k for k in asked if k is not None))
         logits = logits.cpu()
         focus_h = experts_h = weights_h = None
         if telemetry is not None:
@@ -259,7 +264,7 @@ class StaticDecoder:
         for i, g in enumerate(gens):
             g.cache_tokens += 1
             try:
-                token = g.sampler.pick(logits[i])
+                token = g.sampler.pick(logits[i], stats[i])
                 f = focus_h[i, :, : widths[i]] if focus_h is not None and g.focus is not None and widths[i] else None
                 r = (experts_h[i], weights_h[i]) if experts_h is not None and g.routing is not None else None
                 out.append(g.accept(token, now, f, r))

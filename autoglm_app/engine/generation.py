@@ -21,8 +21,10 @@ from ..events import (
     BadRequest,
     ChatRequest,
     Event,
+    Alternative,
     Focus,
     LayerRoute,
+    Logprobs,
     Message,
     Notice,
     Options,
@@ -36,7 +38,7 @@ from ..events import (
 from ..families.base import ModelFamily, Prepared
 from .probes import FocusProbe, RoutingProbe
 from .runtime import Runtime
-from .sampling import IncrementalDecoder, Sampler
+from .sampling import IncrementalDecoder, Sampler, TokenLogprob
 from .stats import Timeline, peak_memory, reset_peak_memory, timing_stats
 from .thinksplit import ThinkSplitter
 
@@ -48,15 +50,16 @@ def prompt_tokens(prep: Prepared) -> int:
 
 
 def fit_context(family: ModelFamily, processor, messages: list[Message], opts: Options,
-                limit: int) -> tuple[Prepared, int]:
+                limit: int, forced: int = 0) -> tuple[Prepared, int]:
     """The prompt, prepared once, after dropping the oldest turns until prompt + max_new_tokens fits;
-    never the current turn. Returns (prepared prompt, turns dropped).
+    never the current turn (``forced``: tokens of the reply fed with the prompt, a branch's start). Returns
+    (prepared prompt, turns dropped).
 
     The usual prompt fits as sent, so it is prepared once and measured by its own ids; only when
     turns have to go are the shorter candidates counted (``family.count_tokens``) and the one that
     fits prepared again. A current turn that alone is too long is the client's to fix: BadRequest.
     """
-    budget = limit - opts.max_new_tokens
+    budget = limit - opts.max_new_tokens - forced
     system = [m for m in messages if m.role == "system"][:1]
     turns = [m for m in messages if m.role != "system"]
     prep = family.prepare(processor, system + turns, opts.enable_thinking)
@@ -66,7 +69,7 @@ def fit_context(family: ModelFamily, processor, messages: list[Message], opts: O
         nxt = next((i for i in range(1, len(turns)) if turns[i].role == "user"), None)
         if nxt is None:
             raise BadRequest(
-                f"this turn needs {n} prompt tokens plus {opts.max_new_tokens} new tokens, over the "
+                f"this turn needs {n} prompt tokens plus {opts.max_new_tokens + forced} new tokens, over the "
                 f"{limit}-token context: shorten the text, send fewer images or a shorter recording, "
                 "or lower max_new_tokens"
             )
@@ -76,6 +79,25 @@ def fit_context(family: ModelFamily, processor, messages: list[Message], opts: O
     if dropped:
         prep = family.prepare(processor, system + turns, opts.enable_thinking)
     return prep, dropped
+
+
+def with_reply_start(inputs: dict, forced: list[int], vocab: int) -> dict:
+    """The prompt's inputs with the reply's first tokens appended (a branch continued from a chosen token): the
+    ids, and every other per-position (1, T) tensor (attention mask 1, type ids 0 = text)."""
+    if any(t >= vocab for t in forced):
+        raise BadRequest(f"continue_from holds a token id outside the model's vocabulary of {vocab}")
+    ids = inputs["input_ids"]
+    T = ids.shape[1]
+    out = dict(inputs)
+    for key, v in inputs.items():
+        if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, T):
+            if key == "input_ids":
+                extra = torch.tensor([forced], dtype=v.dtype, device=v.device)
+            else:
+                extra = torch.full((1, len(forced)), 1 if key == "attention_mask" else 0, dtype=v.dtype,
+                                   device=v.device)
+            out[key] = torch.cat([v, extra], dim=1)
+    return out
 
 
 # ----------------------------------------------------------------------------- one token
@@ -100,6 +122,47 @@ def decode_step(rt: Runtime, token: int, cache: DynamicCache, memory_state,
 # ----------------------------------------------------------------------------- emit
 
 
+def token_texts(decoder: IncrementalDecoder) -> Callable[[int], tuple[str, bytes]]:
+    """id -> the token's own text, decoded alone (the alternatives' labels), and its bytes; remembered per
+    tokenizer: a reply with alternatives asks for ~20 ids a token, mostly the same few hundred."""
+    tok = decoder.tok
+    cache = getattr(tok, "_autoglm_token_texts", None)
+    if cache is None:
+        cache = {}
+        try:
+            tok._autoglm_token_texts = cache
+        except AttributeError:  # a tokenizer that takes no attributes keeps a cache per request
+            pass
+    decode = decoder._decode
+
+    def text(token: int) -> tuple[str, bytes]:
+        got = cache.get(token)
+        if got is None:
+            label = decode([token], skip_special_tokens=False)
+            got = cache[token] = (label, token_bytes(tok, token, label))
+        return got
+
+    return text
+
+
+def token_bytes(tokenizer, token: int, label: str) -> bytes:
+    """The token's bytes: its text's UTF-8, except for a token holding part of a multi-byte character (its text
+    alone is U+FFFD), whose raw bytes come from the vocabulary entry: a byte-level BPE piece (GPT-2's byte to
+    character table, as transformers keeps it) or a SentencePiece byte-fallback piece ``<0xNN>``."""
+    if "\ufffd" not in label:
+        return label.encode("utf-8")
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if isinstance(piece, str):
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        table = {c: b for b, c in bytes_to_unicode().items()}
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    return label.encode("utf-8")
+
+
 class TokenEmitter:
     """Each kept token -> its text as Reasoning / Answer deltas, then the Focus and Routing records of the
     forward that chose it. ``answer`` is the answer text so far (stop strings are looked for in it)."""
@@ -111,24 +174,42 @@ class TokenEmitter:
         self.focus, self.routing = focus, routing
         self.rule, self.layers = focus_rule
         self.answer = ""
+        self.token_text = token_texts(decoder)
         self.phase = splitter.phase  # of the newest token (the RoutingProbe's by_phase split)
 
     def token(self, index: int, token: int, now: float, focus: np.ndarray | None = None,
-              route: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+              route: tuple[np.ndarray, np.ndarray] | None = None, logprob: TokenLogprob | None = None) -> None:
         """Emit one kept token; ``focus`` / ``route``: that forward's telemetry from a batched step (else the
-        probes' hooks hold it)."""
+        probes' hooks hold it); ``logprob``: the sampler's record of it, when the request asked."""
         delta = self.decoder.push(token)
         pieces = self.splitter.feed(delta)
         phase = pieces[-1][0] if pieces else self.splitter.phase
         self.phase = phase
         self.timeline.piece(phase, now)
         self.pieces(pieces)
+        if logprob is not None:
+            text = self.token_text
+            label, raw = text(token)
+            top = []
+            for t, v in zip(logprob.top_ids.tolist(), logprob.top_logprobs.tolist()):
+                alt_label, alt_raw = text(t)
+                top.append(Alternative(alt_label, t, v, alt_raw))
+            self.emit(Logprobs(index, label, token, logprob.logprob, logprob.entropy, top, phase, raw))
         if self.focus is not None:
             self._focus(index, delta, phase, focus)
         if self.routing is not None:
             routes = self.routing.collect() if route is None else self.routing.fold_step(*route)
             # its counts are filled in when it is delivered (Generation.flush): one snapshot per delivery
             self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in routes], None))
+
+    def replay(self, tokens: list[int]) -> None:
+        """Tokens the reply already starts with (a branch): through the text decoder and the think splitter,
+        so the new tokens continue their text and phase, without emitting them again."""
+        for token in tokens:
+            for phase, text in self.splitter.feed(self.decoder.push(token)):
+                if phase == "answer":
+                    self.answer += text
+        self.phase = self.splitter.phase
 
     def pieces(self, pieces: list[tuple[str, str]]) -> None:
         for phase, text in pieces:
@@ -196,24 +277,30 @@ class Generation:
         """Fit and prefill the prompt, emit the first token: None while it goes on, else the finish reason."""
         rt, opts = self.rt, self.req.options
         self.timeline = Timeline(time.perf_counter())
-        prep, dropped = fit_context(rt.family, rt.processor, self.req.messages, opts, rt.context_limit)
+        forced = list(self.req.continue_from)
+        prep, dropped = fit_context(rt.family, rt.processor, self.req.messages, opts, rt.context_limit,
+                                    len(forced))
         if dropped:
             self.emit(Notice(f"the conversation was too long for the {rt.context_limit}-token context: "
                              f"the oldest {dropped} turn(s) were left out of this answer"))
         self.prep = prep
         inputs = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in prep.inputs.items()}
+        if forced:
+            inputs = with_reply_start(inputs, forced, rt.model.get_input_embeddings().num_embeddings)
         self.focus_rule = rt.focus_rule(opts)
-        self.sampler = Sampler(opts, inputs["input_ids"][0], rt.banned_ids, rt.stop_list)
+        self.sampler = Sampler(opts, inputs["input_ids"][0], rt.banned_ids, rt.stop_list, len(forced))
         self.focus = (FocusProbe(rt.attention_modules, prep.image_spans, prep.audio_spans)
                       if opts.focus and (prep.image_spans or prep.audio_spans) else None)
         self.routing = RoutingProbe(rt.routers, rt.num_experts, rt.top_k, rt.family.read_route) \
             if opts.routing and rt.routers else None
-        if self.routing is not None:
-            self.routing.modality = torch.from_numpy(prep.modality)
+        if self.routing is not None:  # (a branch's reply start is text)
+            self.routing.modality = torch.from_numpy(np.concatenate([prep.modality,
+                                                                     np.zeros(len(forced), prep.modality.dtype)]))
         self.emitter = TokenEmitter(self.emit, IncrementalDecoder(rt.processor.tokenizer),
                                     ThinkSplitter(opts.enable_thinking, rt.family.think_open, rt.family.think_close,
                                                   rt.family.answer_tags, opened=prep.thinking_open),
                                     self.timeline, self.focus, self.routing, self.focus_rule)
+        self.emitter.replay(forced)
         self.cache = DynamicCache()
         with self._probes():
             token, self.memory_state = prefill(rt, inputs, self.cache, self.memory_state, self.sampler)
@@ -277,10 +364,10 @@ class Generation:
         if token in self.rt.stop_ids:
             return self._end("stop")
         self.sampler.accept(token)
-        emitter.token(self.sampler.kept - 1, token, now, focus, route)
+        emitter.token(self.sampler.kept - 1, token, now, focus, route, self.sampler.last)
         if any(s and s in emitter.answer for s in opts.stop):
             return self._end("stop")
-        if self.sampler.kept >= opts.max_new_tokens:
+        if self.sampler.new_tokens >= opts.max_new_tokens:
             return self._end("length")
         if self.routing is not None:  # the next step routes the token just emitted: its phase
             self.routing.start_decode(emitter.phase)
@@ -308,7 +395,7 @@ class Generation:
         focus, routing = self.focus, self.routing
         stats = timing_stats(
             self.timeline, time.perf_counter(), reasoning_tokens=self.timeline.reasoning,
-            answer_tokens=self.timeline.answer, completion_tokens=self.sampler.kept,
+            answer_tokens=self.timeline.answer, completion_tokens=self.sampler.new_tokens,
             prompt_tokens=prompt_tokens(self.prep), finish_reason=self.finish,
             attention=focus.mode if focus is not None else "sdpa", peak_memory=peak_memory(),
         )

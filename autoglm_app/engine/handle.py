@@ -18,12 +18,12 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from ..events import Answer, ChatRequest, Done, Error, Event, Focus, Reasoning, Routing
+from ..events import Answer, ChatRequest, Done, Error, Event, Focus, Logprobs, Reasoning, Routing
 
 TERMINAL = (Done, Error)
 # what a token brings; once the request is cancelled the reader is given none of these any more, even those the
 # worker produced before the flag and delivered together with the ones already read
-TOKEN_EVENTS = (Reasoning, Answer, Focus, Routing)
+TOKEN_EVENTS = (Reasoning, Answer, Focus, Routing, Logprobs)
 log = logging.getLogger(__name__)
 
 

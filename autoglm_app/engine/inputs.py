@@ -21,7 +21,7 @@ import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
 
 from ..config import Limits
-from ..events import Audio, BadRequest, ChatRequest, Message
+from ..events import MAX_TOP_LOGPROBS, Audio, BadRequest, ChatRequest, Message
 
 TARGET_RATE = 16000
 MIN_TEMPERATURE = 1e-3  # below this (and above 0) sampling is numerically greedy: treated as 0
@@ -153,6 +153,9 @@ def check_options(o, limits: Limits):
     stop = [clean_text(s) for s in o.stop or []]
     if len(stop) > limits.max_stop_strings or any(len(s) > 1000 for s in stop):
         raise BadRequest(f"stop takes at most {limits.max_stop_strings} strings of at most 1000 characters")
+    if o.logprobs is not None and (isinstance(o.logprobs, bool) or not isinstance(o.logprobs, int)
+                                   or not 0 <= o.logprobs <= MAX_TOP_LOGPROBS):
+        raise BadRequest(f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {o.logprobs!r}")
     if 0 < temperature < MIN_TEMPERATURE:
         temperature = 0.0  # numerically greedy anyway; dividing the logits by it would overflow
     return replace(o, temperature=temperature, stop=stop)
@@ -169,6 +172,11 @@ def validate_request(request: ChatRequest, limits: Limits, hears_audio: bool = T
     if request.messages[-1].role != "user":
         raise BadRequest("the last message must be from the user")
     options = check_options(request.options, limits)
+    forced = request.continue_from
+    if not isinstance(forced, list) or len(forced) >= limits.context_limit or \
+            any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in forced):
+        raise BadRequest("continue_from must be a list of token ids (non-negative integers) shorter than the "
+                         f"{limits.context_limit}-token context")
     messages = []
     for i, m in enumerate(request.messages):
         if m.role not in ("system", "user", "assistant"):

@@ -2,12 +2,17 @@
 
 ``sample`` is the rule (repetition penalty, greedy at temperature 0, else temperature, top-k and
 top-p); ``Sampler`` holds what one request needs around it (banned ids, the stop ids kept out
-before ``min_new_tokens``, the ids seen so far, the seeded generator). ``IncrementalDecoder``
-turns the token stream into text without ever splitting a multi-byte character.
+before ``min_new_tokens``, the ids seen so far, the seeded generator) and, when the request asks
+for them, the chosen token's log-probability, the top alternatives and the entropy
+(``logprob_rows``, computed where the logits are). ``IncrementalDecoder`` turns the token stream
+into text without ever splitting a multi-byte character.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 from ..events import Options
@@ -38,24 +43,78 @@ def request_generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
 
 
-class Sampler:
-    """One request's token picker: ``pick(logits)`` for the next token, ``accept(token)`` once it is kept."""
+class RowLogprobs(NamedTuple):
+    """One position's distribution in brief (host numpy): what ``Sampler.pick`` needs to report a token."""
 
-    def __init__(self, opts: Options, prompt_ids: torch.Tensor, banned_ids: list[int], stop_ids: list[int]):
+    lse: float  # log of the sum of exp(logits): logprob(t) = logits[t] - lse
+    entropy: float  # nats
+    top_ids: np.ndarray  # (k,) most likely first
+    top_logprobs: np.ndarray  # (k,)
+
+
+def logprob_rows(logits: torch.Tensor, k: int) -> list[RowLogprobs]:
+    """logits (n, V), any device and dtype -> per row the log-normaliser, the entropy and the k most likely
+    tokens with their log-probabilities: the model's own distribution (float32 log-softmax of the raw
+    logits). Computed where the logits are (on a GPU: one kernel per statistic for all rows), and only
+    these small tensors come to the host."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    lp = x - lse
+    entropy = -(lp.exp() * lp).nan_to_num(0.0).sum(-1)  # exp(-inf) * -inf = nan: those terms are 0
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    lse_h, ent_h = lse[:, 0].cpu().numpy(), entropy.cpu().numpy()
+    ids_h, vals_h = top.indices.cpu().numpy(), top.values.cpu().numpy()
+    return [RowLogprobs(float(lse_h[i]), float(ent_h[i]), ids_h[i], vals_h[i]) for i in range(x.shape[0])]
+
+
+class TokenLogprob(NamedTuple):
+    token_id: int
+    logprob: float
+    entropy: float
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+class Sampler:
+    """One request's token picker: ``pick(logits)`` for the next token, ``accept(token)`` once it is kept;
+    ``last`` is the picked token's TokenLogprob when the request asked for logprobs (else None).
+
+    ``forced``: tokens the reply already starts with (``ChatRequest.continue_from``); they count as kept, so
+    the new tokens are numbered after them, while ``min_new_tokens`` and ``max_new_tokens`` count new ones."""
+
+    def __init__(self, opts: Options, prompt_ids: torch.Tensor, banned_ids: list[int], stop_ids: list[int],
+                 forced: int = 0):
         self.opts = opts
         self.banned = torch.tensor(banned_ids, dtype=torch.long)  # index tensors made once, not per token
         self.stop = torch.tensor(stop_ids, dtype=torch.long)
         self.seen = prompt_ids.cpu()  # (T,) what the repetition penalty lowers
-        self.kept = 0  # tokens accepted so far
+        self.forced = forced
+        self.kept = forced  # tokens of the reply so far
         self.gen = request_generator(opts.seed)
+        self.last: TokenLogprob | None = None
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """logits (V,) of the newest position, any device and dtype -> the next token id."""
+    @property
+    def new_tokens(self) -> int:
+        return self.kept - self.forced
+
+    def pick(self, logits: torch.Tensor, stats: RowLogprobs | None = None) -> int:
+        """logits (V,) of the newest position, any device and dtype -> the next token id. ``stats``: this row's
+        ``logprob_rows`` when the caller computed them for a whole batch (else computed here when asked)."""
+        want = self.opts.logprobs is not None
+        if want and stats is None:
+            stats = logprob_rows(logits[None], self.opts.logprobs)[0]
         logits = logits.float().cpu()
-        logits[self.banned] = float("-inf")
-        if self.kept < self.opts.min_new_tokens:  # end-of-text waits until the minimum length
+        # the penalty rewrites logits in place (the chosen one too): keep the raw row to read the chosen value
+        raw = logits.clone() if want and self.opts.repetition_penalty != 1.0 else logits
+        logits[self.banned] = float("-inf")  # (a banned id is never chosen, so raw[token] stays the model's)
+        if self.new_tokens < self.opts.min_new_tokens:  # end-of-text waits until the minimum length
             logits[self.stop] = float("-inf")
-        return sample(logits, self.opts, self.seen, self.gen)
+        token = sample(logits, self.opts, self.seen, self.gen)
+        if want:
+            k = self.opts.logprobs
+            self.last = TokenLogprob(token, float(raw[token]) - stats.lse, stats.entropy, stats.top_ids[:k],
+                                     stats.top_logprobs[:k])
+        return token
 
     def accept(self, token: int) -> None:
         self.kept += 1

@@ -24,8 +24,6 @@ REFUSED = {
     "response_format json_schema": ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object"}}}}, "response_format", '{"type": "text"}'),
     "logit_bias": ({"logit_bias": {"50256": -100}}, "logit_bias", "logit_bias is not supported"),
-    "logprobs": ({"logprobs": True}, "logprobs", "logprobs are not returned"),
-    "top_logprobs": ({"logprobs": False, "top_logprobs": 3}, "top_logprobs", "top_logprobs are not returned"),
     "modalities with audio": ({"modalities": ["text", "audio"]}, "modalities", "audio output is not supported"),
     "audio output settings": ({"audio": {"voice": "alloy", "format": "wav"}}, "audio",
                               "audio output is not supported"),
