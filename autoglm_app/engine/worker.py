@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from concurrent.futures import Future
 import logging
 import threading
 import time
@@ -92,6 +93,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._active: list[tuple[RequestHandle, Generation]] = []  # in flight; the i-th holds slot i
         self._memory: OrderedDict[str, list] = OrderedDict()
+        self._jobs: list[tuple[Callable, Future]] = []  # call(): work that must run where nothing else uses the model
         self._lock = threading.Condition()
         self._closed = False
         self.transcribe = transcribe  # Audio -> str, with --asr-model (for models that do not hear)
@@ -132,6 +134,29 @@ class Engine:
         """Submit and wait: every event of the request, in order."""
         return list(self.submit(request).events())
 
+    def call(self, fn: Callable[[], object], timeout: float | None = None):
+        """Run ``fn()`` on the worker thread between two decode steps and return its result (or raise its
+        exception). Why: the probes plug into the model's modules (``focus_probe`` slots, router hooks), so a
+        forward of one's own (engine.compare's teacher-forced pass) must not overlap the worker's forwards;
+        the requests in flight wait one step's worth of time, none is disturbed."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise EngineBusy("the engine is shutting down", retry_after=5.0)
+            self._jobs.append((fn, future))
+            self._lock.notify_all()
+        return future.result(timeout)
+
+    def _run_jobs(self) -> None:
+        with self._lock:
+            jobs, self._jobs = self._jobs, []
+        for fn, future in jobs:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # the caller gets it; the worker goes on serving
+                    future.set_exception(e)
+
     def queue_length(self) -> int:
         with self._lock:
             return len(self._waiting)
@@ -166,6 +191,9 @@ class Engine:
             self._waiting.clear()
             for h, _ in self._active:
                 h.cancel()
+            for _, future in self._jobs:
+                future.cancel()
+            self._jobs.clear()
             self._lock.notify_all()
         self._worker.join(timeout=10)
 
@@ -281,7 +309,7 @@ class Engine:
                         h.last_position = 0
                         h.put(Queued(0))
                     return h
-                if not block:
+                if not block or self._jobs:  # a call() waits: the worker runs it first
                     return None
                 self._lock.wait(timeout=0.5)
             return None
@@ -307,6 +335,8 @@ class Engine:
         """Admit waiting requests while there are free slots (each prefilled, its first token out), then
         one step for every request in flight; a request that ends leaves its slot to the next."""
         while True:
+            if self._jobs:
+                self._run_jobs()
             while len(self._active) < self.decoder.max_batch:
                 h = self._take(block=not self._active)
                 if h is None:

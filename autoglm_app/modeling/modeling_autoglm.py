@@ -430,7 +430,9 @@ class AutoGLMBackbone(AutoGLMPreTrainedModel):
             if mm.any():
                 prefix = mm
         padded = attention_mask is not None and not bool(attention_mask.all())
-        if prefix is None and not padded and n_mem == 0:
+        # None lets SDPA apply is_causal, whose triangle is aligned top-left: right only without a cache; several
+        # new tokens over a cache (a teacher-forced continuation) need the mask that lets them see the past
+        if prefix is None and not padded and n_mem == 0 and (past_len == 0 or T == 1):
             return None
         S = past_len + T
         allowed = _causal_mask(T, S, device).expand(B, 1, T, S).clone()

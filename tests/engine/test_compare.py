@@ -1,0 +1,139 @@
+"""Compare mode's metrics (engine/compare.py) on the shipped demo model: a model against itself is identical,
+KL 0, Jaccard 1; against a perturbed copy it is not; the teacher-forced pass reproduces what generation saw."""
+
+from __future__ import annotations
+
+import copy
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from autoglm_app.config import DEMO_MODEL, Limits
+from autoglm_app.engine import compare as C
+from autoglm_app.engine.worker import Engine
+from autoglm_app.events import ChatRequest, Focus, Message, Options
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").exists(), reason="no demo checkpoint")
+
+
+def _engine(loaded):
+    return Engine(loaded, Limits(context_limit=1024))
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """A: the demo model (fp32); B: a second load of it (what --compare-quantize fp32 gives an fp32 A);
+    P: a copy of A with noise on its attention and expert weights."""
+    from autoglm_app.loading.checkpoints import load_model
+
+    a = load_model(str(DEMO_MODEL), quantize="fp32")
+    b = load_model(str(DEMO_MODEL), quantize="fp32")
+    p = copy.copy(a)
+    p.model = copy.deepcopy(a.model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in p.model.named_parameters():
+            if name.startswith("model.layers.") and w.ndim == 2:
+                w.add_(torch.randn(w.shape, generator=gen) * w.std())  # as much noise as signal: the answer changes
+    made = [_engine(x) for x in (a, b, p)]
+    yield made
+    for e in made:
+        e.close()
+
+
+def turn(seed: int = 0, task: str = "where") -> list[Message]:
+    from training.shapesworld import make_qa, random_scene, render
+
+    rng = random.Random(10**9 + seed)
+    scene = random_scene(rng, 160)
+    qa = make_qa(scene, rng, task)
+    return [Message("user", qa.question, [render(scene)])]
+
+
+OPTS = C.with_token_ids(Options(temperature=0.0, max_new_tokens=64, seed=0))
+
+
+def answer(engine, messages, opts=OPTS):
+    events = engine.run(ChatRequest(messages, opts))
+    return C.Side.of(events), events
+
+
+def test_a_model_against_itself_is_identical_kl_0_jaccard_1(engines):
+    a, b, _ = engines
+    msgs = turn()
+    side_a, _ = answer(a, msgs)
+    side_b, _ = answer(b, msgs)
+    assert side_a.token_ids and side_a.answer
+    result = C.compare_engines(a, b, msgs, side_a, side_b, OPTS)
+    s = result["summary"]
+    assert result["note"] is None
+    assert s["identical"] is True and s["diverge_at"] is None
+    assert s["argmax_agreement"] == 1.0
+    assert s["kl_mean"] == pytest.approx(0.0, abs=1e-9) and s["kl_max"] == pytest.approx(0.0, abs=1e-9)
+    assert s["routing_jaccard"] == 1.0
+    assert s["focus_1_minus_cos"] == pytest.approx(0.0, abs=1e-9)
+    assert s["peak_distance"] == 0.0 and s["peak_agreement"] == 1.0
+    assert len(result["per_token"]) == len(side_a.token_ids)
+    assert all(v == 1.0 for v in result["routing_per_layer"]) and len(result["routing_per_layer"]) == 4
+
+
+def test_a_perturbed_copy_is_not_identical(engines):
+    a, _, p = engines
+    msgs = turn()
+    side_a, _ = answer(a, msgs)
+    side_p, _ = answer(p, msgs)
+    result = C.compare_engines(a, p, msgs, side_a, side_p, OPTS)
+    s = result["summary"]
+    assert s["identical"] is False and s["diverge_at"] is not None
+    assert result["diverge_tokens"][0] != result["diverge_tokens"][1]
+    assert s["kl_mean"] > 1e-2
+    assert s["argmax_agreement"] < 1.0
+    assert s["routing_jaccard"] < 1.0
+    assert s["focus_1_minus_cos"] > 1e-4
+    assert all(0.0 <= t["routing_jaccard"] <= 1.0 for t in result["per_token"])
+
+
+def test_the_teacher_forced_pass_reproduces_what_generation_saw(engines):
+    """A's greedy tokens are the argmax of its own teacher-forced distributions, and each token's focus map is
+    the one generation's Focus event gave (the attention of the position that predicted it)."""
+    a, _, _ = engines
+    msgs = turn(1, "color")
+    side, events = answer(a, msgs)
+    forced = C.forced_pass(a, msgs, OPTS, side.token_ids)
+    assert forced.logprobs.shape == (len(side.token_ids), 541)
+    assert forced.logprobs.argmax(-1).tolist() == side.token_ids
+    np.testing.assert_allclose(np.exp(forced.logprobs).sum(-1), 1.0, rtol=1e-5)
+    focus = {e.index: e.images[0] for e in events if isinstance(e, Focus)}
+    assert len(focus) == len(side.token_ids)
+    for i, m in focus.items():
+        np.testing.assert_allclose(forced.images[0][i], m, atol=2e-4)
+    assert forced.routes.shape == (len(side.token_ids), 4, 2)
+
+
+def test_different_answers_part_at_the_first_different_token():
+    assert C.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert C.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert C.first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_kl_and_jaccard_match_their_definitions():
+    gen = torch.Generator().manual_seed(0)
+    la, lb = (torch.log_softmax(torch.randn(5, 11, generator=gen), -1) for _ in range(2))
+    expected = torch.nn.functional.kl_div(lb, la, log_target=True, reduction="none").sum(-1)
+    np.testing.assert_allclose(C.kl_divergence(la.numpy(), lb.numpy()), expected.numpy(), rtol=1e-5)
+    a = np.array([[[0, 1], [2, 3]]])
+    b = np.array([[[1, 0], [2, 1]]])
+    np.testing.assert_allclose(C.jaccard(a, b), [[1.0, 1 / 3]])
+    one_minus_cos, peak = C.map_difference(np.eye(3), np.eye(3)[::-1].copy())
+    assert one_minus_cos == pytest.approx(2 / 3) and peak == 2.0  # first maxima: (0, 0) and (0, 2)
+
+
+def test_call_runs_on_the_worker_and_passes_errors_back(engines):
+    a = engines[0]
+    assert a.call(lambda: threading.current_thread().name) == "autoglm-engine"
+    with pytest.raises(ZeroDivisionError):
+        a.call(lambda: 1 / 0)
+    assert a.call(lambda: 7) == 7  # the worker goes on serving
