@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .loading.progress import LoadProgress, reporting
-    from .server import StartupApp, create_app, load_engine, startup_warnings
+    from .server import StartupApp, create_app, load_compare_engine, load_engine, startup_warnings
 
     for warning in startup_warnings(settings):
         log.warning("%s", warning)
@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("loading %s", settings.model)
         with reporting(progress):
             engine = load_engine(settings)
+            compare = load_compare_engine(settings, progress)  # None unless compare mode was asked for
         progress.stage("building the page")
-        return create_app(engine, settings)
+        return create_app(engine, settings, compare=compare)
 
     def on_failure(message: str) -> None:
         log.error("the process exits in %.0f s (the loading page and /health show the failure until then)",

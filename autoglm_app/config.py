@@ -85,6 +85,14 @@ class Settings:
                                minimum=0)
     quantize: str | None = setting(None, "weight format", choices=QUANTIZE_CHOICES,
                                    shown_default="`int4` with a GPU, `fp32` on the CPU")
+    compare_model: str | None = setting(None, "compare mode: a second checkpoint (local directory or hub id) that "
+                                              "answers every page turn too, shown side by side with the metrics "
+                                              "(it must share the tokenizer for the teacher-forced ones)",
+                                        metavar="PATH", shown_default="none")
+    compare_quantize: str | None = setting(None, "compare mode: load the model (or --compare-model) a second time "
+                                                 "in this format, e.g. int4 served against fp32",
+                                           choices=QUANTIZE_CHOICES, shown_default="none (with only --compare-model: "
+                                                                                   "the --quantize format)")
     gpus: list | None = setting(None, "GPUs to shard across, e.g. 0,1 (or cuda:0,cpu)", metavar="0,1",
                                 shown_default="all on one device")
     gpu_memory: str | None = setting(None, "per-GPU budget, e.g. 24GiB", metavar="24GiB",

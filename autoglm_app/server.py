@@ -80,6 +80,35 @@ def _load_engine(settings: Settings, progress):
                   max_batch=settings.max_batch, compile=settings.compile, progress=progress)
 
 
+def compare_settings(settings: Settings) -> Settings | None:
+    """Compare mode's second model as settings of its own: ``--compare-model`` (else ``--model``) in
+    ``--compare-quantize`` (else ``--quantize``), on the same devices and limits; None when compare mode is off.
+    It needs the in-process engine: the teacher-forced metrics run the models' forwards."""
+    if not settings.compare_model and not settings.compare_quantize:
+        return None
+    if settings.backend != "local":
+        raise SystemExit("compare mode (--compare-model / --compare-quantize) needs --backend local: its metrics "
+                         "run both models' forwards in this process")
+    from dataclasses import replace
+
+    return replace(settings, model=settings.compare_model or settings.model,
+                   quantize=settings.compare_quantize or settings.quantize, asr_model=None,
+                   compare_model=None, compare_quantize=None)
+
+
+def load_compare_engine(settings: Settings, progress=None):
+    """The Engine of compare mode's second model (``compare_settings``), or None when compare mode is off."""
+    second = compare_settings(settings)
+    if second is None:
+        return None
+    from .loading.progress import current_progress, reporting
+
+    progress = progress or current_progress(second.model)
+    with reporting(progress):
+        progress.stage(f"loading the compare model {second.model} ({second.quantize or 'default format'})")
+        return _load_engine(second, progress)
+
+
 def set_cpu_threads(requested: int) -> int:
     """torch's intra-op threads for work on the CPU: ``requested``, or with 0 the physical cores less one
     (at least one), so the web server's event loop and the page's rendering keep a core. Measured on 2
@@ -122,7 +151,9 @@ def startup_warnings(settings: Settings) -> list[str]:
     return out
 
 
-def create_app(engine, settings: Settings, ui: bool = True):
+def create_app(engine, settings: Settings, ui: bool = True, compare=None):
+    """``compare``: compare mode's second Engine (``load_compare_engine``); the page then answers each turn
+    with both."""
     from fastapi import FastAPI
 
     from .api.metrics import mount_metrics
@@ -140,7 +171,7 @@ def create_app(engine, settings: Settings, ui: bool = True):
     if ui:
         from .ui.layout import mount_ui
 
-        app = mount_ui(app, engine, settings)
+        app = mount_ui(app, engine, settings, compare=compare)
     return app
 
 

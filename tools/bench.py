@@ -5,11 +5,14 @@
     python -m tools.bench serving [--model DIR] [--compile on|off] [--concurrent 8] [--tokens 96]
     python -m tools.bench render [--repeats 30] [--out bench-results/render.json]
     python -m tools.bench gpu [--device cuda:0] [--budget-s 480] [--small]   (issue 18: tools/gpu_bench.py)
+    python -m tools.bench compare [--quantize int4] [--compare-quantize fp32] [--questions 200]
+                                                                        (issue 19: tools/compare.py)
 
 engine: in one run on one machine, on the same model and prompt, greedy decoding with
 end-of-text suppressed so every run makes exactly ``--tokens`` tokens; decode rates leave the prompt out:
   (a) the engine with focus + routing on against plain ``model.generate``  (target ratio >= 2.0)
   (b) the engine with focus + routing probes on against off                  (target overhead <= 3%)
+  (b') the same with each token's logprob and top-5 alternatives on against off (issue 19: <= 3%)
   (c) time to first token with one image, thinking on; the compile warm-up time and the step forms timed
 ``--model scale``: the 40-layer scale config in assets/configs (random weights, built at run time).
 
@@ -53,17 +56,17 @@ def bench_image() -> Image.Image:
     return img
 
 
-def engine_request(tokens: int, probes: bool, image: bool = True) -> ChatRequest:
+def engine_request(tokens: int, probes: bool, image: bool = True, logprobs: int | None = None) -> ChatRequest:
     msg = Message("user", "Describe the image.", [bench_image()] if image else [])
     return ChatRequest([msg], Options(temperature=0.0, max_new_tokens=tokens, min_new_tokens=tokens, seed=0,
-                                      focus=probes, routing=probes, enable_thinking=True))
+                                      focus=probes, routing=probes, enable_thinking=True, logprobs=logprobs))
 
 
-def time_engine(engine: Engine, tokens: int, probes: bool) -> tuple[float, Stats]:
+def time_engine(engine: Engine, tokens: int, probes: bool, logprobs: int | None = None) -> tuple[float, Stats]:
     """(wall tokens/s of the whole request, its Stats: ``tokens_per_second`` is the decode rate after the first
     token, what ``time_generate``'s decode rate is compared with)."""
     t0 = time.perf_counter()
-    stats = [e for e in engine.run(engine_request(tokens, probes)) if isinstance(e, Stats)][0]
+    stats = [e for e in engine.run(engine_request(tokens, probes, logprobs=logprobs)) if isinstance(e, Stats)][0]
     elapsed = time.perf_counter() - t0
     assert stats.completion_tokens == tokens, stats
     return tokens / elapsed, stats
@@ -121,8 +124,9 @@ def run_engine_bench(model_path: str, quantize: str | None, tokens: int, repeats
         time_engine(engine, 8, True)  # warm up both paths
         time_engine(engine, 8, False)
         time_generate(model, processor, 8)
-        gen, off, on, ttft, wall_on = [], [], [], [], []
-        for _ in range(repeats):  # interleaved, so drift in machine speed hits all three alike
+        time_engine(engine, 8, True, 5)
+        gen, off, on, ttft, wall_on, with_lp = [], [], [], [], [], []
+        for _ in range(repeats):  # interleaved, so drift in machine speed hits all four alike
             full, first = time_generate(model, processor, tokens), time_generate(model, processor, 1)
             gen.append((tokens - 1) / max(full - first, 1e-9))
             _, stats = time_engine(engine, tokens, False)
@@ -131,6 +135,8 @@ def run_engine_bench(model_path: str, quantize: str | None, tokens: int, repeats
             on.append(stats.tokens_per_second)
             wall_on.append(tps)
             ttft.append(stats.ttft_s)
+            _, stats = time_engine(engine, tokens, True, 5)
+            with_lp.append(stats.tokens_per_second)
         decoding = engine.decoding()
     finally:
         engine.close()
@@ -152,8 +158,10 @@ def run_engine_bench(model_path: str, quantize: str | None, tokens: int, repeats
         "engine_probes_on_wall_tokens_per_s": round(med(wall_on), 1),
         "ratio_engine_on_vs_generate": round(med(on) / med(gen), 3),
         "probe_overhead": round(1 - med(on) / med(off), 3),
+        "engine_probes_and_logprobs_decode_tokens_per_s": round(med(with_lp), 1),
+        "logprobs_overhead": round(1 - med(with_lp) / med(on), 3),
         "ttft_one_image_thinking_ms": round(1000 * med(ttft), 1),
-        "raw": {"generate": gen, "engine_off": off, "engine_on": on, "ttft_s": ttft},
+        "raw": {"generate": gen, "engine_off": off, "engine_on": on, "engine_on_logprobs": with_lp, "ttft_s": ttft},
     }
 
 
@@ -169,6 +177,8 @@ def engine_table(r: dict) -> str:
         f"| engine, focus + routing on, decode tok/s | {r['engine_probes_on_decode_tokens_per_s']} | |",
         f"| engine (probes on) / generate | {r['ratio_engine_on_vs_generate']} | ≥ 2.0 |",
         f"| probe overhead (1 - on/off) | {r['probe_overhead']:.1%} | ≤ 3% |",
+        f"| engine, probes + logprobs (top 5), decode tok/s | {r['engine_probes_and_logprobs_decode_tokens_per_s']} | |",
+        f"| logprobs overhead (1 - with/without, probes on) | {r['logprobs_overhead']:.1%} | ≤ 3% |",
         f"| TTFT, one image, thinking on | {r['ttft_one_image_thinking_ms']} ms | |",
         f"| step kept | {r['step']} | |",
         f"| one-row step, as timed at warm-up | {forms} | |",
@@ -330,9 +340,17 @@ def main(argv: list[str] | None = None) -> None:
     from tools.gpu_bench import add_parser as add_gpu_parser
 
     add_gpu_parser(sub)
+    from tools.compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)  # the same command as python -m tools.compare (tools/compare.py)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.what == "gpu":
+    if args.what == "compare":
+        from tools.compare import compare_table, run_from_args as run_compare
+
+        result = run_compare(args)
+        table = compare_table(result)
+    elif args.what == "gpu":
         from tools.gpu_bench import gpu_table, run_from_args
 
         result = run_from_args(args)

@@ -40,6 +40,7 @@ class Side:
 
     token_ids: list[int] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)  # each token's own text, in order
+    phases: list[str] = field(default_factory=list)  # each token's phase ("reasoning" / "answer")
     reasoning: str = ""
     answer: str = ""
     error: str | None = None
@@ -60,6 +61,7 @@ class Side:
         ordered = [records[i] for i in sorted(records)]
         side.token_ids = [r.token_id for r in ordered]
         side.tokens = [r.token for r in ordered]
+        side.phases = [r.phase for r in ordered]
         return side
 
 
@@ -334,14 +336,20 @@ def compare_turn(a: Side, b: Side, fa: Forced | None, fb: Forced | None, words: 
     return out
 
 
-def compare_engines(engine_a, engine_b, messages: list[Message], a: Side, b: Side, options: Options,
-                    words: list[tuple[str, list[int]]] | None = None) -> dict:
-    """Both answers are in: teacher-force both models on A's tokens (each on its own worker) and compare."""
+def forced_pair(engine_a, engine_b, messages: list[Message], a: Side, b: Side,
+                options: Options) -> tuple[Forced | None, Forced | None, str | None]:
+    """Both answers are in: teacher-force both models on A's tokens (each on its own worker), or say why not."""
     note = a.error or b.error or same_vocabulary(engine_a, engine_b)
     if note is None and not a.token_ids:
         note = "the first model's answer has no tokens to teacher-force"
-    fa = fb = None
-    if note is None:
-        fa = forced_pass(engine_a, messages, options, a.token_ids)
-        fb = forced_pass(engine_b, messages, options, a.token_ids)
+    if note is not None:
+        return None, None, note
+    return forced_pass(engine_a, messages, options, a.token_ids), forced_pass(engine_b, messages, options,
+                                                                               a.token_ids), None
+
+
+def compare_engines(engine_a, engine_b, messages: list[Message], a: Side, b: Side, options: Options,
+                    words: list[tuple[str, list[int]]] | None = None) -> dict:
+    """``forced_pair`` then ``compare_turn``."""
+    fa, fb, note = forced_pair(engine_a, engine_b, messages, a, b, options)
     return compare_turn(a, b, fa, fb, words, note)

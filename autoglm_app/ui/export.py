@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from .compare import export_files as compare_files, export_record as compare_record
 from .render import audio_focus_image, overlay_heatmap
 from .session import Session, Turn
 from .traces import SESSION_SHARE, turn_manifest
@@ -89,6 +90,7 @@ def turn_record(turn: Turn, number: int, version: tuple[int, int] = (0, 1)) -> d
             "routing": [{"layer": layer, "experts": experts, "weights": weights}
                         for layer, experts, weights in t.routes],
         } for t in tokens],
+        "compare": compare_record(turn),  # compare mode: B's answer and the metrics (ui/compare.py); else None
         "routing_load": turn.load,
         "per_layer_detail": turn_manifest(turn),
     }
@@ -145,6 +147,7 @@ def _turn_files(turn: Turn, number: int, colormap: str, opacity: float) -> dict[
         buf = io.BytesIO()
         np.save(buf, routed)
         files[f"{folder}/routed_experts.npy"] = buf.getvalue()
+    files.update(compare_files(turn, folder, colormap, opacity))  # compare mode: B's per-word heatmaps
     if not turn.has_focus():
         return files
     words = turn.words()

@@ -54,6 +54,10 @@ CSS = """
 .routing .gate {display: inline-block; margin-right: 12px; white-space: nowrap;}
 .routing .gate i {display: inline-block; height: 8px; background: #6366f1; margin: 0 4px; vertical-align: middle;}
 #words {max-height: 340px; overflow-y: auto;}
+.compare-side {padding: 6px 8px; border: 1px solid var(--border-color-primary); border-radius: 8px;}
+.compare-reply {white-space: pre-wrap; font-size: 14px; margin-top: 4px;}
+.compare-diverged {background: #fed7aa;}
+.routing tr.compare-disagree td {background: #fee2e2;}
 """
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange")
@@ -93,9 +97,16 @@ TYPED_VALUES_JS = """(...args) => {
 }"""
 
 
-def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
-    """The page as Blocks (not yet mounted), and the handlers its events call."""
+def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Handlers]:
+    """The page as Blocks (not yet mounted), and the handlers its events call. ``compare``: compare mode's second
+    engine (a Compare tab, ui/compare.py; nothing of it without one)."""
     caps = Capabilities.of(engine)
+    if compare is not None:
+        from .compare import CompareView
+
+        compare_view = CompareView(engine, compare)
+    else:
+        compare_view = None
     info, examples = caps.info, load_examples()
     limit = int(info.get("context_limit") or 8192)
     focus_shown = caps.focus  # without focus (remote backend) its controls have nothing to act on
@@ -216,6 +227,8 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
                 with gr.Tab("Model", id="model", elem_id="tab-model"):
                     model_md = gr.Markdown(model_panel(caps, Session()), elem_id="model-panel")
                     refresh_btn = gr.Button("Refresh memory figures", size="sm", visible=not caps.remote)
+                if compare_view is not None:  # compare mode: B's answer beside A's, the metrics (ui/compare.py)
+                    compare_view.layout(state)
                 with gr.Tab("Export", id="export", elem_id="tab-export"):
                     gr.Markdown(EXPORT_HELP)
                     export_btn = gr.Button("Build QA trace (.zip)", variant="primary", elem_id="export")
@@ -249,6 +262,8 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
         live = turn_outputs + [timer, routing_timer]
 
         def streamed(event):
+            if compare_view is not None:  # the same turn to B, beside the chat's own stream
+                compare_view.follow(event, state)
             return event.then(h.stream_chat, [state], [chatbot], api_visibility="private", concurrency_limit=None,
                               show_progress="hidden").then(h.finish, [state], live, api_visibility="private",
                                                            show_progress="hidden")
@@ -305,14 +320,14 @@ def build_page(engine, settings: Settings) -> tuple[gr.Blocks, Handlers]:
     return demo, h
 
 
-def build_ui(engine, settings: Settings) -> gr.Blocks:
+def build_ui(engine, settings: Settings, compare=None) -> gr.Blocks:
     """The page as Blocks (not yet mounted)."""
-    return build_page(engine, settings)[0]
+    return build_page(engine, settings, compare)[0]
 
 
-def mount_ui(app, engine, settings: Settings):
-    """Mount the page at "/" of the FastAPI ``app``; returns the app."""
-    blocks = build_ui(engine, settings)
+def mount_ui(app, engine, settings: Settings, compare=None):
+    """Mount the page at "/" of the FastAPI ``app``; returns the app. ``compare``: compare mode's second engine."""
+    blocks = build_ui(engine, settings, compare)
     # Gradio refuses an upload over its cap in the browser and the question is then sent without the file;
     # the page's own limit (--max-upload-mb) is checked at Send instead (a warning, nothing sent, the inputs
     # kept), so Gradio's cap sits well above it and only stops uploads no limit setting would accept.
