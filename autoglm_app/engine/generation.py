@@ -203,12 +203,11 @@ class TokenEmitter:
             self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in routes], None))
 
     def replay(self, tokens: list[int]) -> None:
-        """Tokens the reply already starts with (a branch): through the text decoder and the think splitter,
-        so the new tokens continue their text and phase, without emitting them again."""
+        """Tokens the reply already starts with (a branch): through the text decoder and the think splitter, so
+        the new tokens continue their text and phase; their text is emitted (the reply reads whole), their
+        telemetry is not (it is the earlier answer's; the new tokens are numbered after them)."""
         for token in tokens:
-            for phase, text in self.splitter.feed(self.decoder.push(token)):
-                if phase == "answer":
-                    self.answer += text
+            self.pieces(self.splitter.feed(self.decoder.push(token)))
         self.phase = self.splitter.phase
 
     def pieces(self, pieces: list[tuple[str, str]]) -> None:

@@ -1,8 +1,9 @@
 """The QA trace: one zip holding the whole conversation as the page saw it.
 
     trace.json                      prompts, reasoning, answers, settings, stats, model id,
-                                    per-token focus maps (the shown, aggregated ones) and routing, routing
-                                    load per turn; ``trace_memory`` and each turn's ``per_layer_detail`` say
+                                    per-token focus maps (the shown, aggregated ones), routing and
+                                    logprobs (the token's, its alternatives', the entropy), routing
+                                    load per turn, where a version branched; ``trace_memory`` and each turn's ``per_layer_detail`` say
                                     what of the per-layer detail the page's memory budget coarsened or
                                     dropped (ui/traces.py), and each token's ``focus.per_layer`` its own state
     turnNN/input_imageK.png         the images the user sent
@@ -89,7 +90,16 @@ def turn_record(turn: Turn, number: int, version: tuple[int, int] = (0, 1)) -> d
                       "per_layer": t.detail if t.images or t.audios else None},
             "routing": [{"layer": layer, "experts": experts, "weights": weights}
                         for layer, experts, weights in t.routes],
+            # how sure the model was (the page asks for each token's logprob and alternatives); None without them
+            "logprobs": {"token": t.text, "token_id": t.token_id, "logprob": round(t.logprob, 6),
+                         "entropy": round(t.entropy or 0.0, 6),
+                         "top": [{"token": text, "token_id": int(tid), "logprob": round(float(lp), 6)}
+                                 for tid, text, lp in t.top]} if t.logprob is not None else None,
         } for t in tokens],
+        # a branch: the reply continued from another alternative of an earlier version's word; its first
+        # ``continued_tokens`` tokens were fed (the earlier version's, then the alternative), not generated
+        "branch": {"note": turn.branch_note, "continued_tokens": len(turn.continue_from)}
+        if turn.continue_from else None,
         "compare": compare_record(turn),  # compare mode: B's answer and the metrics (ui/compare.py); else None
         "routing_load": turn.load,
         "per_layer_detail": turn_manifest(turn),

@@ -108,6 +108,26 @@ class Handlers(LiveTurns):
             return session.turns[position].again(text=text.strip(), options=options)
         return position, edited
 
+    @staticmethod
+    def _branched(session: Session, alternative: int | None) -> tuple[int | None, Callable[[Options], Turn]]:
+        """The position of the shown turn, and how to make its branch from the clicked word's first token."""
+        position, turn = session.shown_position(), session.shown_turn()
+
+        def branched(options: Options) -> Turn:
+            words = turn.words() if turn is not None else []
+            word = session.view.word
+            if turn is None or word is None or word >= len(words):
+                raise InputError("Click a word of a reply first, then pick one of its alternatives.")
+            if turn.running:
+                raise InputError("The reply is still streaming: wait for it to finish, then branch.")
+            if alternative is None:
+                raise InputError("Pick an alternative to continue from.")
+            try:
+                return turn.branch(words[word].tokens[0], int(alternative), options)
+            except ValueError as e:
+                raise InputError(f"{as_sentence(str(e))}.") from e
+        return position, branched
+
     def _start(self, session: Session, turn: Turn, position: int, request: gr.Request | None, clear_inputs: bool,
                controls: Controls | None, timers: bool = True) -> tuple[dict, object]:
         """Submit the new turn: (the first full update, with the panel timer on for the page path, and the
@@ -142,7 +162,8 @@ class Handlers(LiveTurns):
         self.sessions.touch(session)  # its focus detail counts against the page's budget, newest use
         try:
             turn = make(controls.options())
-            turn.system = (controls.system or "").strip()
+            if not turn.continue_from:  # a branch keeps its original's system prompt (and context: Turn.branch)
+                turn.system = (controls.system or "").strip()
             session.multi_turn = controls.multi_turn(session)
             return turn
         except InputError as e:
@@ -318,6 +339,11 @@ class Handlers(LiveTurns):
         if turn is not None and index is not None and index < len(turn.words()):
             session.view.word = None if session.view.word == index else index
         session.sent = {}  # the next panel tick sends full updates again
+        return self.panels.all(session)
+
+    def colour_by_probability(self, on: bool, session: Session) -> dict:
+        session.view.probabilities = bool(on)
+        session.sent = {}
         return self.panels.all(session)
 
     def change_view(self, turn_pick: int, image_pick: int | None, audio_pick: int | None, colormap: str,

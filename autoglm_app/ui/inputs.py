@@ -148,6 +148,11 @@ def _typed_problems(typed: str | None) -> list[str]:
     return [f"{label} {value}" for label, value in bad.items()] if isinstance(bad, dict) else []
 
 
+# every page turn asks for each token's logprob and this many alternatives (the word panel's colours and its
+# alternatives to branch from); measured cost in docs/PERFORMANCE.md ("Logprobs")
+PAGE_ALTERNATIVES = 5
+
+
 def make_options(thinking: bool, temperature: float, top_p: float, max_new_tokens: float, seed: float | None,
                  top_k: float = 0, repetition_penalty: float = 1.0, stop: str = "",
                  typed: str | None = None) -> Options:
@@ -168,7 +173,8 @@ def make_options(thinking: bool, temperature: float, top_p: float, max_new_token
                              "(nothing was sent).")
         return Options(enable_thinking=bool(thinking), temperature=float(temperature), top_p=float(top_p),
                        max_new_tokens=int(max_new_tokens), seed=None if seed_value is None else int(seed_value),
-                       top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty or 1.0), stop=stops)
+                       top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty or 1.0), stop=stops,
+                       logprobs=PAGE_ALTERNATIVES)
     except (TypeError, ValueError, OverflowError) as e:
         raise InputError("The generation settings hold a value that is not a number: reset them and "
                          "try again.") from e

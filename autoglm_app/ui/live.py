@@ -105,6 +105,20 @@ class LiveTurns:
             return {**self._refused(controls), self.page.chatbot: session.history()}
         return self._begin(session, turn, position, request, False, controls)
 
+    def branch_page(self, alternative: int | None, thinking: bool, temperature: float, top_p: float,
+                    max_new_tokens: float, seed: float | None, top_k: float = 0, repetition_penalty: float = 1.0,
+                    stop: str | None = None, system: str | None = None, context_mode: str | None = None,
+                    typed: str | None = None, session: Session = None, request: gr.Request = None) -> dict:
+        """Continue the shown reply from the picked alternative of the clicked word: a new version of that turn
+        (the original stays, in the Versions picker), with the current settings for the new tokens."""
+        controls = Controls(thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop,
+                            system, context_mode, typed)
+        position, make = self._branched(session, alternative)
+        turn = self._new_turn(session, controls, make)
+        if turn is None:
+            return self._refused(controls)
+        return self._begin(session, turn, position, request, False, controls)
+
     def _begin(self, session: Session, turn: Turn, position: int, request, clear_inputs: bool,
                controls: Controls) -> dict:
         """``Handlers._start``, and the handle left for this event's own stream step to follow."""

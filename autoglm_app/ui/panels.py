@@ -106,6 +106,16 @@ def model_panel(caps: Capabilities, session: Session) -> str:
     return model_markdown(caps.info, {} if caps.remote else device_memory(), stats)
 
 
+def word_probabilities(turn: Turn, words: list) -> list[float | None]:
+    """Each word's probability for the colours: that of its least likely token (None where none has a logprob)."""
+    out = []
+    for w in words:
+        ps = [turn.tokens[i].probability for i in w.tokens if i in turn.tokens]
+        ps = [p for p in ps if p is not None]
+        out.append(min(ps) if ps else None)
+    return out
+
+
 def clamp_layers(layers: tuple[int, int] | None, n_layers: int) -> tuple[int, int] | None:
     """The layer sliders' [from, to) range fitted inside a stack of ``n_layers`` maps (at least one layer),
     so any slider value gives a map; None (all layers) stays None."""
@@ -153,13 +163,15 @@ class Page:
     timer: Any = None  # the Focus panel's timer while a reply streams
     routing_timer: Any = None  # the Routing panel's
     route_sliders: tuple | None = None  # layer from / to, expert from / to of the routing figure
+    alternatives: tuple | None = None  # the probability legend, the alternatives table, their picker, the branch button
 
     def __post_init__(self):
         self.extra = list(self.route_sliders or ())
+        self.alts = list(self.alternatives or ())
 
     def focus_outputs(self) -> list:
         return [self.version_pick, self.focus_caption, self.image_pick, self.focus_image, self.words,
-                self.audio_pick, self.audio_focus, self.layer_from, self.layer_to]
+                self.audio_pick, self.audio_focus, self.layer_from, self.layer_to, *self.alts]
 
     def routing_outputs(self) -> list:
         return [self.routing_html, self.routing_plot, self.balance_plot, self.token_html, self.split_html,
@@ -168,7 +180,7 @@ class Page:
     def panel_outputs(self) -> list:
         return [self.version_pick, self.focus_caption, self.image_pick, self.focus_image, self.words,
                 self.audio_pick, self.audio_focus, self.layer_from, self.layer_to, self.routing_html,
-                self.routing_plot, self.balance_plot, self.token_html, self.split_html, *self.extra]
+                self.routing_plot, self.balance_plot, self.token_html, self.split_html, *self.extra, *self.alts]
 
     def turn_outputs(self) -> list:
         """What sending, regenerating or clearing a turn updates."""
@@ -235,7 +247,9 @@ class Panels:
         if position is None:
             return {self.page.version_pick: gr.update(choices=[], value=None, visible=False)}
         chosen, n = session.versions(position)
-        choices = [(f"version {v + 1} of {n}", v) for v in range(n)]
+        siblings = session._parent(position).children
+        choices = [(f"version {v + 1} of {n}" + (f" · {siblings[v].branch_note}" if siblings[v].branch_note else ""), v)
+                   for v in range(n)]
         return {self.page.version_pick: gr.update(choices=choices, value=chosen, visible=n > 1,
                                                   label=f"Versions of turn {position + 1}")}
 
@@ -254,7 +268,9 @@ class Panels:
         n_layers = turn.num_focus_layers()
         layers = clamp_layers(view.layers, n_layers)
         captions: list[str] = []
-        out = {p.words: render.word_chips(words, view.word) if words else WORDS_PLACEHOLDER,
+        probabilities = word_probabilities(turn, words) if view.probabilities else None
+        out = {p.words: render.word_chips(words, view.word, probabilities) if words else WORDS_PLACEHOLDER,
+               **self.alternatives(session, turn, words),
                **self._image(turn, view, indices, layers, captions),
                **self._audio(turn, view, indices, layers, captions)}
         for kind, what in (("image", "image"), ("audio", "recording")):
@@ -282,6 +298,35 @@ class Panels:
             out[p.layer_from] = gr.update(maximum=max(n_layers - 1, 1), value=0)
             out[p.layer_to] = gr.update(minimum=1, maximum=max(n_layers, 2), value=n_layers)  # min < max
         return out
+
+    def alternatives(self, session: Session, turn: Turn | None, words: list) -> dict:
+        """The probability legend (colours on), and for a clicked word of a finished reply its tokens'
+        alternatives, with the picker and the button that continue the reply from one of them."""
+        if not self.page.alts:
+            return {}
+        legend, table, pick, button = self.page.alts
+        view = session.view
+        out = {legend: render.probability_legend_html() if view.probabilities and turn is not None
+               and any(t.logprob is not None for t in turn.tokens.values()) else ""}
+        word = words[view.word] if turn is not None and view.word is not None and view.word < len(words) else None
+        traces = [turn.tokens[i] for i in word.tokens if i in turn.tokens] if word is not None else []
+        traces = [t for t in traces if t.logprob is not None]
+        if not traces:
+            return {**out, table: "", pick: gr.update(choices=[], value=None, visible=False),
+                    button: gr.update(visible=False)}
+        rows = [{"text": t.text, "p": t.probability, "entropy": t.entropy or 0.0,
+                 "top": [(text, float(np.exp(lp))) for _, text, lp in t.top],
+                 "emitted": next((r for r, (tid, _, _) in enumerate(t.top) if tid == t.token_id), -1)}
+                for t in traces]
+        first = traces[0]
+        choices = [(f"“{text}” {render.percent(float(np.exp(lp)))}", r) for r, (tid, text, lp) in enumerate(first.top)
+                   if tid != first.token_id]
+        can_branch = bool(choices) and not turn.running
+        return {**out, table: render.alternatives_html(rows, word.text.strip()),
+                pick: gr.update(choices=choices, value=None, visible=can_branch,
+                                label=f"Continue from an alternative to “{first.text.strip() or first.text}” "
+                                      f"(token {first.index + 1})"),
+                button: gr.update(visible=can_branch)}
 
     @staticmethod
     def _share(turn: Turn, heat, indices: list[int], kind: str, k: int, view: View, layers, where: str) -> list[str]:

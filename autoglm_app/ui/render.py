@@ -205,16 +205,63 @@ def _envelope(x: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- words
 
 
-def word_chips(words: list[Word], selected: int | None) -> list[tuple[str, str]]:
-    """Words -> ``gr.HighlightedText`` value; the selected one gets its own colour."""
+# how sure the model was of a word, in four bands (a word's probability: that of its least likely token)
+PROBABILITY_BANDS = ((0.9, "p ≥ 90%"), (0.5, "p 50–90%"), (0.2, "p 20–50%"), (0.0, "p < 20%"))
+
+
+def probability_band(p: float) -> str:
+    return next(label for floor, label in PROBABILITY_BANDS if p >= floor)
+
+
+def word_chips(words: list[Word], selected: int | None,
+               probabilities: list[float | None] | None = None) -> list[tuple[str, str]]:
+    """Words -> ``gr.HighlightedText`` value; the selected one gets its own colour. With ``probabilities`` (one per
+    word, None where unknown) each word is coloured by its band instead of its phase."""
     chips = []
     for i, w in enumerate(words):
-        label = "selected" if i == selected else w.phase
+        p = probabilities[i] if probabilities is not None else None
+        label = "selected" if i == selected else (probability_band(p) if p is not None else w.phase)
         chips.append((" ".join(w.text.split()) + " ", label))
     return chips
 
 
-WORD_COLORS = {"reasoning": "#e5e7eb", "answer": "#c7d2fe", "selected": "#fb923c"}
+WORD_COLORS = {"reasoning": "#e5e7eb", "answer": "#c7d2fe", "selected": "#fb923c",
+               "p ≥ 90%": "#bbf7d0", "p 50–90%": "#fef08a", "p 20–50%": "#fdba74", "p < 20%": "#fca5a5"}
+
+
+def probability_legend_html() -> str:
+    swatches = "".join(f'<span class="chip" style="background:{WORD_COLORS[label]}">{html.escape(label)}</span> '
+                       for _, label in PROBABILITY_BANDS)
+    return (f'<div class="caption">How sure the model was of each word (its least likely token): {swatches}'
+            "</div>")
+
+
+def percent(p: float) -> str:
+    """A probability for people: one decimal, or two significant digits below 0.1% (never a bare "0.0%")."""
+    return f"{100 * p:.1f}%" if p >= 0.001 or p == 0 else f"{100 * p:.2g}%"
+
+
+def alternatives_html(rows: list[dict], word: str) -> str:
+    """The selected word's tokens, each with its probability, the entropy of the model's next-token distribution
+    there, and the alternatives it weighed (most likely first, the emitted one marked). ``rows``: one dict per
+    token with ``text``, ``p``, ``entropy``, ``top`` [(text, p)] and ``emitted`` (the emitted one's rank or -1)."""
+    if not rows:
+        return ""
+    parts = [f'<div class="caption">Alternatives for “{html.escape(word)}”: what the model could have written '
+             "instead, with its probabilities (the model's own distribution, before temperature and top-p)</div>",
+             '<table class="alternatives">']
+    for n, row in enumerate(rows):
+        cells = []
+        for rank, (text, p) in enumerate(row["top"]):
+            mark = " emitted" if rank == row["emitted"] else ""
+            width = max(1, round(100 * p))
+            cells.append(f'<td class="alt{mark}"><code>{html.escape(repr(text)[1:-1]) or "␣"}</code> '
+                         f'{percent(p)}<div class="bar" style="width:{width}%"></div></td>')
+        parts.append(f'<tr><th>token {n + 1}: <code>{html.escape(repr(row["text"])[1:-1])}</code> '
+                     f'{percent(row["p"])}<br><span class="caption">entropy {row["entropy"]:.2f} nats</span></th>'
+                     f'{"".join(cells)}</tr>')
+    parts.append("</table>")
+    return "".join(parts)
 
 # ----------------------------------------------------------------------------- routing
 

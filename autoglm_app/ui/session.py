@@ -44,12 +44,14 @@ class View:
     moe_layers: tuple[int, int] | None = None  # and its layer range (rows)
     known_routing: tuple[int, int] | None = None  # (MoE layers, experts) the look-closer sliders are set for
     tab: str = "focus"  # the panel tab the browser shows (only it redraws while a reply streams)
+    probabilities: bool = False  # colour the reply's words by how sure the model was of them
 
     def fresh(self) -> View:
         """The same display choices for a new conversation (nothing selected)."""
         return View(colormap=self.colormap, opacity=self.opacity, aggregation=self.aggregation, layers=self.layers,
                     known_layers=self.known_layers, load_view=self.load_view, experts=self.experts,
-                    moe_layers=self.moe_layers, known_routing=self.known_routing, tab=self.tab)
+                    moe_layers=self.moe_layers, known_routing=self.known_routing, tab=self.tab,
+                    probabilities=self.probabilities)
 
 
 @dataclass
@@ -109,7 +111,8 @@ class Session:
         """Add ``turn`` as a new version of the turn at ``position`` (or a new last turn) and follow it.
         Returns what ``discard`` needs to take it back (the engine refused it)."""
         earlier = self.turns[:position]
-        turn.alone = not self.multi_turn
+        if not turn.continue_from:  # a branch is sent as its original was (Turn.branch), whatever the setting now
+            turn.alone = not self.multi_turn
         number = position + 1
         images, audios = [], []
         if not turn.alone:
@@ -333,7 +336,8 @@ def stream_turn(engine, session: Session, session_id: str, chat_every: float = C
 def submit(engine, session: Session, session_id: str):
     """Submit the session's newest turn; the engine's refusals (EngineBusy, BadRequest) propagate."""
     turn = session.turns[-1]
-    return engine.submit(ChatRequest(session.engine_messages(), turn.options, session_id))
+    return engine.submit(ChatRequest(session.engine_messages(), turn.options, session_id,
+                                     continue_from=list(turn.continue_from)))
 
 
 def request_session_id(request: Any) -> str:

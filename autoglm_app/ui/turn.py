@@ -6,12 +6,15 @@ the engine. ``MediaRef`` names every image and recording the model saw in a turn
 multi-turn chat, the earlier turns'), in the order the engine returns their focus maps: that is what
 binds a map to the picture it belongs to.
 
-Turns form a tree (``children`` / ``chosen``): Regenerate and an edited question add a sibling, so
-earlier versions stay browsable; the session follows the chosen child of each turn.
+Turns form a tree (``children`` / ``chosen``): Regenerate, an edited question and a branch (the reply
+continued from another of a word's alternatives, ``Turn.branch``) add a sibling, so earlier versions
+stay browsable; the session follows the chosen child of each turn.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,7 @@ from ..events import (
     Error,
     Event,
     Focus,
+    Logprobs,
     Message,
     Notice,
     Options,
@@ -60,6 +64,15 @@ class TokenTrace:
     detail: str = "full"  # "full", "coarse" (8 bits) or "dropped": what the budget left of the per-layer detail
     held: int = 0  # bytes of per-layer detail counted by the budget
     kept: int = 0  # bytes of its shown maps and its record counted by it
+    # how sure the model was (events.Logprobs; None when the engine sent none)
+    token_id: int = -1
+    logprob: float | None = None
+    entropy: float | None = None
+    top: tuple = ()  # ((token id, text, logprob), ...) most likely first
+
+    @property
+    def probability(self) -> float | None:
+        return math.exp(self.logprob) if self.logprob is not None else None
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,10 @@ class Turn:
     options: Options = field(default_factory=Options)
     system: str = ""  # the system prompt this turn was sent with
     alone: bool = True  # sent without the earlier turns ("each turn alone")
+    # a branch: the reply's first token ids, fed with the prompt (the earlier version's up to the chosen word, then
+    # the alternative picked there); ``branch_note`` says where it branched
+    continue_from: list[int] = field(default_factory=list)
+    branch_note: str = ""
     # every image / recording in the prompt, oldest first (Session.start sets them; None = this turn's own)
     context_images: list[MediaRef] | None = None
     context_audios: list[MediaRef] | None = None
@@ -140,6 +157,11 @@ class Turn:
             trace.per_layer_images = [cast(m, np.float16) for m in event.per_layer_images]
             trace.per_layer_audios = [cast(m, np.float16) for m in event.per_layer_audios]
             return False
+        if isinstance(event, Logprobs):
+            trace = self._token(event.index, event.token, event.phase)
+            trace.token_id, trace.logprob, trace.entropy = event.token_id, event.logprob, event.entropy
+            trace.top = tuple((a.token_id, a.token, a.logprob) for a in event.top)
+            return False
         if isinstance(event, Routing):
             trace = self._token(event.index, event.token, event.phase)
             trace.routes = [(r.layer, list(r.experts), list(r.weights)) for r in event.layers]
@@ -186,6 +208,35 @@ class Turn:
         return Turn(text=self.text if text is None else text, images=list(self.images),
                     image_paths=list(self.image_paths), audio=self.audio, audio_path=self.audio_path,
                     transcribed=self.transcribed, options=options or self.options)
+
+    def branch(self, index: int, alternative: int, options: Options | None = None) -> Turn:
+        """A new version of this turn whose reply keeps this one's tokens before generated token ``index``, takes
+        the ``alternative``-th most likely token there instead of the one chosen, and continues from it.
+
+        The kept tokens' records (focus, routing, logprobs) are this turn's: the same forwards made them; so is
+        the chosen token's (its focus and routes belong to the forward that chose between the alternatives), with
+        its text and logprob the alternative's. The per-layer arrays are shared, not copied (no second copy in
+        memory; the page's trace budget counts them once, under this turn)."""
+        ordered = sorted(self.tokens)
+        if index not in self.tokens or ordered != list(range(len(ordered))):
+            raise ValueError("this reply's tokens are not all known: pick a word of a finished reply")
+        at = self.tokens[index]
+        if not 0 <= alternative < len(at.top):
+            raise ValueError("that alternative is not among the word's alternatives")
+        before = [self.tokens[i] for i in range(index)]
+        if any(t.token_id < 0 for t in before):
+            raise ValueError("this reply has no token ids (no logprobs): it cannot be branched")
+        alt_id, alt_text, alt_logprob = at.top[alternative]
+        turn = self.again(options=options)
+        turn.system, turn.alone = self.system, self.alone
+        turn.continue_from = [t.token_id for t in before] + [int(alt_id)]
+        for t in before:
+            turn.tokens[t.index] = _shared(t)
+        first = turn.tokens[index] = _shared(at)
+        first.text, first.token_id, first.logprob = alt_text, int(alt_id), float(alt_logprob)
+        turn.branch_note = (f"branched at token {index + 1}: “{at.text.strip() or at.text}” → "
+                            f"“{alt_text.strip() or alt_text}”")
+        return turn
 
     # ------------------------------------------------------------------ reading
     @property
@@ -314,6 +365,13 @@ class Turn:
         if self.error:
             out.append({"role": "assistant", "content": f"**Error:** {self.error}"})
         return out
+
+
+def _shared(trace: TokenTrace) -> TokenTrace:
+    """A branch's copy of a token record: its own fields, the same map arrays, nothing counted by the budget."""
+    twin = copy.copy(trace)
+    twin.held = twin.kept = 0
+    return twin
 
 
 def as_sentence(message: str) -> str:

@@ -124,10 +124,9 @@ def test_a_branch_continues_from_the_chosen_alternative_and_numbers_its_tokens_a
     assert blps and blps[0].index == j + 1  # numbered after the reply's start
     stats = next(e for e in branch if isinstance(e, Stats))
     assert stats.completion_tokens == len(blps) <= 6  # max_new_tokens counts the new tokens only
-    # the branch's text is what follows the forced start: start + branch = one decode of all the ids
+    # the branch's text is the whole reply: its start, then the new tokens (one decode of all the ids)
     tok = demo_engine.rt.processor.tokenizer
-    whole = tok.decode(forced + [e.token_id for e in blps], skip_special_tokens=False)
-    assert whole.endswith(text_of(branch)) and text_of(branch)
+    assert text_of(branch) == tok.decode(forced + [e.token_id for e in blps], skip_special_tokens=False)
     assert_matches_reference(demo_engine, base, branch, start=j + 1, forced=forced)
     # the original is untouched by the branch (nothing is shared between the two requests)
     again = list(demo_engine.submit(base).events(timeout=120))
