@@ -27,6 +27,7 @@ from .inputs import EXAMPLES_DIR, SLIDERS, chat_example, example_caption, load_e
 from .panels import (WORDS_PLACEHOLDER, Capabilities, Page, focus_placeholder, mic_label, model_panel,
                      routing_placeholder)
 from .session import CONTEXT_MODES, PANELS_EVERY_S, Session
+from .trace_import import IMPORT_HELP, TraceImporter
 
 EXPORT_HELP = ("**QA trace.** Download the whole conversation as a zip: `trace.json` with the prompts, reasoning, "
                "answers, settings, model id, speed, per-token focus maps and expert routing, plus the input images, "
@@ -233,6 +234,10 @@ def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Han
                     gr.Markdown(EXPORT_HELP)
                     export_btn = gr.Button("Build QA trace (.zip)", variant="primary", elem_id="export")
                     export_file = gr.File(label="QA trace", visible=False, elem_id="export-file")
+                    gr.Markdown(IMPORT_HELP)
+                    import_btn = gr.UploadButton("Import a QA trace (.zip)", file_types=[".zip"], type="filepath",
+                                                 elem_id="import-trace")
+                    import_status = gr.Markdown("", elem_id="import-status")
         with gr.Column(visible=False):  # the clean /chat API endpoint takes plain inputs; no place on the page
             api_text = gr.Textbox(label="text")
             api_images = gr.File(label="images", file_count="multiple", file_types=["image"])
@@ -249,6 +254,8 @@ def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Han
                     context_mode=context_mode, timer=timer, routing_timer=routing_timer,
                     route_sliders=(route_layer_from, route_layer_to, expert_from, expert_to))
         h = Handlers(engine, settings, caps, page, examples)
+        review = TraceImporter(h, import_status)
+        review.protect(h)  # an imported trace is read-only: its handlers refuse a new turn (ui/trace_import.py)
         options = [thinking, temperature, top_p, max_new_tokens, seed, top_k, repetition_penalty, stop, system,
                    context_mode, typed]
         turn_outputs, panel_outputs = page.turn_outputs(), page.panel_outputs()
@@ -283,7 +290,7 @@ def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Han
         tabs.select(h.pick_tab, [state], [timer, routing_timer, *panel_outputs], api_visibility="private",
                     show_progress="hidden")
         stop_btn.click(h.stop, [state], None, api_name="stop", concurrency_limit=None)
-        clear_outputs = turn_outputs + [export_file]
+        clear_outputs = turn_outputs + [export_file, import_status]
         clear_btn.click(h.clear, [state], clear_outputs, api_name="clear")
         chatbot.clear(h.clear, [state], clear_outputs, api_visibility="private")
         streamed(example_set.click(h.start_example, [example_set, state], clear_outputs,
@@ -312,9 +319,10 @@ def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Han
 
         refresh_btn.click(h.model, [state], [model_md], api_visibility="private")
         demo.load(h.restore, [browser_key, state],
-                  [state, browser_key, chatbot, turn_pick, *panel_outputs, model_md, context_mode],
+                  [state, browser_key, chatbot, turn_pick, *panel_outputs, model_md, context_mode, import_status],
                   api_visibility="private", js=TYPED_VALUES_JS)
         export_btn.click(h.export, [state], [export_file], api_name="export")
+        import_btn.upload(review.load, [import_btn, state], review.outputs(), api_name="import_trace")
         api_btn.click(h.api_chat, [api_text, api_images, api_audio, thinking, temperature, top_p, max_new_tokens, seed,
                                    state], [chatbot], api_name="chat", concurrency_limit=None)
     return demo, h
