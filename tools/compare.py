@@ -139,7 +139,9 @@ def aggregate(rows: list[dict]) -> dict:
         "accuracy_a": _rate(r["correct_a"] for r in rows), "accuracy_b": _rate(r["correct_b"] for r in rows),
         "scored": sum(r["correct_a"] is not None for r in rows),
         "identical_answers": _rate(r["summary"]["identical"] for r in rows),
-        "argmax_agreement": round(sum(r["agree_sum"] for r in forced) / tokens, 4) if tokens else None,
+        "argmax_agreement": round(sum(r["agree_sum"] for r in forced) / tokens, 5) if tokens else None,
+        "argmax_disagreements": tokens - sum(r["agree_sum"] for r in forced),
+        "differing_answers": sum(not r["summary"]["identical"] for r in rows),
         "kl_mean": round(sum(r["kl_sum"] for r in forced) / tokens, 6) if tokens else None,
         "kl_max": max((r["summary"]["kl_max"] for r in forced), default=None),
         "focus_1_minus_cos": _rate(w["focus_1_minus_cos"] for w in words),
@@ -206,15 +208,16 @@ def _fmt(v, digits: int = 4) -> str:
 def compare_table(result: dict) -> str:
     s = result["summary"]
     a, b = result["a"], result["b"]
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
     lines = [f"A = {a['model']} {a['quantize']}, B = {b['model']} {b['quantize']}; {result['source']}, "
              f"greedy, up to {result['max_tokens']} new tokens; {s['tokens']} tokens teacher-forced "
              f"({s['teacher_forced_turns']} of {s['turns']} turns), {result['seconds']} s", "",
              "| figure | value |", "|---|---|",
              f"| accuracy A ({a['quantize']}) | {pct(s['accuracy_a'])} of {s['scored']} scored |",
              f"| accuracy B ({b['quantize']}) | {pct(s['accuracy_b'])} of {s['scored']} scored |",
-             f"| identical answers | {pct(s['identical_answers'])} |",
-             f"| argmax agreement (per token, teacher-forced on A) | {pct(s['argmax_agreement'])} |",
+             f"| identical answers | {pct(s['identical_answers'])} ({s['differing_answers']} differ) |",
+             f"| argmax agreement (per token, teacher-forced on A) | {pct(s['argmax_agreement'])} "
+             f"({s['argmax_disagreements']} of {s['tokens']} tokens differ) |",
              f"| mean KL(A ‖ B) per token, nats | {_fmt(s['kl_mean'])} (max {_fmt(s['kl_max'])}) |",
              f"| focus 1 - cosine (per word) | {_fmt(s['focus_1_minus_cos'])} |",
              f"| focus peak distance (per word, patches) | {_fmt(s['peak_distance'])} |",

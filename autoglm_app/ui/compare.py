@@ -124,8 +124,13 @@ def metrics_html(result: dict | None, running: bool, labels: tuple[str, str]) ->
              + ", ".join(_fmt(v) for v in result["routing_per_layer"])),
         ]
     summary = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<div class='routing'><table class='compare-summary'>{summary}</table></div>"
+
+
+def words_html(result: dict | None) -> str:
+    """The per-word rows (A's words), the ones whose argmax differs marked."""
     words = ""
-    if result["per_word"]:
+    if result is not None and result["per_word"]:
         body = "".join(
             f"<tr class='{'' if w['agree'] else 'compare-disagree'}'><td>{html.escape(w['word'].strip())}</td>"
             f"<td>{_fmt(w['agree'])}</td><td>{_fmt(w['kl'])}</td><td>{_fmt(w['focus_1_minus_cos'])}</td>"
@@ -134,7 +139,7 @@ def metrics_html(result: dict | None, running: bool, labels: tuple[str, str]) ->
         words = ("<table class='compare-words'><caption>per word of A's reply</caption><tr><th>word</th>"
                  "<th>argmax agrees</th><th>KL</th><th>focus 1 - cos</th><th>peak distance</th><th>routing Jaccard</th>"
                  f"</tr>{body}</table>")
-    return f"<div class='routing'><table class='compare-summary'>{summary}</table>{words}</div>"
+    return f"<div class='routing'>{words}</div>" if words else ""
 
 
 # ----------------------------------------------------------------------------- the view
@@ -166,7 +171,8 @@ class CompareView:
                                         interactive=False, height="32vh", elem_id="compare-focus-a")
                 self.focus_b = gr.Image(type="pil", format="jpeg", label=f"focus, {self.labels[1]}", visible=False,
                                         interactive=False, height="32vh", elem_id="compare-focus-b")
-        self.outputs = [self.answer_a, self.answer_b, self.metrics, self.word, self.focus_a, self.focus_b]
+            self.words = gr.HTML("", elem_id="compare-words")
+        self.outputs = [self.answer_a, self.answer_b, self.metrics, self.word, self.focus_a, self.focus_b, self.words]
         self.word.input(self.pick_word, [self.word, state], [self.focus_a, self.focus_b], api_visibility="private",
                         show_progress="hidden")
         tab.select(self.redraw, [state], self.outputs, api_visibility="private", show_progress="hidden")
@@ -237,7 +243,7 @@ class CompareView:
                            record.running and record.result is None),
                 metrics_html(record.result, record.running, ("A", "B")),
                 gr.update(choices=choices, value=word if word < len(record.words) else -1),
-                focus_a, focus_b]
+                focus_a, focus_b, words_html(record.result)]
 
     def _focus(self, turn: Turn, record: Record, word: int) -> tuple:
         hidden = gr.update(value=None, visible=False)

@@ -59,6 +59,7 @@ CSS = """
 .compare-reply {white-space: pre-wrap; font-size: 14px; margin-top: 4px;}
 .compare-diverged {background: #fed7aa;}
 .routing tr.compare-disagree td {background: #fee2e2;}
+#compare-words {max-height: 340px; overflow-y: auto;}
 """
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange")
