@@ -231,6 +231,11 @@ class _Prompt(_Record):
     audio_transcribed: bool = False
 
 
+class _Branch(_Record):
+    note: str = ""
+    continued_tokens: int = Field(0, ge=0)
+
+
 class TurnRecord(_Record):
     turn: int = Field(ge=1)
     version: int = Field(1, ge=1)
@@ -248,6 +253,7 @@ class TurnRecord(_Record):
     stats: dict[str, Any] | None = None
     tokens: list[_Token] = Field(default_factory=list)
     routing_load: dict[str, Any] | None = None
+    branch: _Branch | None = None  # a version continued from another alternative of a word
 
 
 class TraceRecord(_Record):

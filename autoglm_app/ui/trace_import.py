@@ -181,6 +181,11 @@ def _turn(rec: TurnRecord, number: int, media: _MediaReader, archive: Archive) -
             lp = t.logprobs
             turn.apply(Logprobs(t.index, lp.token, lp.token_id, lp.logprob, lp.entropy,
                                 [Alternative(a.token, a.token_id, a.logprob) for a in lp.top], t.phase))
+    if rec.branch is not None and rec.branch.continued_tokens:
+        # the ids the branch was fed are its first tokens' (-1 where the trace has no logprobs for one): the
+        # review never sends it, but its export says how many there were
+        fed = [turn.tokens[i].token_id if i in turn.tokens else -1 for i in range(rec.branch.continued_tokens)]
+        turn.continue_from, turn.branch_note = fed, rec.branch.note
     return turn
 
 

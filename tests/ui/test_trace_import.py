@@ -23,7 +23,7 @@ import soundfile as sf
 from PIL import Image
 
 from autoglm_app.config import Limits, Settings
-from autoglm_app.events import Answer, Audio, Done, Focus, LayerRoute, Logprobs, Options, Reasoning, Routing
+from autoglm_app.events import Answer, Audio, Done, Focus, LayerRoute, Options, Reasoning, Routing
 from autoglm_app.ui import render, trace_file
 from autoglm_app.ui.export import build_trace
 from autoglm_app.ui.layout import build_page
@@ -83,10 +83,12 @@ def exported(studio, engine, tmp_path_factory):
     studio.sessions.put(session)
     red = Image.new("RGB", (64, 64), "red")
     session.start(Turn("what is in the image?", images=[red], image_paths=[saved(red, folder, "red.png")],
-                       options=Options(enable_thinking=False, temperature=0.0, max_new_tokens=24, seed=1)))
+                       options=Options(enable_thinking=False, temperature=0.0, max_new_tokens=24, seed=1,
+                                       logprobs=5)))
     list(stream_turn(engine, session, "trace-import"))
     real = session.turns[0]
     assert real.ok and real.has_focus() and real.load and real.prompt_experts is not None and len(real.words()) >= 2
+    assert all(t.logprob is not None and len(t.top) == 5 for t in real.tokens.values())
     folded_turn(session, folder)
     update = studio.export(session)
     path = Path(tmp_path_factory.mktemp("export")) / "trace.zip"
@@ -138,7 +140,13 @@ def test_an_export_imports_back_to_the_same_chat_reasoning_focus_and_routing(stu
         assert [m.label for m in after.media("image")] == [m.label for m in before.media("image")]
         assert after.load == before.load
         for index, token in before.tokens.items():
-            assert after.tokens[index].routes == token.routes
+            got = after.tokens[index]
+            assert got.routes == token.routes and got.token_id == token.token_id
+            if token.logprob is not None:  # the alternatives: trace.json keeps 6 decimals
+                assert got.logprob == pytest.approx(token.logprob, abs=1e-6)
+                assert got.entropy == pytest.approx(token.entropy, abs=1e-6)
+                assert [(i, text) for i, text, _ in got.top] == [(i, text) for i, text, _ in token.top]
+                np.testing.assert_allclose([lp for *_, lp in got.top], [lp for *_, lp in token.top], atol=1e-6)
         for w in before.words():  # every word's focus on every image and recording of its prompt
             for kind in ("image", "audio"):
                 for k in range(len(before.media(kind))):
@@ -174,6 +182,8 @@ def test_the_review_panels_show_a_clicked_words_heatmap_and_the_turns_routing(st
         assert shown[page.routing_html] == live[page.routing_html] and shown[page.token_html] == live[page.token_html]
         figure = shown[page.routing_plot]["value"].to_dict()["data"]
         assert figure == live[page.routing_plot]["value"].to_dict()["data"]
+        for component in getattr(page, "alts", []):  # the clicked word's alternatives
+            assert shown[component] == live[component]
     # a per-layer view of the review says the trace holds none, and draws the model's own map
     review.view.aggregation = "mean"
     assert "showing the model" in panels.all(review)[page.focus_caption]
@@ -191,8 +201,7 @@ def test_the_routed_experts_come_back_so_the_reviews_export_writes_the_same_arra
         assert "turn01/routed_experts.npy" in zf.namelist() and "turn02/input_audio.wav" in zf.namelist()
 
 
-def test_per_token_logprobs_in_the_trace_reach_the_turn_as_the_contracts_records(studio, exported, tmp_path,
-                                                                                 monkeypatch):
+def test_logprobs_without_ids_and_a_branch_record_come_back_as_the_page_keeps_them(exported, tmp_path):
     _, path = exported
     with zipfile.ZipFile(path) as zf:
         trace = json.loads(zf.read("trace.json"))
@@ -200,14 +209,13 @@ def test_per_token_logprobs_in_the_trace_reach_the_turn_as_the_contracts_records
     trace["turns"][1]["tokens"][2]["logprobs"] = {"token": "Blue", "logprob": -0.1, "entropy": 0.4,
                                                   "top": [{"token": "Blue", "logprob": -0.1},
                                                           {"token": "Red", "logprob": -2.5}]}
-    folded = []
-    real_apply = Turn.apply
-    monkeypatch.setattr(Turn, "apply", lambda self, event: folded.append(event) or real_apply(self, event))
-    open_trace(write_zip(tmp_path / "lp.zip", {"trace.json": json.dumps(trace), **members}))
-    (record,) = [e for e in folded if isinstance(e, Logprobs)]
-    assert (record.index, record.token, record.logprob, record.entropy, record.phase) == (2, "Blue", -0.1, 0.4,
-                                                                                            "answer")
-    assert [(a.token, a.logprob) for a in record.top] == [("Blue", -0.1), ("Red", -2.5)]
+    trace["turns"][0]["branch"] = {"note": "branched at token 2", "continued_tokens": 2}
+    turns = open_trace(write_zip(tmp_path / "lp.zip", {"trace.json": json.dumps(trace), **members})).turns
+    token = turns[1].tokens[2]
+    assert (token.logprob, token.entropy, token.token_id) == (-0.1, 0.4, -1)
+    assert token.top == ((-1, "Blue", -0.1), (-1, "Red", -2.5))
+    assert turns[0].branch_note == "branched at token 2"
+    assert turns[0].continue_from == [turns[0].tokens[0].token_id, turns[0].tokens[1].token_id]
 
 
 # ----------------------------------------------------------------------------- read-only
@@ -414,3 +422,90 @@ def test_a_wav_in_the_zip_is_read_as_the_recording(exported):
     samples, rate = sf.read(io.BytesIO(members_of(exported[1])["turn02/input_audio.wav"]), dtype="float32")
     turn = open_trace(exported[1]).turns[1]
     assert turn.audio.sample_rate == rate and np.allclose(turn.audio.samples, samples)
+
+
+# ----------------------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from tests.ui.test_ui_browser import ARGS, CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def import_in(page, path: Path) -> None:
+    page.get_by_role("tab", name="Export").click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#import-trace").click()
+    chooser.value.set_files(str(path))
+
+
+def test_an_exported_turn_imported_in_a_fresh_page_shows_its_chat_and_a_words_heatmap(browser, live_server, tmp_path,
+                                                                                     artifacts):
+    from playwright.sync_api import expect
+
+    from tests.ui.page_defects_helpers import bot_messages, send, shown_image, user_texts, wait_idle, warnings
+    from tests.ui.test_ui_browser import open_page, set_number
+
+    red = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), "red").save(red)
+    page = open_page(browser, live_server)
+    page.get_by_text("Generation settings").click()
+    page.locator("#thinking input").uncheck()  # greedy, no thinking: a reply of several words (as above)
+    set_number(page, "temperature", 0)
+    set_number(page, "max-tokens", 24)
+    send(page, "What is in the image?", [red], n_after=1)
+    expect(page.locator("#focus-caption")).to_contain_text("whole")
+    words = page.locator("#words span.token[role=button]").all_inner_texts()
+    answer = bot_messages(page).last.inner_text()
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export").click()
+    link = page.locator("#export-file a").first
+    expect(link).to_be_visible()
+    href = link.get_attribute("href")
+    zipped = tmp_path / "exported.zip"
+    zipped.write_bytes(page.request.get(href if href.startswith("http") else live_server.rstrip("/") + href).body())
+    page.close()
+
+    fresh = open_page(browser, live_server)  # a new browser context: a new session, an empty chat
+    (tmp_path / "bad.zip").write_bytes(b"this is not a zip\n" * 10)
+    import_in(fresh, tmp_path / "bad.zip")  # refused: a message, nothing else, the server serving on
+    expect(fresh.locator("#import-status")).to_contain_text("Trace not imported")
+    assert user_texts(fresh) == []
+    import_in(fresh, zipped)
+    expect(fresh.locator("#import-status")).to_contain_text("Reviewing")
+    expect(bot_messages(fresh).last).to_have_text(answer)
+    assert user_texts(fresh) == ["What is in the image?"]
+    assert fresh.locator('#chat [data-testid="user"] img').count() == 1
+
+    fresh.get_by_role("tab", name="Focus").click()
+    caption, heatmap = fresh.locator("#focus-caption"), fresh.locator("#focus-image img")
+    expect(caption).to_contain_text("whole")
+    expect(heatmap).to_be_visible()
+    chips = fresh.locator("#words span.token[role=button]")
+    assert chips.all_inner_texts() == words and len(words) >= 2
+    before, src = shown_image(fresh), heatmap.get_attribute("src")
+    chips.nth(1).click()
+    expect(caption).not_to_contain_text("whole")
+    expect(heatmap).not_to_have_attribute("src", src)
+    wait_idle(fresh)
+    assert np.asarray(shown_image(fresh)).tobytes() != np.asarray(before).tobytes()
+    fresh.get_by_role("tab", name="Routing").click()
+    expect(fresh.locator("#routing-figure .js-plotly-plot")).to_be_visible()
+    fresh.evaluate("window.scrollTo(0, 0)")
+    fresh.screenshot(path=str(artifacts / "import-1366x768-routing.png"))
+
+    fresh.locator("#prompt textarea").fill("and now?")  # read-only: Send is refused, the chat stays
+    fresh.locator("#send").click()
+    expect(warnings(fresh).filter(has_text="shown for review only").first).to_be_visible()
+    wait_idle(fresh)
+    assert user_texts(fresh) == ["What is in the image?"]
+    fresh.close()
