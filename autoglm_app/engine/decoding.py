@@ -29,7 +29,8 @@ import torch
 
 from .generation import Generation
 from .runtime import Runtime
-from .sampling import logprob_rows
+from ..events import MAX_TOP_LOGPROBS
+from .sampling import logprob_rows, unpack_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class StaticDecoder:
         self.compiled, self.warmup_s, self.note, self.timings = False, 0.0, "", {}
         self.variant = "eager"
         self._run = self._eager
+        self.lp_width, self._lp_k = 0, 0  # the one-graph form's telemetry ends with each row's logprob_pack: its columns
         self._forms: dict = {"eager": self._eager}
         self._media_key, self._media_cache = None, (None, [])
         if compile_mode != "off":
@@ -143,8 +145,11 @@ class StaticDecoder:
             if not cuda:
                 inductor.cpp_wrapper = True  # the generated code calls its kernels from C++, not Python
             mode = "reduce-overhead" if cuda else None
-            whole = torch.compile(functools.partial(sd.decode_step, experts_fn=sd.experts_dense), mode=mode,
-                                  dynamic=True)
+            # the one graph also computes every row's logprobs (top 20, the most a request may ask for): inside the
+            # graph that costs a few microseconds, outside it (logprob_rows) a few tens of op launches
+            lp_k = min(MAX_TOP_LOGPROBS, model.get_output_embeddings().out_features)
+            whole = torch.compile(functools.partial(sd.decode_step, experts_fn=sd.experts_dense, logprob_k=lp_k),
+                                  mode=mode, dynamic=True)
             attend = sd.per_layer_attend(torch.compile(sd.attend_core, mode=mode, dynamic=True))
             head = torch.compile(sd.head_step, mode=mode, dynamic=True)
             if cuda or self._dense_bytes() <= DENSE_EXPERTS_BYTES:
@@ -161,14 +166,19 @@ class StaticDecoder:
             return
             inductor.cpp_wrapper = False
             return
-        self.variant = min(self.timings, key=self.timings.get)
-        self._forms = forms
-        self._run = forms[self.variant]
-        self.compiled = self.variant != "eager"
+        self._forms, self._lp_k = forms, lp_k
+        self.use(min(self.timings, key=self.timings.get))
         self.warmup_s = time.perf_counter() - t0
         log.info("decode step: %s, compile and warm-up %.1f s",
                  ", ".join(f"{k} {v:.2f} ms" for k, v in self.timings.items()) + f" -> {self.variant}",
                  self.warmup_s)
+
+    def use(self, variant: str) -> None:
+        """Decode with one of the forms ``_compile`` made ("eager", "compiled, one graph", "compiled per layer,
+        chosen experts"): the fastest, or the one a test asks for."""
+        self.variant, self._run = variant, self._forms[variant]
+        self.compiled = variant != "eager"
+        self.lp_width = 2 + 2 * self._lp_k if variant == "compiled, one graph" else 0
 
     def _dense_bytes(self) -> int:
         """What a step reads of the experts' weights when every expert runs on every row."""
@@ -249,15 +259,20 @@ class StaticDecoder:
         if self.compiled and media is None:
             media = self._media(None, tokens)
         logits, telemetry = self._run(tokens, pos, keys_seen, media, probes)
-        asked = [g.req.options.logprobs for g in gens]
+        asked = any(g.req.options.logprobs is not None for g in gens)
         stats = [None] * n
-        if any(k is not None for k in asked):  # on the logits' device, for every row at once, before the copy
-            stats = logprob_rows(logits, max(k for k in asked if k is not None))
+        if asked and not self.lp_width:  # on the logits' device, for every row at once, before the copy
+            stats = logprob_rows(logits, max(g.req.options.logprobs or 0 for g in gens))
         logits = logits.cpu()
         focus_h = experts_h = weights_h = None
         if telemetry is not None:
+            host = telemetry.cpu().numpy()
+            if self.lp_width:
+                if asked:
+                    stats = unpack_logprobs(host[:, -self.lp_width:])
+                host = host[:, : -self.lp_width]
             focus_h, experts_h, weights_h = self.sd.split_telemetry(
-                telemetry.cpu().numpy(), self.rt.num_layers, media.shape[1] if media is not None else 0,
+                host, self.rt.num_layers, media.shape[1] if media is not None else 0,
                 len(self.rt.routers), self.rt.top_k)
         now = time.perf_counter()
         out = []

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..events import Options
+from ..modeling.static_decode import logprob_pack
 
 
 def sample(logits: torch.Tensor, opts: Options, seen: torch.Tensor, gen: torch.Generator) -> int:
@@ -57,14 +58,14 @@ def logprob_rows(logits: torch.Tensor, k: int) -> list[RowLogprobs]:
     tokens with their log-probabilities: the model's own distribution (float32 log-softmax of the raw
     logits). Computed where the logits are (on a GPU: one kernel per statistic for all rows), and only
     these small tensors come to the host."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    lp = x - lse
-    entropy = -(lp.exp() * lp).nan_to_num(0.0).sum(-1)  # exp(-inf) * -inf = nan: those terms are 0
-    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
-    lse_h, ent_h = lse[:, 0].cpu().numpy(), entropy.cpu().numpy()
-    ids_h, vals_h = top.indices.cpu().numpy(), top.values.cpu().numpy()
-    return [RowLogprobs(float(lse_h[i]), float(ent_h[i]), ids_h[i], vals_h[i]) for i in range(x.shape[0])]
+    return unpack_logprobs(logprob_pack(logits, min(k, logits.shape[-1])).cpu().numpy())
+
+
+def unpack_logprobs(packed: np.ndarray) -> list[RowLogprobs]:
+    """``logprob_pack``'s rows on the host (n, 2 + 2k) -> one RowLogprobs each (views, not copies)."""
+    k = (packed.shape[1] - 2) // 2
+    ids = packed[:, 2 + k:].astype(np.int64)
+    return [RowLogprobs(float(row[0]), float(row[1]), ids[i], row[2:2 + k]) for i, row in enumerate(packed)]
 
 
 class TokenLogprob(NamedTuple):

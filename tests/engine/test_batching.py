@@ -215,7 +215,7 @@ def test_the_per_layer_compiled_step_equals_the_eager_one(small, monkeypatch):
     engine = make_engine(*small, max_batch=3, compile="on")
     try:
         assert "compiled per layer, chosen experts" in engine.info()["decoding"]["step_ms"]
-        engine.decoder._run = engine.decoder._forms["compiled per layer, chosen experts"]  # whichever was faster
+        engine.decoder.use("compiled per layer, chosen experts")  # whichever was faster
         assert_batched_equals_alone(engine, mixed_requests()[:3])
     finally:
         engine.close()

@@ -149,3 +149,30 @@ def test_a_bad_reply_start_is_refused_and_the_engine_keeps_serving(demo_engine):
     assert isinstance(events[-1], Error) and "vocabulary" in events[-1].message
     events = list(demo_engine.submit(ask(max_new_tokens=3)).events(timeout=60))
     assert isinstance(events[-1], Done)
+
+
+@pytest.mark.parametrize("form", ["compiled, one graph", "compiled per layer, chosen experts"])
+def test_the_compiled_steps_logprobs_equal_the_reference(small, monkeypatch, form):
+    """The one-graph form computes the logprobs inside its graph (its telemetry's last columns); the per-layer
+    form outside it, as the eager step does: both equal the direct log-softmax, batched with others."""
+    from autoglm_app.engine import decoding
+
+    if form != "compiled, one graph":
+        monkeypatch.setattr(decoding, "DENSE_EXPERTS_BYTES", 0)
+    engine = make_engine(*small, max_batch=3, compile="on")
+    try:
+        engine.decoder.use(form)
+        requests = [ask(images=[scene()], temperature=0, max_new_tokens=8, min_new_tokens=8, logprobs=k,
+                        session=f"c{k}") for k in (20, 3)]
+        requests.append(ask("Say something.", temperature=0, max_new_tokens=8, session="none"))
+        together = run_together(engine, requests)
+        for events, r in zip(together, requests):
+            assert isinstance(events[-1], Done)
+            if r.options.logprobs is None:
+                assert not logprobs_of(events)
+                continue
+            assert all(len(e.top) == r.options.logprobs for e in logprobs_of(events))
+            assert_matches_reference(engine, r, events)
+            assert text_of(events) == text_of(solo(engine, r))
+    finally:
+        engine.close()
