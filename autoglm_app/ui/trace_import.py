@@ -22,7 +22,9 @@ import functools
 import io
 import logging
 import re
+import shutil
 import tempfile
+import threading
 import uuid
 import weakref
 from dataclasses import dataclass, field, replace
@@ -235,6 +237,7 @@ class Review:
     exported_at: str
     root: Thread
     notes: list[str]
+    folder: Path | None = None  # the chat's copies of its media
 
 
 def _plain(text: str) -> str:
@@ -255,6 +258,7 @@ class TraceImporter:
         self.h, self.status = handlers, status
         self.directory = Path(tempfile.mkdtemp(prefix="autoglm-import-"))  # the chat's copies of the media
         self._reviews: dict[int, tuple[weakref.ref, Review]] = {}
+        self._lock = threading.Lock()  # imports of several sessions run on their own Gradio threads
 
     def review(self, session: Session) -> Review | None:
         item = self._reviews.get(id(session))
@@ -276,20 +280,24 @@ class TraceImporter:
         if session.busy:
             gr.Warning("A reply is still streaming: wait for it or press Stop, then import the trace.")
             return {self.status: gr.skip()}
+        folder = self.directory / uuid.uuid4().hex
         try:
             trace = open_trace(path, self.h.settings.limits)
-            root = self._tree(trace)
+            root = self._tree(trace, folder)
         except TraceRejected as e:
+            shutil.rmtree(folder, ignore_errors=True)
             return self._refused(str(e))
         except Exception as e:  # a bug or an odd file no check foresaw: say so, keep the page as it was
+            shutil.rmtree(folder, ignore_errors=True)
             log.exception("importing a QA trace failed")
             return self._refused(f"the page could not read it ({type(e).__name__}); nothing changed. Import a zip "
                                  "made by Build QA trace.")
         session.clear()  # as New chat: the conversation shown goes (and its focus detail leaves the budget)
         session.root = root
-        self._reviews = {k: v for k, v in self._reviews.items() if v[0]() is not None}
-        self._reviews[id(session)] = (weakref.ref(session), Review(trace.name, trace.model, trace.exported_at,
-                                                                    root, trace.notes))
+        with self._lock:
+            self._forget_ended()  # the review this session had, if any, ended with the clear above
+            self._reviews[id(session)] = (weakref.ref(session), Review(trace.name, trace.model, trace.exported_at,
+                                                                        root, trace.notes, folder))
         self._count(session, trace.turns)
         gr.Info(f"Imported {trace.name}: {len(trace.turns)} turn{'s' if len(trace.turns) != 1 else ''}, read-only.")
         p, panels = self.h.page, self.h.panels
@@ -298,15 +306,23 @@ class TraceImporter:
                 p.model_md: self.h.model(session), p.export_file: gr.update(value=None, visible=False),
                 self.status: self.status_text(session)}
 
+    def _forget_ended(self) -> None:
+        """Reviews whose session went or left them (New chat, another import): their media copies go too."""
+        for key, (ref, review) in list(self._reviews.items()):
+            session = ref()
+            if session is None or session.root is not review.root:
+                del self._reviews[key]
+                if review.folder is not None:
+                    shutil.rmtree(review.folder, ignore_errors=True)
+
     def _refused(self, why: str) -> dict:
         gr.Warning(f"Trace not imported: {why}")
         return {self.status: f"**Trace not imported.** {why}"}
 
-    def _tree(self, trace: ImportedTrace) -> Thread:
+    def _tree(self, trace: ImportedTrace, folder: Path) -> Thread:
         """The turns as a conversation (the exported path: one version each), their media copied where the chat
         can show them, and every turn drawn once by the page's own panels: what fails to draw is refused here,
         before the session changes."""
-        folder = self.directory / uuid.uuid4().hex
         copies = {}
         for name, data in trace.files.items():  # a file name made from the checked pattern, not the zip's
             target = folder / name

@@ -509,3 +509,16 @@ def test_an_exported_turn_imported_in_a_fresh_page_shows_its_chat_and_a_words_he
     wait_idle(fresh)
     assert user_texts(fresh) == ["What is in the image?"]
     fresh.close()
+
+
+def test_the_media_copies_of_a_review_go_when_it_ends(studio, exported):
+    _, path = exported
+    review = imported(studio, path)
+    first = studio.trace_import.review(review).folder
+    assert first.is_dir() and any(first.rglob("input_image1.png"))
+    again = studio.trace_import.load(str(path), review)  # another import into the same session
+    assert "Reviewing" in again[studio.trace_import.status] and not first.exists()
+    second = studio.trace_import.review(review).folder
+    studio.clear(review)
+    imported(studio, path)  # any later import tidies the reviews that ended
+    assert not second.exists()
