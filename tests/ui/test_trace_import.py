@@ -240,6 +240,9 @@ def test_a_reviewed_trace_refuses_new_turns_until_new_chat(studio, exported, eng
     assert out[studio.page.chatbot] == chat  # the edited question is put back
     with pytest.raises(gr.Error, match="shown for review only"):
         list(studio.api_chat("and now?", None, None, False, 0.0, 1.0, 4, 1, review, None))
+    review.view.turn, review.view.word = 0, 0  # continuing from an alternative of the trace's first word
+    with pytest.warns(UserWarning, match="shown for review only"):
+        studio.branch_page(1, *page_settings(), review, None)
     assert submitted == [] and review.turns == turns and READ_ONLY.startswith("This is an imported QA trace")
 
     cleared = studio.clear(review)  # New chat leaves the review: the page is live again
@@ -522,3 +525,17 @@ def test_the_media_copies_of_a_review_go_when_it_ends(studio, exported):
     studio.clear(review)
     imported(studio, path)  # any later import tidies the reviews that ended
     assert not second.exists()
+
+
+def test_gradio_client_imports_a_trace_and_its_session_refuses_chat(live_server, exported):
+    from gradio_client import Client, handle_file
+
+    client = Client(live_server, verbose=False)
+    out = client.predict(handle_file(str(exported[1])), api_name="/import_trace")
+    history, status = out[0], out[-1]
+    assert "Reviewing" in status and history[0]["content"][0]["text"] == "what is in the image?"
+    with pytest.raises(Exception, match="shown for review only"):
+        client.predict("and now?", [], None, False, 0.0, 1.0, 4, 1, api_name="/chat")
+    client.predict(api_name="/clear")  # New chat: the session is live again
+    history = client.predict("and now?", [], None, False, 0.0, 1.0, 4, 1, api_name="/chat")
+    assert history[0]["content"][0]["text"] == "and now?"
