@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 REDRAW_EVERY_S = 0.2  # B's answer while it streams: at most this often (each redraw is a Gradio update)
 WAIT_FOR_A_S = 0.05  # how often to look whether A's turn has ended
+GIVE_UP_AFTER_CANCEL_S = 5.0  # A's request was cancelled but its turn never heard the end (its tab closed)
 
 
 @dataclass
@@ -187,7 +188,7 @@ class CompareView:
         turns = session.turns
         if not turns or record_of(turns[-1]) is not None or not turns[-1].running:
             return  # the start refused the turn (nothing new), or it was already compared
-        turn = turns[-1]
+        turn, handle_a = turns[-1], session.handle
         messages, options = session.engine_messages(), C.with_token_ids(turn.options)
         req = ChatRequest(messages, options, session_id="compare-" + request_session_id(request),
                           continue_from=list(getattr(turn, "continue_from", [])))
@@ -214,10 +215,15 @@ class CompareView:
         finally:
             handle.cancel()  # a closed tab ends B's work too (nothing after Done)
         record.b = C.Side.of(events)
-        while turn.running:
+        cancelled_at = None
+        while turn.running:  # A's events are folded into the turn by the chat's own stream
+            if handle_a is not None and handle_a.cancelled:  # a closed tab may leave the turn unfinished
+                cancelled_at = cancelled_at or time.perf_counter()
+                if time.perf_counter() - cancelled_at > GIVE_UP_AFTER_CANCEL_S:
+                    break
             time.sleep(WAIT_FOR_A_S)
         a = side_of_turn(turn)
-        if turn.finish_reason == "cancelled":
+        if turn.finish_reason == "cancelled" or turn.running:
             a.error = a.error or "the reply was stopped"
         record.words = [(w.text, w.tokens) for w in turn.words()]
         try:

@@ -137,3 +137,15 @@ def test_call_runs_on_the_worker_and_passes_errors_back(engines):
     with pytest.raises(ZeroDivisionError):
         a.call(lambda: 1 / 0)
     assert a.call(lambda: 7) == 7  # the worker goes on serving
+
+
+def test_another_tokenizer_compares_the_answers_only_and_says_why(engines, engine):
+    """``engine``: the small random model (its own tokenizer): no teacher-forced figures, the note says why."""
+    a = engines[0]
+    msgs = turn()
+    side_a, _ = answer(a, msgs)
+    side_s = C.Side.of(engine.run(ChatRequest(msgs, C.with_token_ids(Options(temperature=0.0, max_new_tokens=8)))))
+    result = C.compare_engines(a, engine, msgs, side_a, side_s, OPTS)
+    assert "different tokenizers" in result["note"]
+    assert result["identical"] is False and result["per_token"] == []
+    assert result["summary"]["kl_mean"] is None and result["summary"]["routing_jaccard"] is None

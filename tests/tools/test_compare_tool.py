@@ -52,3 +52,12 @@ def test_the_tool_reads_prompts_with_images_from_jsonl(tmp_path):
 def test_without_a_second_model_the_tool_says_what_to_give(tmp_path):
     with pytest.raises(SystemExit, match="--compare-quantize"):
         compare.main(["--questions", "1", "--out", str(tmp_path / "x.json")])
+
+
+def test_the_bench_dispatches_compare_to_the_same_tool(tmp_path):
+    from tools import bench
+
+    out = tmp_path / "b.json"
+    bench.main(["compare", "--questions", "1", "--compare-quantize", "fp32", "--max-tokens", "16",
+                "--context-limit", "1024", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"]["turns"] == 1
