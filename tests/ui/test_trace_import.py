@@ -218,6 +218,21 @@ def test_logprobs_without_ids_and_a_branch_record_come_back_as_the_page_keeps_th
     assert turns[0].continue_from == [turns[0].tokens[0].token_id, turns[0].tokens[1].token_id]
 
 
+def test_a_trace_without_focus_or_routing_and_a_failed_turn_import_their_chat(studio, tmp_path):
+    """As a remote backend's page exports them: text only; and a turn that ended in an error."""
+    session = Session()
+    session.start(Turn("hello"))
+    session.turns[0].apply(Answer("Hi there."))
+    session.turns[0].apply(Done("stop"))
+    session.start(Turn("again"))
+    session.turns[1].fail("The model ran out of memory")
+    path = studio.export(session)["value"]
+    review = imported(studio, path)
+    assert review.history() == session.history() and review.turns[1].error == "The model ran out of memory"
+    shown = studio.panels.all(review)
+    assert shown[studio.page.routing_plot]["visible"] is False and not review.turns[0].has_focus()
+
+
 # ----------------------------------------------------------------------------- read-only
 
 
