@@ -164,13 +164,11 @@ def teacher_forced(rt: Runtime, messages: list[Message], options: Options, token
         if rows is not None:
             rows.last_only = False
         if len(tokens) > 1:
+            # as the engine's decode step feeds a token (generation.decode_step: ids and the cache, no mask), only
+            # several at once
             rest = torch.tensor([tokens[:-1]], device=rt.device)
-            extra = {}
-            if "attention_mask" in inputs:  # a family that sends one needs it to cover the cache and the new ids
-                mask = inputs["attention_mask"]
-                extra["attention_mask"] = torch.cat([mask, mask.new_ones((1, rest.shape[1]))], dim=1)
             out = rt.model(input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=rest.shape[1],
-                           **extra, **rt.family.forward_kwargs(getattr(out, "memory_state", None)))
+                           **rt.family.forward_kwargs(getattr(out, "memory_state", None)))
             logits.append(out.logits[0].float())
             if rows is not None:
                 focus.append(rows.take_rows())

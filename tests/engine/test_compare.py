@@ -149,3 +149,30 @@ def test_another_tokenizer_compares_the_answers_only_and_says_why(engines, engin
     assert "different tokenizers" in result["note"]
     assert result["identical"] is False and result["per_token"] == []
     assert result["summary"]["kl_mean"] is None and result["summary"]["routing_jaccard"] is None
+
+
+def test_a_transformers_moe_family_is_teacher_forced_as_it_generated(tmp_path):
+    """The pass is the engine's own forward over the cache for every family: on a tiny Qwen3-VL-MoE (M-RoPE,
+    fused experts routed by its TopKRouter) the greedy tokens, the focus maps and the routes come back."""
+    from PIL import Image
+
+    from autoglm_app.events import Routing
+    from autoglm_app.loading.checkpoints import load_model
+    from tests.tiny_families import build_qwen3_vl_moe
+
+    e = _engine(load_model(build_qwen3_vl_moe(tmp_path), quantize="fp32"))
+    try:
+        msgs = [Message("user", "What is this?", [Image.new("RGB", (64, 64), (200, 30, 30))])]
+        opts = C.with_token_ids(Options(temperature=0.0, max_new_tokens=12, seed=0))
+        side, events = answer(e, msgs, opts)
+        forced = C.forced_pass(e, msgs, opts, side.token_ids)
+        assert forced.logprobs.argmax(-1).tolist() == side.token_ids
+        for ev in events:
+            if isinstance(ev, Focus):
+                np.testing.assert_allclose(forced.images[0][ev.index], ev.images[0], atol=1e-6)
+            if isinstance(ev, Routing):
+                assert [sorted(r.experts) for r in ev.layers] == [sorted(x) for x in forced.routes[ev.index].tolist()]
+        s = C.compare_engines(e, e, msgs, side, side, opts)["summary"]
+        assert s["kl_mean"] == 0.0 and s["routing_jaccard"] == 1.0 and s["identical"]
+    finally:
+        e.close()
