@@ -5,8 +5,8 @@
 whose ``read`` unpacks one member within its limit and the import's total. Refused, with a sentence that
 says why and what to do (``TraceRejected``): not a zip, damaged or cut short, zip64, too many members, a
 member that escapes its folder, is a link, is encrypted or uses another compression, a member or the whole
-over its declared size limit (a zip bomb), a member that unpacks to more than it declared. Members are
-never written to disk by their names.
+over its declared size limit (a zip bomb), a member that unpacks to more than it declared. Nothing here
+writes a member to disk (``trace_import`` copies only the media whose names match the export's own pattern).
 
 ``parse_trace`` checks ``trace.json`` (pydantic models of what ``export.py`` writes): its format and version
 first, so a newer export says so rather than failing on a field it changed; fields a later export adds
@@ -292,7 +292,7 @@ def parse_trace(data: bytes) -> TraceRecord:
         if kind == "json_invalid":
             raise TraceRejected(f"trace.json is not valid JSON ({e.errors()[0]['msg']}): import the export "
                                 "unmodified.") from None
-        raise TraceRejected("trace.json has no format field: it is not an AutoGLM Studio QA trace.") from None
+        raise TraceRejected("trace.json names no format (a text field): it is not an AutoGLM Studio QA trace.") from None
     found = re.fullmatch(re.escape(FORMAT) + r"/(\d{1,6})", head.format)
     if found is None:
         raise TraceRejected(f"trace.json is of format {head.format[:60]!r}, not {FORMAT}: it is not an AutoGLM "

@@ -324,7 +324,7 @@ class TraceImporter:
         can show them, and every turn drawn once by the page's own panels: what fails to draw is refused here,
         before the session changes."""
         copies = {}
-        for name, data in trace.files.items():  # a file name made from the checked pattern, not the zip's
+        for name, data in trace.files.items():  # names that matched the export's own pattern (_MediaReader)
             target = folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
