@@ -292,7 +292,8 @@ def parse_trace(data: bytes) -> TraceRecord:
         if kind == "json_invalid":
             raise TraceRejected(f"trace.json is not valid JSON ({e.errors()[0]['msg']}): import the export "
                                 "unmodified.") from None
-        raise TraceRejected("trace.json names no format (a text field): it is not an AutoGLM Studio QA trace.") from None
+        raise TraceRejected("trace.json names no format (a text field): it is not an AutoGLM Studio QA "
+                            "trace.") from None
     found = re.fullmatch(re.escape(FORMAT) + r"/(\d{1,6})", head.format)
     if found is None:
         raise TraceRejected(f"trace.json is of format {head.format[:60]!r}, not {FORMAT}: it is not an AutoGLM "
