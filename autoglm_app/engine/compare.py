@@ -136,7 +136,8 @@ class Forced:
 def teacher_forced(rt: Runtime, messages: list[Message], options: Options, tokens: list[int]) -> Forced:
     """Prefill the prompt the engine would (same context fitting), then feed ``tokens[:-1]`` in one forward over
     the cache. Run it where nothing else uses the model (``Engine.call``). The recurrent memory of a model with
-    memory slots starts empty, as a first turn's does."""
+    memory slots starts empty, as a first turn's does, and the continuation reads it as the prompt left it
+    (generation updates it every step): both sides alike, so the comparison stays fair."""
     if not tokens:
         raise ValueError("no tokens to teacher-force: the first model's answer was empty")
     prep, _ = fit_context(rt.family, rt.processor, messages, options, rt.context_limit)
