@@ -60,6 +60,12 @@ CSS = """
 .compare-diverged {background: #fed7aa;}
 .routing tr.compare-disagree td {background: #fee2e2;}
 #compare-words {max-height: 340px; overflow-y: auto;}
+.chip {display: inline-block; padding: 0 6px; border-radius: 4px; margin: 0 2px;}
+#alternatives table {border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums;}
+#alternatives th, #alternatives td {padding: 4px 8px; border: 1px solid var(--border-color-primary);
+                                    text-align: left; vertical-align: top;}
+#alternatives td.emitted {outline: 2px solid #f97316; outline-offset: -2px;}
+#alternatives .bar {height: 4px; background: #6366f1; margin-top: 2px;}
 """
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="orange")
@@ -193,6 +199,17 @@ def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Han
                                                    color_map=render.WORD_COLORS, show_legend=False,
                                                    show_inline_category=False, interactive=False, scale=2,
                                                    min_width=200, visible=focus_shown, elem_id="words")
+                    with gr.Row(equal_height=False):
+                        probabilities = gr.Checkbox(False, label="Colour words by probability",
+                                                    info="how sure the model was of each word", min_width=200,
+                                                    elem_id="colour-probs")
+                        prob_legend = gr.HTML("", elem_id="probability-legend")
+                    alternatives = gr.HTML("", elem_id="alternatives")
+                    with gr.Row(equal_height=True):
+                        alt_pick = gr.Radio([], label="Continue from an alternative", visible=False, scale=4,
+                                            elem_id="alternative-pick")
+                        branch_btn = gr.Button("Continue from it (new version)", visible=False, scale=1,
+                                               min_width=160, elem_id="branch")
                     audio_pick = gr.Radio([], label="Recording", visible=False, elem_id="audio-pick")
                     audio_focus = gr.Image(type="pil", format="png", label="Focus over the recording", visible=False,
                                            interactive=False, height=190, buttons=["download"], elem_id="audio-focus")
@@ -253,7 +270,8 @@ def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Han
                     audio_pick, audio_focus, layer_from, layer_to, routing_html, routing_plot, balance_plot, token_html,
                     split_html, model_md, export_file, settings=sliders, state=state, browser_key=browser_key,
                     context_mode=context_mode, timer=timer, routing_timer=routing_timer,
-                    route_sliders=(route_layer_from, route_layer_to, expert_from, expert_to))
+                    route_sliders=(route_layer_from, route_layer_to, expert_from, expert_to),
+                    alternatives=(prob_legend, alternatives, alt_pick, branch_btn))
         h = Handlers(engine, settings, caps, page, examples)
         review = TraceImporter(h, import_status)
         review.protect(h)  # an imported trace is read-only: its handlers refuse a new turn (ui/trace_import.py)
@@ -307,6 +325,9 @@ def build_page(engine, settings: Settings, compare=None) -> tuple[gr.Blocks, Han
                            [chatbot, turn_pick, *panel_outputs, model_md], api_visibility="private")
 
         words.select(h.select_word, [state], panel_outputs, api_visibility="private")
+        probabilities.input(h.colour_by_probability, [probabilities, state], panel_outputs, api_visibility="private")
+        streamed(branch_btn.click(h.branch_page, [alt_pick, *options, state], live, api_visibility="private",
+                                  concurrency_limit=None, js=checked(1)))
         view = [turn_pick, image_pick, audio_pick, colormap, opacity, aggregation, layer_from, layer_to, load_view,
                 route_layer_from, route_layer_to, expert_from, expert_to]
         for control in view:
