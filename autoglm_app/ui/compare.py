@@ -281,7 +281,9 @@ class CompareView:
         record = record_of(turn) if turn is not None else None
         if record is None:
             return [gr.update()] * len(self.outputs)
-        return self._values(turn, record)
+        # the word clicked in the Focus tab (the same grouping: turn.words()), else the whole answer
+        word = session.view.word if session.view.word is not None and not record.running else -1
+        return self._values(turn, record, word)
 
 
 # ----------------------------------------------------------------------------- export

@@ -91,6 +91,13 @@ def test_a_compare_turn_shows_both_answers_the_metrics_and_both_focus_maps(brows
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(artifacts / "ui-compare.png"), full_page=True)
 
+    # a word clicked in the Focus tab is the one the Compare tab shows
+    page.get_by_role("tab", name="Focus").click()
+    page.locator("#words span.token[role=button]").nth(1).click()
+    expect(page.locator("#focus-caption")).not_to_contain_text("whole", timeout=15_000)
+    page.get_by_role("tab", name="Compare").click()
+    expect(page.locator("#compare-word input")).to_have_value(re.compile(r"^2\. "))
+
     # the export holds B's answer and the metrics, and B's per-word heatmaps
     page.get_by_role("tab", name="Export").click()
     page.locator("#export").click()
