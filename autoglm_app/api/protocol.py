@@ -1,7 +1,8 @@
 """The OpenAI wire format as pydantic models: requests, responses, streamed chunks, error objects.
 
 Models only: no I/O, no engine types. ``api/serving.py`` turns a ``ChatCompletionRequest`` into
-the engine's request and the engine's events into these responses; ``api/routes.py`` serves them.
+the engine's request, ``api/builders.py`` the engine's events into these responses; ``api/routes.py``
+serves them.
 
 Extensions to the OpenAI format (all opt-in, absent unless asked for):
   * ``reasoning_content`` (and the same text in ``reasoning``) on messages and deltas,

@@ -55,16 +55,8 @@ from .protocol import (
     TokenizeResponse,
     bad_request,
 )
-from .serving import (
-    ChunkBuilder,
-    CompletionBuilder,
-    Extras,
-    check_tokenize,
-    engine_error,
-    sse,
-    to_chat_request,
-    to_messages,
-)
+from .builders import ChunkBuilder, CompletionBuilder, Extras, engine_error, sse
+from .serving import check_tokenize, to_chat_request, to_messages
 
 log = logging.getLogger(__name__)
 

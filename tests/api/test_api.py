@@ -21,7 +21,8 @@ import pytest
 
 from autoglm_app.api import media
 from autoglm_app.api.protocol import ChatCompletionRequest
-from autoglm_app.api.serving import ChunkBuilder, CompletionBuilder, Extras, to_chat_request, to_options
+from autoglm_app.api.builders import ChunkBuilder, CompletionBuilder, Extras
+from autoglm_app.api.serving import to_chat_request, to_options
 from autoglm_app.config import Limits
 from autoglm_app.engine.handle import RequestHandle
 from autoglm_app.events import (
