@@ -40,7 +40,12 @@ MAX_WORD_IMAGES = 64  # per image per turn: enough for an answer, bounded for lo
 
 
 def _round(a: np.ndarray, digits: int = 5) -> list:
-    return np.round(np.asarray(a, np.float64), digits).tolist()
+    """Values to ``digits`` significant digits (not decimals: a 9B model's per-patch attention is 1e-4 to 1e-5,
+    which five decimals would mostly erase), vectorised: x rounded at its own power of ten."""
+    x = np.asarray(a, np.float64)
+    exponent = np.floor(np.log10(np.abs(np.where(x == 0, 1.0, x))))
+    scale = 10.0 ** (digits - 1 - exponent)
+    return (np.round(x * scale) / scale).tolist()
 
 
 def _slug(text: str) -> str:

@@ -321,7 +321,7 @@ class Panels:
         first = traces[0]
         choices = [(f"“{text}” {render.percent(float(np.exp(lp)))}", r) for r, (tid, text, lp) in enumerate(first.top)
                    if tid != first.token_id]
-        can_branch = bool(choices) and not turn.running
+        can_branch = bool(choices) and not turn.running and not turn.read_only
         return {**out, table: render.alternatives_html(rows, word.text.strip()),
                 pick: gr.update(choices=choices, value=None, visible=can_branch,
                                 label=f"Continue from an alternative to “{first.text.strip() or first.text}” "

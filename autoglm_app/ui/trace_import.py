@@ -162,7 +162,7 @@ def _turn(rec: TurnRecord, number: int, media: _MediaReader, archive: Archive) -
                 reasoning=rec.reasoning, answer=rec.answer, stats=stats, notices=list(rec.notices),
                 error=rec.error, queue_position=0,
                 # exported while it streamed: the trace holds it as far as it got
-                finish_reason=rec.finish_reason or "cancelled")
+                finish_reason=rec.finish_reason or "cancelled", read_only=True)
     turn.image_paths, turn.audio_path = list(p.images), p.audio  # names in the zip; the page writes copies
     for t in rec.tokens:
         if t.index in turn.tokens:

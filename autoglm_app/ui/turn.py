@@ -104,6 +104,7 @@ class Turn:
     # the alternative picked there); ``branch_note`` says where it branched
     continue_from: list[int] = field(default_factory=list)
     branch_note: str = ""
+    read_only: bool = False  # an imported QA trace's turn: reviewed, never continued (no branch offered)
     # every image / recording in the prompt, oldest first (Session.start sets them; None = this turn's own)
     context_images: list[MediaRef] | None = None
     context_audios: list[MediaRef] | None = None

@@ -24,7 +24,7 @@ from PIL import Image
 
 from autoglm_app.config import Limits, Settings
 from autoglm_app.events import Answer, Audio, Done, Focus, LayerRoute, Options, Reasoning, Routing
-from autoglm_app.ui import render, trace_file
+from autoglm_app.ui import export, render, trace_file
 from autoglm_app.ui.export import build_trace
 from autoglm_app.ui.layout import build_page
 from autoglm_app.ui.session import Session, Turn, stream_turn
@@ -168,12 +168,11 @@ def test_the_review_panels_show_a_clicked_words_heatmap_and_the_turns_routing(st
         shown, live = panels.all(review), panels.all(original)
         assert shown[page.focus_caption] == live[page.focus_caption]
         assert ("whole" in shown[page.focus_caption]) == (word is None)
-        # the heatmap drawn from the trace's maps: the live turn's, as trace.json keeps them (5 decimals)
+        # the heatmap drawn from the trace's maps: the live turn's, as trace.json keeps them (5 significant digits)
         before = original.turns[turn]
         indices, _ = original.selection(before)
         k = len(before.media("image")) - 1  # the turn's own image: the one shown first
-        heat = np.mean([np.round(before.tokens[i].images[k].astype(np.float64), 5).astype(np.float32)
-                        for i in indices], axis=0)
+        heat = np.mean([np.asarray(export._round(before.tokens[i].images[k]), np.float32) for i in indices], axis=0)
         expected = render.overlay_heatmap(before.media("image")[k].image, heat, review.view.colormap,
                                           review.view.opacity)
         np.testing.assert_array_equal(np.asarray(shown[page.focus_image]["value"]), np.asarray(expected))
@@ -182,8 +181,10 @@ def test_the_review_panels_show_a_clicked_words_heatmap_and_the_turns_routing(st
         assert shown[page.routing_html] == live[page.routing_html] and shown[page.token_html] == live[page.token_html]
         figure = shown[page.routing_plot]["value"].to_dict()["data"]
         assert figure == live[page.routing_plot]["value"].to_dict()["data"]
-        for component in getattr(page, "alts", []):  # the clicked word's alternatives
-            assert shown[component] == live[component]
+        legend, table, pick, button = page.alts  # the clicked word's alternatives, the same; no branch offered
+        assert shown[legend] == live[legend] and shown[table] == live[table]
+        assert shown[pick]["choices"] == live[pick]["choices"]
+        assert not shown[pick]["visible"] and not shown[button]["visible"]
     # a per-layer view of the review says the trace holds none, and draws the model's own map
     review.view.aggregation = "mean"
     assert "showing the model" in panels.all(review)[page.focus_caption]
