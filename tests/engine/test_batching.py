@@ -198,9 +198,9 @@ def test_the_compiled_step_equals_the_eager_one(small, caplog):
         engine = make_engine(*small, max_batch=3, compile="on")
     try:
         info = engine.info()["decoding"]
-        assert info["compiled"], info
-        assert info["compile_warmup_s"] > 0 and "eager" in info["step_ms"]
+        assert info["compile_warmup_s"] > 0 and {"eager", "compiled, one graph"} <= set(info["step_ms"])
         assert "decode step:" in caplog.text
+        engine.decoder.use("compiled, one graph")  # whichever was faster on this machine (a loaded CI runner)
         assert_batched_equals_alone(engine, mixed_requests()[:3])
     finally:
         engine.close()

@@ -107,7 +107,12 @@ def test_5_negative_seed_warns_and_sends_nothing(browser, scripted):
     page = open_page(browser, url)
     sent = len(engine.handles)
     open_settings(page)
-    page.locator("#seed input").fill("-7")
+    seed = page.locator("#seed input")
+    for _ in range(3):  # on a loaded machine the box can still be rendering when first typed into
+        seed.fill("-7")
+        if seed.input_value() == "-7":
+            break
+        time.sleep(0.5)
     page.locator("#prompt textarea").fill("Describe the picture")
     page.locator("#send").click()
     toast = warnings(page).filter(has_text="eed")
