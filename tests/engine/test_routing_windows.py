@@ -192,3 +192,48 @@ def test_counts_without_the_new_fields_still_give_every_key():
     load = expert_load(counts)
     assert load["balancedness"] == {"all": [0.5]} and load["dead_fraction"] == {"all": [0.5]}
     assert load["by_phase"] == {} and load["window_tokens"] == {} and load["diversity"] == [0.5]
+
+
+def test_a_batched_steps_routes_counted_in_groups_equal_a_count_from_scratch():
+    """fold_step (the batched decode step's route) counts its tokens when the counts are read or 64 wait: read at
+    uneven intervals (1 to 150 tokens, past PENDING_MAX and past the 1,000-token window), with the phase changing,
+    every figure equals a count from scratch of the tokens so far."""
+    rng = np.random.default_rng(1)
+    E, k, L = 6, 2, 2
+    p, routers = make_probe(E, k)
+    prefill_n = 30
+    picks = [np.stack([rng.permutation(E)[:k] for _ in range(L)]) for _ in range(1400)]  # (layers, k) each
+    with p:
+        p.modality = torch.zeros(prefill_n, dtype=torch.long)
+        forward(routers, [route([list(t[layer]) for t in picks[:prefill_n]]) for layer in range(L)])
+        p.collect()
+    phases = []
+    i, reads = prefill_n, 0
+    while i < len(picks):
+        for _ in range(int(rng.integers(1, 150))):
+            if i == len(picks):
+                break
+            phase = "reasoning" if (i // 97) % 2 else "answer"
+            p.start_decode(phase)
+            p.fold_step(picks[i], np.full((L, k), 0.5, np.float32))
+            phases.append(phase)
+            i += 1
+        c = p.counts()
+        reads += 1
+        seq = np.stack(picks[:i])  # (tokens, layers, k)
+        decode = seq[prefill_n:]
+
+        def load(tokens):
+            out = np.zeros((L, E), np.int64)
+            for t in tokens:
+                for layer in range(L):
+                    out[layer, t[layer]] += 1
+            return out
+
+        np.testing.assert_array_equal(c.decode, load(decode))
+        for phase in ("reasoning", "answer"):
+            np.testing.assert_array_equal(c.by_phase[phase], load([t for t, ph in zip(decode, phases) if ph == phase]))
+        for w in (10, 100, 1000):
+            np.testing.assert_array_equal(c.windows[w], load(seq[-w:]))
+        assert c.tokens == {"prefill": prefill_n, "decode": i - prefill_n}
+    assert reads > 10
