@@ -337,9 +337,9 @@ class Logprobs:
 
     index: int  # position of the token among the generated tokens (as Focus.index)
     token: str
-    token_id: int
+    token_id: int  # -1 where the backend does not say (a remote server's logprobs carry text only)
     logprob: float
-    entropy: float
+    entropy: float | None  # None where the backend does not say (a remote server sends the top k only)
     top: list[Alternative]
     phase: Literal["reasoning", "answer"] = "answer"
     bytes: bytes = b""

@@ -12,7 +12,9 @@ rendered prompt ends with ``<think>``; a server without those routes cannot tell
 as if the prompt had not opened the block (start that server with its reasoning parser instead).
 Focus maps and routing statistics need the model's attention and routers, which only the in-process
 engine has: ``info()`` says so (``"focus": False, "routing": False`` and a reason), and no Focus or
-Routing event is ever emitted.
+Routing event is ever emitted. Logprobs are asked of the server (OpenAI's ``logprobs`` / ``top_logprobs``)
+and come back as Logprobs events without token ids or entropy, which the wire does not carry; a branch
+(``continue_from``, token ids) needs the in-process engine.
 
 Each request runs in its own thread (at most ``max_concurrency`` at a time against the server;
 beyond that they wait, and past ``max_queue`` waiting ``submit`` raises EngineBusy), so the remote
@@ -34,12 +36,14 @@ import soundfile as sf
 from ..config import Limits
 from .handle import RequestHandle, observing
 from ..events import (
+    Alternative,
     Answer,
     BadRequest,
     ChatRequest,
     Done,
     EngineBusy,
     Error,
+    Logprobs,
     Message,
     Queued,
     Reasoning,
@@ -94,6 +98,7 @@ class RemoteEngine:
         self._model = model
         self.limits = limits or Limits()
         self.asr = asr  # a Transcriber: recordings become text before they are sent
+        self._logprobs = True  # False once the server refused them (then asked without, with a log line)
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._max_concurrency = max_concurrency
         self._running = 0
@@ -222,6 +227,9 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ validation (as Engine does)
     def _validate(self, request: ChatRequest) -> ChatRequest:
+        if request.continue_from:
+            raise BadRequest("continuing a reply from chosen tokens needs the in-process engine: the remote "
+                             "server's API takes no token ids")
         # the remote model gets a transcript when an ASR model is configured, the recording otherwise
         return validate_request(request, self.limits, hears_audio=self.asr is None,
                                 transcribe=self.asr.transcribe if self.asr is not None else None)
@@ -260,11 +268,26 @@ class RemoteEngine:
             extra["top_k"] = o.top_k
         if o.repetition_penalty != 1.0:
             extra["repetition_penalty"] = o.repetition_penalty
-        stream = self.client.chat.completions.create(
-            model=self.model, messages=to_openai_messages(req.messages), stream=True,
-            stream_options={"include_usage": True}, temperature=o.temperature, top_p=o.top_p,
-            max_tokens=o.max_new_tokens, seed=o.seed, stop=o.stop or None, user=req.session_id, extra_body=extra,
-        )
+        asked = {"logprobs": True, "top_logprobs": o.logprobs} if o.logprobs is not None and self._logprobs else {}
+
+        def create(**more):
+            return self.client.chat.completions.create(
+                model=self.model, messages=to_openai_messages(req.messages), stream=True,
+                stream_options={"include_usage": True}, temperature=o.temperature, top_p=o.top_p,
+                max_tokens=o.max_new_tokens, seed=o.seed, stop=o.stop or None, user=req.session_id,
+                extra_body=extra, **more)
+
+        try:
+            stream = create(**asked)
+        except Exception as e:  # a server that refuses logprobs: the page asks for them on every turn
+            import openai
+
+            if not asked or not isinstance(e, openai.BadRequestError) or "logprob" not in str(e).lower():
+                raise
+            log.warning("the remote server refuses logprobs (%s); asking without them from now on", e)
+            self._logprobs = False
+            stream = create()
+        index = itertools.count()  # the generated tokens' positions, as the server's logprobs list them
         opened = bool(self.prompt_opens_think(o.enable_thinking))
         splitter = ThinkSplitter(o.enable_thinking, opened=opened)
         server_splits = False  # reasoning deltas came: the server's parser splits, its content is the answer
@@ -289,6 +312,11 @@ class RemoteEngine:
                     for phase, text in pieces:
                         timeline.piece(phase, now)
                         h.put(Reasoning(text) if phase == "reasoning" else Answer(text))
+                    lp = getattr(choice, "logprobs", None)  # (a server may leave the field out)
+                    entries = lp.content if lp is not None else None
+                    if entries and o.logprobs is not None:
+                        phase = pieces[-1][0] if pieces else splitter.phase
+                        h.put_all([remote_logprob(next(index), e, phase) for e in entries])
                     if choice.finish_reason:
                         finish = "stop" if choice.finish_reason == "stop" else choice.finish_reason
         finally:
@@ -305,6 +333,14 @@ class RemoteEngine:
             completion_tokens=completion, prompt_tokens=usage.prompt_tokens if usage else 0,
             finish_reason=finish, attention="remote", peak_memory={},
         )
+
+
+def remote_logprob(index: int, entry, phase: str) -> Logprobs:
+    """One entry of a server's ``logprobs.content`` -> the engine's Logprobs (no token ids, no entropy: the wire
+    has neither)."""
+    return Logprobs(index, entry.token, -1, float(entry.logprob), None,
+                    [Alternative(a.token, -1, float(a.logprob), bytes(a.bytes or b"")) for a in entry.top_logprobs or []],
+                    phase, bytes(entry.bytes or b""))
 
 
 def _error_event(e: Exception, base_url: str) -> Error:

@@ -97,7 +97,7 @@ def turn_record(turn: Turn, number: int, version: tuple[int, int] = (0, 1)) -> d
                         for layer, experts, weights in t.routes],
             # how sure the model was (the page asks for each token's logprob and alternatives); None without them
             "logprobs": {"token": t.text, "token_id": t.token_id, "logprob": round(t.logprob, 6),
-                         "entropy": round(t.entropy or 0.0, 6),
+                         "entropy": round(t.entropy, 6) if t.entropy is not None else None,
                          "top": [{"token": text, "token_id": int(tid), "logprob": round(float(lp), 6)}
                                  for tid, text, lp in t.top]} if t.logprob is not None else None,
         } for t in tokens],

@@ -106,6 +106,14 @@ def model_panel(caps: Capabilities, session: Session) -> str:
     return model_markdown(caps.info, {} if caps.remote else device_memory(), stats)
 
 
+def emitted_rank(t) -> int:
+    """Where the emitted token stands among a token's alternatives (-1: not among them): by id, or by text where
+    the backend sent no ids."""
+    if t.token_id >= 0:
+        return next((r for r, (tid, _, _) in enumerate(t.top) if tid == t.token_id), -1)
+    return next((r for r, (_, text, _) in enumerate(t.top) if text == t.text), -1)
+
+
 def word_probabilities(turn: Turn, words: list) -> list[float | None]:
     """Each word's probability for the colours: that of its least likely token (None where none has a logprob)."""
     out = []
@@ -255,10 +263,16 @@ class Panels:
 
     def focus(self, session: Session) -> dict:
         p, turn, view = self.page, session.shown_turn(), session.view
-        if not self.caps.focus:
-            return {p.focus_caption: focus_placeholder(self.caps), p.image_pick: gr.update(visible=False),
-                    p.focus_image: hidden(), p.words: gr.update(visible=False, value=[]),
-                    p.audio_pick: gr.update(visible=False), p.audio_focus: hidden()}
+        if not self.caps.focus:  # (a remote backend) no maps; the reply's words still, when logprobs came with it
+            out = {p.focus_caption: focus_placeholder(self.caps), p.image_pick: gr.update(visible=False),
+                   p.focus_image: hidden(), p.words: gr.update(visible=False, value=[]),
+                   p.audio_pick: gr.update(visible=False), p.audio_focus: hidden()}
+            words = turn.words() if turn is not None else []
+            if words and any(t.logprob is not None for t in turn.tokens.values()):
+                probabilities = word_probabilities(turn, words) if view.probabilities else None
+                out[p.words] = gr.update(visible=True, value=render.word_chips(words, view.word, probabilities))
+                out.update(self.alternatives(session, turn, words))
+            return out
         if turn is None:
             return {p.focus_caption: focus_placeholder(self.caps), p.image_pick: gr.update(visible=False),
                     p.focus_image: hidden(), p.words: WORDS_PLACEHOLDER, p.audio_pick: gr.update(visible=False),
@@ -314,14 +328,17 @@ class Panels:
         if not traces:
             return {**out, table: "", pick: gr.update(choices=[], value=None, visible=False),
                     button: gr.update(visible=False)}
-        rows = [{"text": t.text, "p": t.probability, "entropy": t.entropy or 0.0,
+        rows = [{"text": t.text, "p": t.probability, "entropy": t.entropy,
                  "top": [(text, float(np.exp(lp))) for _, text, lp in t.top],
-                 "emitted": next((r for r, (tid, _, _) in enumerate(t.top) if tid == t.token_id), -1)}
+                 "emitted": emitted_rank(t)}
                 for t in traces]
         first = traces[0]
-        choices = [(f"“{text}” {render.percent(float(np.exp(lp)))}", r) for r, (tid, text, lp) in enumerate(first.top)
-                   if tid != first.token_id]
-        can_branch = bool(choices) and not turn.running and not turn.read_only
+        skip = emitted_rank(first)
+        choices = [(f"“{text}” {render.percent(float(np.exp(lp)))}", r) for r, (_, text, lp) in enumerate(first.top)
+                   if r != skip]
+        # a branch feeds token ids: a reply without them (a remote backend's) shows its alternatives, offers none
+        ids_known = all(turn.tokens[i].token_id >= 0 for i in range(first.index + 1) if i in turn.tokens)
+        can_branch = bool(choices) and not turn.running and not turn.read_only and ids_known
         return {**out, table: render.alternatives_html(rows, word.text.strip()),
                 pick: gr.update(choices=choices, value=None, visible=can_branch,
                                 label=f"Continue from an alternative to “{first.text.strip() or first.text}” "

@@ -252,13 +252,14 @@ def alternatives_html(rows: list[dict], word: str) -> str:
              '<table class="alternatives">']
     for n, row in enumerate(rows):
         cells = []
+        entropy = f'entropy {row["entropy"]:.2f} nats' if row["entropy"] is not None else "entropy not sent"
         for rank, (text, p) in enumerate(row["top"]):
             mark = " emitted" if rank == row["emitted"] else ""
             width = max(1, round(100 * p))
             cells.append(f'<td class="alt{mark}"><code>{html.escape(repr(text)[1:-1]) or "␣"}</code> '
                          f'{percent(p)}<div class="bar" style="width:{width}%"></div></td>')
         parts.append(f'<tr><th>token {n + 1}: <code>{html.escape(repr(row["text"])[1:-1])}</code> '
-                     f'{percent(row["p"])}<br><span class="caption">entropy {row["entropy"]:.2f} nats</span></th>'
+                     f'{percent(row["p"])}<br><span class="caption">{entropy}</span></th>'
                      f'{"".join(cells)}</tr>')
     parts.append("</table>")
     return "".join(parts)

@@ -185,7 +185,7 @@ class _Alternative(_Record):
 class _Logprobs(_Record):
     token: str
     logprob: float
-    entropy: float
+    entropy: float | None = None
     token_id: int = -1
     top: list[_Alternative] = Field(default_factory=list, max_length=64)
 

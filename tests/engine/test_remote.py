@@ -161,3 +161,58 @@ def test_remote_engine_gets_every_limit_of_the_settings(upstream):
     finally:
         default.close()
         raised.close()
+
+
+def test_remote_logprobs_come_back_as_the_local_engines_without_ids(remote, engine):
+    """Logprobs asked through the remote server (our own /v1 here) are the local engine's: the same tokens,
+    log-probabilities and alternatives; the wire carries no token ids and no entropy."""
+    from autoglm_app.events import Logprobs
+
+    request = _request(logprobs=3)
+    far = [e for e in remote.run(request) if isinstance(e, Logprobs)]
+    near = [e for e in engine.run(request) if isinstance(e, Logprobs)]
+    assert far and [e.token for e in far] == [e.token for e in near]
+    assert [e.index for e in far] == list(range(len(far)))
+    for f, n in zip(far, near):
+        assert f.logprob == pytest.approx(n.logprob, abs=1e-5)
+        assert [a.token for a in f.top] == [a.token for a in n.top]
+        assert f.token_id == -1 and f.entropy is None and f.bytes == n.bytes
+    assert not [e for e in remote.run(_request()) if isinstance(e, Logprobs)]  # none unless asked
+
+
+def test_remote_refuses_a_branch(remote):
+    import dataclasses
+
+    with pytest.raises(BadRequest, match="in-process"):
+        remote.submit(dataclasses.replace(_request(), continue_from=[1, 2]))
+
+
+def test_a_server_that_refuses_logprobs_is_asked_without_them(upstream, monkeypatch):
+    """The page asks every turn for logprobs; a server that answers 400 to them still answers (asked again
+    without), and is not asked for them again."""
+    import openai
+
+    eng = RemoteEngine(upstream)
+    real = eng.client.chat.completions.create
+    calls = []
+
+    def picky(**kw):
+        calls.append("logprobs" in kw)
+        if "logprobs" in kw:
+            raise openai.BadRequestError("logprobs are not supported", response=httpx_response(), body=None)
+        return real(**kw)
+
+    monkeypatch.setattr(eng.client.chat.completions, "create", picky)
+    try:
+        for _ in range(2):
+            events = eng.run(_request(logprobs=2))
+            assert isinstance(events[-1], Done) and _text(events) != ("", "")
+        assert calls == [True, False, False]
+    finally:
+        eng.close()
+
+
+def httpx_response():
+    import httpx
+
+    return httpx.Response(400, request=httpx.Request("POST", "http://127.0.0.1/v1/chat/completions"))

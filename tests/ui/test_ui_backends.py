@@ -79,14 +79,22 @@ def test_remote_backend_streams_a_turn_and_the_panels_say_they_need_the_in_proce
     updates = send(studio, session, "what shape is this?", [str(image)])
     turn = session.turns[-1]
     assert turn.ok, turn.error
-    assert (turn.answer + turn.reasoning).strip() and not turn.tokens  # text streamed, no probe events
+    assert (turn.answer + turn.reasoning).strip()  # text streamed, no probe events: only the server's logprobs
+    assert turn.tokens and all(not t.images and not t.routes and t.logprob is not None and t.token_id == -1
+                               for t in turn.tokens.values())
     assert len(updates) >= 3  # first (inputs cleared), streamed chunk(s), final
     history = updates[-1][studio.page.chatbot]
     assert history[0] == {"role": "user", "content": "what shape is this?"}
     assert history[-1]["role"] == "assistant" and history[-1]["content"].strip()
     final = updates[-1]
     assert NEEDS_ENGINE in final[studio.page.focus_caption] and NEEDS_ENGINE in final[studio.page.routing_html]
-    assert final[studio.page.focus_image]["visible"] is False and final[studio.page.words]["visible"] is False
+    assert final[studio.page.focus_image]["visible"] is False
+    assert final[studio.page.words]["visible"] is True  # the reply's words, for their probabilities and alternatives
+    session.view.word = 0
+    legend, table, pick, button = studio.page.alts
+    shown = studio.panels.all(session)
+    assert "Alternatives for" in shown[table] and "entropy not sent" in shown[table]
+    assert shown[pick]["visible"] is False and shown[button]["visible"] is False  # no token ids: no branch
     assert final[studio.page.token_html] == "" and final[studio.page.split_html]["visible"] is False
 
     panel = final[studio.page.model_md]
