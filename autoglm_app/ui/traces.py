@@ -252,6 +252,8 @@ def detail_note(turn: Turn, indices: list[int]) -> tuple[str, bool]:
     mapped, coarse, dropped = selection_detail(turn, indices)
     if not mapped or not (coarse or dropped):
         return "", False
+    if turn.read_only:  # an imported QA trace: the export keeps the shown maps only, no budget was involved
+        return "a QA trace holds no per-layer detail (only the maps shown); showing the model's default map", True
     flag, ledger = _flag(turn), turn.detail
     if dropped == mapped:
         all_gone = not ledger.full and not ledger.coarse  # no token of the turn has detail left

@@ -187,7 +187,8 @@ def test_the_review_panels_show_a_clicked_words_heatmap_and_the_turns_routing(st
         assert not shown[pick]["visible"] and not shown[button]["visible"]
     # a per-layer view of the review says the trace holds none, and draws the model's own map
     review.view.aggregation = "mean"
-    assert "showing the model" in panels.all(review)[page.focus_caption]
+    caption = panels.all(review)[page.focus_caption]
+    assert "QA trace holds no per-layer detail" in caption and "showing the model" in caption
 
 
 def test_the_routed_experts_come_back_so_the_reviews_export_writes_the_same_array(studio, exported, tmp_path):
