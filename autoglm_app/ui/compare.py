@@ -28,6 +28,7 @@ from ..engine import compare as C
 from ..events import ChatRequest, Done, Error
 from . import render
 from .session import Session, Turn, request_session_id
+from .words import THINK_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,20 @@ def _fmt(v, pct: bool = False) -> str:
     return str(v)
 
 
-def reply_html(label: str, tokens: list[str], text: str, diverge: int | None, running: bool) -> str:
-    """A side's reply, token by token (think tags included: the raw stream), from the first token where the two
-    differ marked."""
+def reply_html(label: str, tokens: list[str], text: str, diverge: int | None, running: bool,
+               phases: list[str] | None = None) -> str:
+    """A side's reply, token by token, the reasoning's tokens subdued and the think tags left out (as the chat shows
+    them), and from the first token where the two differ marked."""
     if tokens:
-        head = html.escape("".join(tokens[:diverge] if diverge is not None else tokens))
-        tail = html.escape("".join(tokens[diverge:])) if diverge is not None else ""
-        body = head + (f"<mark class='compare-diverged'>{tail}</mark>" if tail else "")
+        pieces = []
+        for i, token in enumerate(tokens):
+            if token.strip() in THINK_TAGS:
+                continue
+            cls = " ".join(c for c in ("compare-reasoning" if phases and i < len(phases) and
+                                       phases[i] == "reasoning" else "",
+                                       "compare-diverged" if diverge is not None and i >= diverge else "") if c)
+            pieces.append(f"<span class='{cls}'>{html.escape(token)}</span>" if cls else html.escape(token))
+        body = "".join(pieces)
     else:
         body = html.escape(text) or "<i>…</i>"
     state = " <i>(streaming)</i>" if running else ""
@@ -244,9 +252,10 @@ class CompareView:
         a_tokens = a.tokens or [turn.tokens[i].text for i in sorted(turn.tokens)]
         choices = [("the whole answer", -1)] + [(f"{k + 1}. {t.strip()}", k) for k, (t, _) in enumerate(record.words)]
         focus_a, focus_b = self._focus(turn, record, word)
-        return [reply_html(self.labels[0], a_tokens, turn.answer, diverge, turn.running),
+        a_phases = a.phases or [turn.tokens[i].phase for i in sorted(turn.tokens)]
+        return [reply_html(self.labels[0], a_tokens, turn.answer, diverge, turn.running, a_phases),
                 reply_html(self.labels[1], record.b.tokens, record.b.error or record.b.answer, diverge,
-                           record.running and record.result is None),
+                           record.running and record.result is None, record.b.phases),
                 metrics_html(record.result, record.running, ("A", "B")),
                 gr.update(choices=choices, value=word if word < len(record.words) else -1),
                 focus_a, focus_b, words_html(record.result)]

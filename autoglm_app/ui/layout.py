@@ -58,6 +58,7 @@ CSS = """
 .compare-side {padding: 6px 8px; border: 1px solid var(--border-color-primary); border-radius: 8px;}
 .compare-reply {white-space: pre-wrap; font-size: 14px; margin-top: 4px;}
 .compare-diverged {background: #fed7aa;}
+.compare-reasoning {color: var(--body-text-color-subdued); font-style: italic;}
 .routing tr.compare-disagree td {background: #fee2e2;}
 #compare-words {max-height: 340px; overflow-y: auto;}
 .chip {display: inline-block; padding: 0 6px; border-radius: 4px; margin: 0 2px;}
