@@ -5,22 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 from langchain_openai import ChatOpenAI
-from openai import OpenAI
 
-from tests.api.test_api_clients import MODEL, image_url
-from tests.api_helpers import serve
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    running = serve(engine)
-    yield running.url + "/v1"
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(base_url) -> OpenAI:
-    return OpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=60)
+from tests.api.test_api_clients import MODEL, base_url, client, image_url  # noqa: F401 (base_url, client: fixtures)
 
 
 def question(**kw) -> dict:

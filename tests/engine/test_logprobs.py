@@ -14,20 +14,9 @@ import torch
 
 from autoglm_app.engine.generation import fit_context, with_reply_start
 from autoglm_app.events import Answer, BadRequest, Done, Error, Logprobs, Reasoning, Stats
-from tests.engine.test_batching import run_together, solo
+from tests.engine.test_batching import demo_engine, run_together, solo  # noqa: F401 (demo_engine: a fixture)
 from tests.engine.test_engine import ask, scene
 from tests.helpers import make_engine
-
-
-@pytest.fixture(scope="module")
-def demo_engine():
-    from autoglm_app.config import DEMO_MODEL
-    from autoglm_app.loading.checkpoints import load_model
-
-    loaded = load_model(str(DEMO_MODEL), quantize="fp32")
-    engine = make_engine(loaded.model, loaded.processor, max_batch=4)
-    yield engine
-    engine.close()
 
 
 def logprobs_of(events) -> list[Logprobs]:

@@ -8,16 +8,11 @@ import io
 import json
 import re
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from autoglm_app.config import DEMO_MODEL, Limits, Settings
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
-TIMEOUT_MS = 30_000
+from tests.ui.test_ui_browser import TIMEOUT_MS, browser  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").exists(), reason="no demo checkpoint")
 
@@ -41,18 +36,6 @@ def compare_server(engines):
     running = serve_in_thread(create_app(engines[0], Settings(model=str(DEMO_MODEL)), compare=engines[1]))
     yield running.url
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def test_a_compare_turn_shows_both_answers_the_metrics_and_both_focus_maps(browser, compare_server, artifacts):

@@ -30,7 +30,9 @@ from autoglm_app.ui.layout import build_page
 from autoglm_app.ui.session import Session, Turn, stream_turn
 from autoglm_app.ui.trace_file import TraceRejected
 from autoglm_app.ui.trace_import import READ_ONLY, open_trace
+from tests.ui.test_ui_browser import browser  # noqa: F401 (a fixture)
 from tests.ui_helpers import page_regenerate, page_send, page_settings, stats
+
 
 def saved(image: Image.Image, folder: Path, name: str) -> str:
     image.save(folder / name)
@@ -445,20 +447,6 @@ def test_a_wav_in_the_zip_is_read_as_the_recording(exported):
 
 
 # ----------------------------------------------------------------------------- in a browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from tests.ui.test_ui_browser import ARGS, CHROMIUM
-
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def import_in(page, path: Path) -> None:
