@@ -9,6 +9,7 @@ and do not change the loop's shape.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Callable
 
@@ -17,11 +18,11 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..events import (
+    Alternative,
     Answer,
     BadRequest,
     ChatRequest,
     Event,
-    Alternative,
     Focus,
     LayerRoute,
     Logprobs,
@@ -145,6 +146,14 @@ def token_texts(decoder: IncrementalDecoder) -> Callable[[int], tuple[str, bytes
     return text
 
 
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level BPE character -> byte (transformers' table, inverted once)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def token_bytes(tokenizer, token: int, label: str) -> bytes:
     """The token's bytes: its text's UTF-8, except for a token holding part of a multi-byte character (its text
     alone is U+FFFD), whose raw bytes come from the vocabulary entry: a byte-level BPE piece (GPT-2's byte to
@@ -155,9 +164,7 @@ def token_bytes(tokenizer, token: int, label: str) -> bytes:
     if isinstance(piece, str):
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             return bytes([int(piece[3:5], 16)])
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        table = {c: b for b, c in bytes_to_unicode().items()}
+        table = _byte_level_table()
         if all(c in table for c in piece):
             return bytes(table[c] for c in piece)
     return label.encode("utf-8")

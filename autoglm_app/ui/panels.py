@@ -268,7 +268,7 @@ class Panels:
                    p.focus_image: hidden(), p.words: gr.update(visible=False, value=[]),
                    p.audio_pick: gr.update(visible=False), p.audio_focus: hidden()}
             words = turn.words() if turn is not None else []
-            if words and any(t.logprob is not None for t in turn.tokens.values()):
+            if words and turn.has_logprobs:
                 probabilities = word_probabilities(turn, words) if view.probabilities else None
                 out[p.words] = gr.update(visible=True, value=render.word_chips(words, view.word, probabilities))
                 out.update(self.alternatives(session, turn, words))
@@ -321,7 +321,7 @@ class Panels:
         legend, table, pick, button = self.page.alts
         view = session.view
         out = {legend: render.probability_legend_html() if view.probabilities and turn is not None
-               and any(t.logprob is not None for t in turn.tokens.values()) else ""}
+               and turn.has_logprobs else ""}
         word = words[view.word] if turn is not None and view.word is not None and view.word < len(words) else None
         traces = [turn.tokens[i] for i in word.tokens if i in turn.tokens] if word is not None else []
         traces = [t for t in traces if t.logprob is not None]
@@ -337,8 +337,7 @@ class Panels:
         choices = [(f"“{text}” {render.percent(float(np.exp(lp)))}", r) for r, (_, text, lp) in enumerate(first.top)
                    if r != skip]
         # a branch feeds token ids: a reply without them (a remote backend's) shows its alternatives, offers none
-        ids_known = all(turn.tokens[i].token_id >= 0 for i in range(first.index + 1) if i in turn.tokens)
-        can_branch = bool(choices) and not turn.running and not turn.read_only and ids_known
+        can_branch = bool(choices) and not turn.running and not turn.read_only and not turn.unbranchable(first.index)
         return {**out, table: render.alternatives_html(rows, word.text.strip()),
                 pick: gr.update(choices=choices, value=None, visible=can_branch,
                                 label=f"Continue from an alternative to “{first.text.strip() or first.text}” "

@@ -218,15 +218,13 @@ class Turn:
         the chosen token's (its focus and routes belong to the forward that chose between the alternatives), with
         its text and logprob the alternative's. The per-layer arrays are shared, not copied (no second copy in
         memory; the page's trace budget counts them once, under this turn)."""
-        ordered = sorted(self.tokens)
-        if index not in self.tokens or ordered != list(range(len(ordered))):
-            raise ValueError("this reply's tokens are not all known: pick a word of a finished reply")
+        why = self.unbranchable(index)
+        if why:
+            raise ValueError(why)
         at = self.tokens[index]
         if not 0 <= alternative < len(at.top):
             raise ValueError("that alternative is not among the word's alternatives")
         before = [self.tokens[i] for i in range(index)]
-        if any(t.token_id < 0 for t in before):
-            raise ValueError("this reply has no token ids (no logprobs): it cannot be branched")
         alt_id, alt_text, alt_logprob = at.top[alternative]
         turn = self.again(options=options)
         turn.system, turn.alone = self.system, self.alone
@@ -239,7 +237,21 @@ class Turn:
                             f"“{alt_text.strip() or alt_text}”")
         return turn
 
+    def unbranchable(self, index: int) -> str:
+        """Why the reply cannot be continued from another alternative at generated token ``index`` ("" when it
+        can): every token up to it must be known with its id (a remote backend's logprobs carry none)."""
+        ordered = sorted(self.tokens)
+        if index not in self.tokens or ordered != list(range(len(ordered))):
+            return "this reply's tokens are not all known: pick a word of a finished reply"
+        if any(self.tokens[i].token_id < 0 for i in range(index + 1)):
+            return "this reply has no token ids (its backend sent none): it cannot be branched"
+        return ""
+
     # ------------------------------------------------------------------ reading
+
+    @property
+    def has_logprobs(self) -> bool:
+        return any(t.logprob is not None for t in self.tokens.values())
     @property
     def running(self) -> bool:
         return self.finish_reason is None
