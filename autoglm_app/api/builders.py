@@ -75,8 +75,8 @@ class RoutedExperts:
 
     def add(self, event: Routing) -> None:
         self.routes.append(event.layers)
-        if self.layers is None:
-            c = event.counts
+        c = event.counts
+        if self.layers is None and c is not None:  # (the first token's event always has counts)
             self.layers, self.top_k = (c["layers"], c["top_k"]) if isinstance(c, dict) else (c.layers, c.top_k)
         if event.prompt_experts is not None:
             self.prompt = event.prompt_experts

@@ -35,7 +35,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..events import ChatRequest, Done, Error, Event, Focus, Routing, Stats
+from ..events import ChatRequest, Done, Error, Event, Focus, Routing, Stats, newest_counted
 
 # seconds; vLLM's buckets for the same figures, cut to what a 2-core CPU or one GPU can show
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -102,21 +102,22 @@ class EngineMetrics:
         for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
                        self.dropped, self.focus_mass):
             metric.labels(model_name)  # present (at zero) from the first scrape, as vLLM's are
-        self._last_routing: dict[int, Routing] = {}  # request id -> its newest Routing event
+        # request id -> (its newest Routing event, the newest that came with counts)
+        self._last_routing: dict[int, tuple[Routing, Routing | None]] = {}
         self._lock = threading.Lock()
 
     def observe(self, request: ChatRequest, event: Event) -> None:
         """One event of one request (Engine.observers)."""
         name = self.model_name
         if isinstance(event, Routing):
-            self._last_routing[id(request)] = event  # only the newest one's running load is read
+            counted = event if event.counts is not None else self._last_routing.get(id(request), (None, None))[1]
+            self._last_routing[id(request)] = (event, counted)  # only the newest running load is read
         elif isinstance(event, Focus):
-            mass = sum(float(np.add.reduce(m, axis=None)) for m in (*event.images, *event.audios))
-            self.focus_mass.labels(name).observe(mass)
+            self.focus_mass.labels(name).observe(event.mass)
         elif isinstance(event, Stats):
             self._stats(event)
         elif isinstance(event, (Done, Error)):
-            routing = self._last_routing.pop(id(request), None)
+            routing = newest_counted(*self._last_routing.pop(id(request), (None, None)))
             if isinstance(event, Done):
                 self.success.labels(name, event.finish_reason).inc()
             else:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from ..events import Answer, Error, Event, Logprobs, Message, Options, Reasoning, aggregate_layers
+from ..events import Answer, Error, Event, Focus, Logprobs, Message, Options, Reasoning
 from .generation import fit_context, prompt_tokens
 from .probes import FocusProbe, RoutingProbe
 from .runtime import Runtime
@@ -182,12 +182,10 @@ def teacher_forced(rt: Runtime, messages: list[Message], options: Options, token
     images, audios = [], []
     if focus:
         per_token = np.concatenate(focus)  # (n, layers, K)
-        rule, layers = rt.focus_rule(options)
-        split = [rows.split(t) for t in per_token]  # per token: ([(layers, r, c)], [(layers, f)])
-        images = [np.stack([aggregate_layers(s[0][j], rule, layers) for s in split])
-                  for j in range(len(prep.image_spans))]
-        audios = [np.stack([aggregate_layers(s[1][j], rule, layers) for s in split])
-                  for j in range(len(prep.audio_spans))]
+        rule = rt.focus_rule(options)
+        cut = [Focus(0, "", "answer", rows=t, spans=rows.shapes, rule=rule) for t in per_token]  # cut as a token's is
+        images = [np.stack([c.images[j] for c in cut]) for j in range(len(prep.image_spans))]
+        audios = [np.stack([c.audios[j] for c in cut]) for j in range(len(prep.audio_spans))]
     routes = None
     if routing is not None and routing.prompt_experts is not None:
         routes = routing.prompt_experts[n_prompt - 1 : n_prompt - 1 + len(tokens)].astype(np.int64)

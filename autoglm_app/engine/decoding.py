@@ -24,13 +24,12 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 
 from .generation import Generation
 from .runtime import Runtime
 from ..events import MAX_TOP_LOGPROBS
-from .sampling import logprob_rows, unpack_logprobs
+from .sampling import logprob_rows, pick_greedy, unpack_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +273,15 @@ class StaticDecoder:
             focus_h, experts_h, weights_h = self.sd.split_telemetry(
                 host, self.rt.num_layers, media.shape[1] if media is not None else 0,
                 len(self.rt.routers), self.rt.top_k)
+        greedy = [i for i, g in enumerate(gens) if g.sampler.greedy]
+        picks = dict(zip(greedy, pick_greedy(logits, greedy, [gens[i].sampler for i in greedy], stats))) \
+            if len(greedy) > 1 else {}
         now = time.perf_counter()
         out = []
         for i, g in enumerate(gens):
             g.cache_tokens += 1
             try:
-                token = g.sampler.pick(logits[i], stats[i])
+                token = picks[i] if i in picks else g.sampler.pick(logits[i], stats[i])
                 f = focus_h[i, :, : widths[i]] if focus_h is not None and g.focus is not None and widths[i] else None
                 r = (experts_h[i], weights_h[i]) if experts_h is not None and g.routing is not None else None
                 out.append(g.accept(token, now, f, r))

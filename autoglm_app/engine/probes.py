@@ -37,6 +37,8 @@ class FocusProbe:
         # when the spans are back to back (one image, or media placed together) a slice replaces the gather
         n = self.positions.numel()
         self._contiguous = bool(n) and int(self.positions[-1] - self.positions[0]) == n - 1
+        # (rows, cols) per image and frames per recording, in key order (what Focus cuts its row into)
+        self.shapes = ([(s.rows, s.cols) for s in image_spans], [s.frames for s in audio_spans])
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (K,) head-mean attention of the newest query
         self._keys: dict[tuple, torch.Tensor] = {}  # (device, memory slots) -> key indices, built once
         self.mode = "sdpa+probe"
@@ -118,18 +120,6 @@ class FocusProbe:
         self.rows.clear()
         return host_stack([out[i] for i in layers]).numpy()
 
-    def split(self, per_layer: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(layers, K) -> per image (layers, rows, cols) and per recording (layers, frames)."""
-        images, audios, at = [], [], 0
-        for s in self.image_spans:
-            n = s.rows * s.cols
-            images.append(per_layer[:, at : at + n].reshape(-1, s.rows, s.cols))
-            at += n
-        for s in self.audio_spans:
-            audios.append(per_layer[:, at : at + s.frames])
-            at += s.frames
-        return images, audios
-
 
 # ----------------------------------------------------------------------------- routing
 
@@ -137,6 +127,7 @@ class FocusProbe:
 class RoutingProbe:
     MODALITIES = ("text", "image", "audio")
     PHASES = ("reasoning", "answer")
+    COUNT_ROWS = ("prefill", "decode") + MODALITIES + PHASES
     # a batched step's tokens wait to be counted until the counts are read (each delivery of events) or this many
     # are waiting: one bincount per count for the group, not six indexed updates a token (measured on the demo
     # model: 42 us a token folded one by one)
@@ -151,24 +142,36 @@ class RoutingProbe:
         self.layer_ids = [i for i, _ in routers]
         self.E, self.k = num_experts, top_k
         L = len(routers)
-        self.load = {p: np.zeros((L, num_experts), np.int64) for p in ("prefill", "decode")}
+        # every count lives in one int64 buffer (rows: the COUNT_ROWS loads, then one per routing window, then the
+        # dropped choices), so a snapshot (counts(), once per delivery of events) is one copy, not a dozen, and a
+        # group of decode tokens is added to all the rows it feeds in one indexed add; each row has L * E cells
+        # (layer * E + expert) and a spare one: a choice not counted (dropped, or a layer that did not route) goes
+        # to the spare column, which no figure reads
+        self._spare = L * num_experts
+        cells = self._spare + 1
+        self._buf = np.zeros((len(self.COUNT_ROWS) + len(ROUTING_WINDOWS) + 1, cells), np.int64)
+        row = {name: self._buf[i, : self._spare].reshape(L, num_experts) for i, name in enumerate(self.COUNT_ROWS)}
+        self.load = {p: row[p] for p in ("prefill", "decode")}  # views into _buf: in-place updates write it
+        self.by_modality = {m: row[m] for m in self.MODALITIES}
+        self.by_phase = {p: row[p] for p in self.PHASES}
+        self._win_at = len(self.COUNT_ROWS)
+        self._win = self._buf[self._win_at : self._win_at + len(ROUTING_WINDOWS)]  # load per window (spare kept)
+        self.dropped = self._buf[-1, :L]
         self.tokens = {"prefill": 0, "decode": 0}
-        self.dropped = np.zeros(L, np.int64)
-        self.by_modality = {m: np.zeros((L, num_experts), np.int64) for m in self.MODALITIES}
-        self.by_phase = {p: np.zeros((L, num_experts), np.int64) for p in self.PHASES}
         self.phase_tokens = {p: 0 for p in self.PHASES}
         self.token_phase = "answer"  # the phase of the token a decode step routes (start_decode)
-        # the last max(ROUTING_WINDOWS) routed tokens' flat expert ids (layer * E + expert); a choice not counted
-        # (dropped, or a layer that did not route) is the spare column L * E, which no figure reads
-        self._spare = L * num_experts
+        # the last max(ROUTING_WINDOWS) routed tokens' flat expert ids
         # (a few rows more than the largest window: the decode steps' tokens are counted in groups, PENDING_MAX at
         # most, and a group's leaving tokens must still be in the ring when it is counted)
         self._ring = np.full((max(ROUTING_WINDOWS) + self.PENDING_MAX, L * top_k), self._spare, np.int64)
         self._pending: list[tuple[np.ndarray, str]] = []  # decode steps' (flat ids, phase) not yet counted
         self._seen = 0  # routed tokens so far (prefill and decode)
         self._sizes = np.asarray(ROUTING_WINDOWS)
-        self._win = np.zeros((len(ROUTING_WINDOWS), L * num_experts + 1), np.int64)  # load per window
         self._win_rows = np.arange(len(ROUTING_WINDOWS))[:, None]
+        # the rows a decode token adds to: decode, text, its phase and every window
+        wins = list(range(self._win_at, self._win_at + len(ROUTING_WINDOWS)))
+        self._decode_rows = {p: np.asarray([self.COUNT_ROWS.index(r) for r in ("decode", "text", p)] + wins)
+                             for p in self.PHASES}
         self.prompt_experts: np.ndarray | None = None  # (prompt tokens, L, k) int16
         self.phase = "prefill"
         self.modality: torch.Tensor | None = None  # (N,) 0 text, 1 image, 2 audio for the current forward
@@ -231,20 +234,15 @@ class RoutingProbe:
             return
         pending, self._pending = self._pending, []
         rows = np.stack([ids for ids, _ in pending]) if len(pending) > 1 else pending[0][0][None]  # (m, L * k)
-        size, cells = self._ring.shape[0], self._spare + 1  # (+1: the spare column the windows keep)
-        entered = np.bincount(rows.ravel(), minlength=cells)
-        counts = entered[: self._spare].reshape(-1, self.E)
-        self.load["decode"] += counts
-        self.by_modality["text"] += counts
+        size, cells = self._ring.shape[0], self._spare + 1
         phases = [phase for _, phase in pending]
-        if len(set(phases)) == 1:
-            self.by_phase[phases[0]] += counts
+        if len(set(phases)) == 1:  # decode, text, the phase and every window in one indexed add
+            self._buf[self._decode_rows[phases[0]]] += np.bincount(rows.ravel(), minlength=cells)
         else:
             for phase in set(phases):
                 mine = rows[[p == phase for p in phases]]
-                self.by_phase[phase] += np.bincount(mine.ravel(), minlength=cells)[: self._spare].reshape(-1, self.E)
-        # each window: these tokens in, and the token each one pushed out (w before it) out, all windows in one count
-        self._win += entered
+                self._buf[self._decode_rows[phase]] += np.bincount(mine.ravel(), minlength=cells)
+        # each window: the token each one pushed out (w before it) out, all windows in one count
         left = np.arange(self._seen - len(pending), self._seen)[None, :] - self._sizes[:, None]  # (windows, m)
         valid = left >= 0
         if valid.any():
@@ -333,14 +331,17 @@ class RoutingProbe:
     def counts(self) -> ExpertCounts:
         """Copies of the running counts as of now (the event's data; ``events.expert_load`` builds the dict)."""
         self._settle()
+        snap = self._buf.copy()  # one copy; the fields are views of it
+        L, E = len(self.routers), self.E
+        loads = snap[: self._win_at, : self._spare].reshape(-1, L, E)
+        row = dict(zip(self.COUNT_ROWS, loads))
+        windows = snap[self._win_at : -1, : self._spare].reshape(-1, L, E)
         return ExpertCounts(
-            layers=self.layer_ids, experts=self.E, top_k=self.k, tokens=dict(self.tokens),
-            prefill=self.load["prefill"].copy(), decode=self.load["decode"].copy(),
-            by_modality={m: v.copy() for m, v in self.by_modality.items()}, dropped=self.dropped.copy(),
-            windows=dict(zip(ROUTING_WINDOWS, np.array(self._win[:, : self._spare]).reshape(-1, len(self.routers),
-                                                                                           self.E))),
+            layers=self.layer_ids, experts=E, top_k=self.k, tokens=dict(self.tokens),
+            prefill=row["prefill"], decode=row["decode"], by_modality={m: row[m] for m in self.MODALITIES},
+            dropped=snap[-1, :L], windows=dict(zip(ROUTING_WINDOWS, windows)),
             window_tokens={w: min(w, self._seen) for w in ROUTING_WINDOWS},
-            by_phase={p: v.copy() for p, v in self.by_phase.items()}, phase_tokens=dict(self.phase_tokens),
+            by_phase={p: row[p] for p in self.PHASES}, phase_tokens=dict(self.phase_tokens),
             prompt_experts=self.prompt_experts,
         )
 

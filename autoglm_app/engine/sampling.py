@@ -98,6 +98,12 @@ class Sampler:
     def new_tokens(self) -> int:
         return self.kept - self.forced
 
+    @property
+    def greedy(self) -> bool:
+        """The next token is the argmax of the masked logits (temperature 0, no repetition penalty): what
+        ``pick_greedy`` does for several requests' rows at once."""
+        return self.opts.temperature <= 0 and self.opts.repetition_penalty == 1.0
+
     def pick(self, logits: torch.Tensor, stats: RowLogprobs | None = None) -> int:
         """logits (V,) of the newest position, any device and dtype -> the next token id. ``stats``: this row's
         ``logprob_rows`` when the caller computed them for a whole batch (else computed here when asked)."""
@@ -108,19 +114,43 @@ class Sampler:
         # the penalty rewrites logits in place (the chosen one too): keep the raw row to read the chosen value
         raw = logits.clone() if want and self.opts.repetition_penalty != 1.0 else logits
         logits[self.banned] = float("-inf")  # (a banned id is never chosen, so raw[token] stays the model's)
-        if self.new_tokens < self.opts.min_new_tokens:  # end-of-text waits until the minimum length
+        if self.holds_stop:  # end-of-text waits until the minimum length
             logits[self.stop] = float("-inf")
         token = sample(logits, self.opts, self.seen, self.gen)
-        if want:
-            k = self.opts.logprobs
-            self.last = TokenLogprob(token, float(raw[token]) - stats.lse, stats.entropy, stats.top_ids[:k],
-                                     stats.top_logprobs[:k])
+        self.picked(token, float(raw[token]) if want else 0.0, stats)
         return token
+
+    @property
+    def holds_stop(self) -> bool:
+        return self.new_tokens < self.opts.min_new_tokens
+
+    def picked(self, token: int, raw_logit: float, stats: RowLogprobs | None) -> None:
+        """Record the token just picked (its logprob record, when the request asked)."""
+        if self.opts.logprobs is not None:
+            k = self.opts.logprobs
+            self.last = TokenLogprob(token, raw_logit - stats.lse, stats.entropy, stats.top_ids[:k],
+                                     stats.top_logprobs[:k])
 
     def accept(self, token: int) -> None:
         self.kept += 1
         if self.opts.repetition_penalty != 1.0:  # only the penalty reads what was seen
             self.seen = torch.cat([self.seen, torch.tensor([token])])
+
+
+def pick_greedy(logits: torch.Tensor, rows: list[int], samplers: list[Sampler], stats: list) -> list[int]:
+    """The greedy rows of a batched step at once: logits (n, V) float on the host; ``rows`` the rows whose
+    ``samplers`` are ``greedy``; ``stats`` each row's RowLogprobs or None. The same masks and the same argmax as
+    ``Sampler.pick`` row by row (the same tokens, ties to the lowest id), in four ops for the batch instead of
+    about five a row: at eight rows a step that was a quarter of the worker's host time."""
+    masked = logits[rows].float()  # a copy: the raw rows stay for the logprob records
+    masked[:, samplers[0].banned] = float("-inf")  # (every request of one engine bans the same ids)
+    held = [j for j, s in enumerate(samplers) if s.holds_stop]
+    if held:
+        masked[torch.tensor(held)[:, None], samplers[0].stop[None, :]] = float("-inf")
+    tokens = masked.argmax(-1).tolist()
+    for row, s, token in zip(rows, samplers, tokens):
+        s.picked(token, float(logits[row, token]) if s.opts.logprobs is not None else 0.0, stats[row])
+    return tokens
 
 
 class IncrementalDecoder:

@@ -38,6 +38,7 @@ from ..events import (
     Routing,
     Stats,
     aggregate_layers,
+    newest_counted,
     routed_experts_array,
 )
 from .traces import TraceDetail, as_float32, cast
@@ -112,7 +113,8 @@ class Turn:
     answer: str = ""
     tokens: dict[int, TokenTrace] = field(default_factory=dict)
     # the newest Routing event: its load (events.expert_load) is built when the page reads it, not per token
-    routing: Routing | None = field(default=None, repr=False)
+    routing: Routing | None = field(default=None, repr=False)  # the newest Routing event
+    counted: Routing | None = field(default=None, repr=False)  # the newest that came with counts
     prompt_experts: np.ndarray | None = None  # (prompt tokens, moe layers, top_k) int16, from the prefill
     stats: Stats | None = None
     notices: list[str] = field(default_factory=list)
@@ -127,8 +129,9 @@ class Turn:
 
     @property
     def load(self) -> dict | None:
-        """The routing load as of the newest Routing event (None before one came)."""
-        return self.routing.load if self.routing is not None else None
+        """The routing load as of the newest Routing event with counts (None before one came)."""
+        event = newest_counted(self.routing, self.counted)
+        return event.load if event is not None else None
 
     # ------------------------------------------------------------------ events in
     def apply(self, event: Event) -> bool:
@@ -167,6 +170,8 @@ class Turn:
             trace = self._token(event.index, event.token, event.phase)
             trace.routes = [(r.layer, list(r.experts), list(r.weights)) for r in event.layers]
             self.routing = event
+            if event.counts is not None:
+                self.counted = event
             if self.prompt_experts is None:
                 self.prompt_experts = event.prompt_experts
             return False
