@@ -348,7 +348,9 @@ def _expert_load_v1(counts: ExpertCounts, total: np.ndarray) -> dict:
     }
 
 
-@dataclass
+_EMPTY: dict = {}  # Routing's counts when none are given (a fresh dict each event)
+
+
 class Routing:
     """Experts chosen for one generated token, plus the running counts so far.
 
@@ -359,13 +361,29 @@ class Routing:
     None: keep the newest counts you have, ``newest_counted``), except that the request's newest event has its
     final counts by the time its Stats arrive. A dict already in ``load``'s shape is accepted too (a recorded or
     hand-built stream). ``load`` is built from the counts on first read, not per token.
+
+    ``layers``: the token's experts and gate weights per MoE layer. A batched decode step gives ``route`` instead
+    (the MoE layers' ids and its (layers, k) experts and weights arrays) and the LayerRoute list is built when a
+    reader first asks for it, on the reader's thread (at 40 layers that list was 80 Python lists a token).
     """
 
-    index: int
-    token: str
-    phase: Literal["reasoning", "answer"]
-    layers: list[LayerRoute]
-    counts: ExpertCounts | dict | None = field(default_factory=dict, repr=False)
+    def __init__(self, index: int, token: str, phase: Literal["reasoning", "answer"],
+                 layers: list[LayerRoute] | None = None, counts: ExpertCounts | dict | None = _EMPTY, *,
+                 route: tuple[list[int], np.ndarray, np.ndarray] | None = None):
+        self.index, self.token, self.phase = index, token, phase
+        self._layers, self._route = layers, route
+        self.counts = {} if counts is _EMPTY else counts  # (not given: no counts, as a hand-built stream has)
+
+    @property
+    def layers(self) -> list[LayerRoute]:
+        if self._layers is None:
+            ids, experts, weights = self._route if self._route is not None else ([], (), ())
+            self._layers = [LayerRoute(layer, e, w) for layer, e, w in
+                            zip(ids, np.asarray(experts).tolist(), np.asarray(weights).tolist())]
+        return self._layers
+
+    def __repr__(self) -> str:
+        return f"Routing(index={self.index}, token={self.token!r}, phase={self.phase!r})"
 
     @property
     def load(self) -> dict | None:

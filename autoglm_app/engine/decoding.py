@@ -24,6 +24,7 @@ import logging
 import math
 import time
 
+import numpy as np
 import torch
 
 from .generation import Generation
@@ -115,6 +116,7 @@ class StaticDecoder:
         self.variant = "eager"
         self._run = self._eager
         self.lp_width, self._lp_k = 0, 0  # the one-graph form's telemetry ends with each row's logprob_pack: its columns
+        self.greedy_width = 0  # then its greedy_pack's
         self._forms: dict = {"eager": self._eager}
         self._media_key, self._media_cache = None, (None, [])
         if compile_mode != "off":
@@ -147,8 +149,11 @@ class StaticDecoder:
             # the one graph also computes every row's logprobs (top 20, the most a request may ask for): inside the
             # graph that costs a few microseconds, outside it (logprob_rows) a few tens of op launches
             lp_k = min(MAX_TOP_LOGPROBS, model.get_output_embeddings().out_features)
-            whole = torch.compile(functools.partial(sd.decode_step, experts_fn=sd.experts_dense, logprob_k=lp_k),
-                                  mode=mode, dynamic=True)
+            # and every row's greedy pick (greedy_pack), so a greedy row is sampled without an op on the host
+            picks = (torch.tensor(self.rt.banned_ids, dtype=torch.long, device=self.rt.device),
+                     torch.tensor(self.rt.stop_list, dtype=torch.long, device=self.rt.device))
+            whole = torch.compile(functools.partial(sd.decode_step, experts_fn=sd.experts_dense, logprob_k=lp_k,
+                                                    greedy=picks), mode=mode, dynamic=True)
             attend = sd.per_layer_attend(torch.compile(sd.attend_core, mode=mode, dynamic=True))
             head = torch.compile(sd.head_step, mode=mode, dynamic=True)
             if cuda or self._dense_bytes() <= DENSE_EXPERTS_BYTES:
@@ -177,7 +182,9 @@ class StaticDecoder:
         chosen experts"): the fastest, or the one a test asks for."""
         self.variant, self._run = variant, self._forms[variant]
         self.compiled = variant != "eager"
-        self.lp_width = 2 + 2 * self._lp_k if variant == "compiled, one graph" else 0
+        whole = variant == "compiled, one graph"
+        self.lp_width = 2 + 2 * self._lp_k if whole else 0
+        self.greedy_width = 2 if whole else 0  # its telemetry ends with greedy_pack's two columns
 
     def _dense_bytes(self) -> int:
         """What a step reads of the experts' weights when every expert runs on every row."""
@@ -264,8 +271,11 @@ class StaticDecoder:
             stats = logprob_rows(logits, max(g.req.options.logprobs or 0 for g in gens))
         logits = logits.cpu()
         focus_h = experts_h = weights_h = None
+        greedy_h = None
         if telemetry is not None:
             host = telemetry.cpu().numpy()
+            if self.greedy_width:
+                greedy_h, host = host[:, -self.greedy_width:].astype(np.int64), host[:, : -self.greedy_width]
             if self.lp_width:
                 if asked:
                     stats = unpack_logprobs(host[:, -self.lp_width:])
@@ -274,8 +284,13 @@ class StaticDecoder:
                 host, self.rt.num_layers, media.shape[1] if media is not None else 0,
                 len(self.rt.routers), self.rt.top_k)
         greedy = [i for i, g in enumerate(gens) if g.sampler.greedy]
-        picks = dict(zip(greedy, pick_greedy(logits, greedy, [gens[i].sampler for i in greedy], stats))) \
-            if len(greedy) > 1 else {}
+        if greedy_h is not None:  # picked inside the graph
+            picks = {i: gens[i].sampler.took(int(greedy_h[i, int(gens[i].sampler.holds_stop)]), logits[i], stats[i])
+                     for i in greedy}
+        elif len(greedy) > 1:
+            picks = dict(zip(greedy, pick_greedy(logits, greedy, [gens[i].sampler for i in greedy], stats)))
+        else:
+            picks = {}
         now = time.perf_counter()
         out = []
         for i, g in enumerate(gens):

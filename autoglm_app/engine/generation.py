@@ -204,9 +204,12 @@ class TokenEmitter:
         if self.focus is not None:
             self._focus(index, delta, phase, focus)
         if self.routing is not None:
-            routes = self.routing.collect() if route is None else self.routing.fold_step(*route)
-            # its counts are filled in when it is delivered (Generation.flush): one snapshot per delivery
-            self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in routes], None))
+            # its counts are filled in when it is delivered (Generation.flush): at most one snapshot per delivery
+            if route is None:
+                self.emit(Routing(index, delta, phase, [LayerRoute(*r) for r in self.routing.collect()], None))
+            else:  # a batched step's: its LayerRoute list is built by whoever reads it
+                self.routing.fold_step(*route)
+                self.emit(Routing(index, delta, phase, None, None, route=(self.routing.layer_ids, *route)))
 
     def replay(self, tokens: list[int]) -> None:
         """Tokens the reply already starts with (a branch): through the text decoder and the think splitter, so

@@ -164,7 +164,7 @@ class RoutingProbe:
         # (a few rows more than the largest window: the decode steps' tokens are counted in groups, PENDING_MAX at
         # most, and a group's leaving tokens must still be in the ring when it is counted)
         self._ring = np.full((max(ROUTING_WINDOWS) + self.PENDING_MAX, L * top_k), self._spare, np.int64)
-        self._pending: list[tuple[np.ndarray, str]] = []  # decode steps' (flat ids, phase) not yet counted
+        self._pending: list[tuple[int, str]] = []  # decode steps not yet counted: (their ring row, phase)
         self._seen = 0  # routed tokens so far (prefill and decode)
         self._sizes = np.asarray(ROUTING_WINDOWS)
         self._win_rows = np.arange(len(ROUTING_WINDOWS))[:, None]
@@ -177,6 +177,7 @@ class RoutingProbe:
         self.modality: torch.Tensor | None = None  # (N,) 0 text, 1 image, 2 audio for the current forward
         self._step: dict[int, tuple] = {}
         self._offsets = (np.arange(L) * num_experts)[:, None, None]
+        self._flat_offsets = np.repeat(np.arange(L) * num_experts, top_k)  # (L * k,) for a token's (L, k) experts
         self._all_slots = list(range(L))
         self._handles: list = []
 
@@ -206,25 +207,23 @@ class RoutingProbe:
         self._step.clear()
         return self._fold(slots, experts.numpy(), weights.float().numpy(), kept.numpy().astype(bool, copy=False))
 
-    def fold_step(self, experts: np.ndarray, weights: np.ndarray) -> list[tuple[int, list[int], list[float]]]:
+    def fold_step(self, experts: np.ndarray, weights: np.ndarray) -> None:
         """One decode step's route as a batched step returned it (experts, weights: (MoE layers, k), every
-        router ran and nothing was dropped): folded like ``collect``."""
-        experts = np.asarray(experts, np.int64)
+        router ran and nothing was dropped), folded into the counts like ``collect``'s."""
         if self.phase != "decode":
-            e3 = experts[:, None, :]
-            return self._fold(self._all_slots, e3, np.asarray(weights)[:, None, :], np.ones(e3.shape, bool))
+            e3 = np.asarray(experts, np.int64)[:, None, :]
+            self._fold(self._all_slots, e3, np.asarray(weights)[:, None, :], np.ones(e3.shape, bool))
+            return
         # the decode step's one token, every layer routed, nothing dropped: its L * k flat ids go into the ring now
-        # and into the counts with the others waiting, when the counts are next read (_settle)
-        ids = (experts + self._offsets[:, 0]).ravel()
-        self._ring[self._seen % self._ring.shape[0]] = ids
+        # (one add, written in place) and into the counts with the others waiting, when the counts are next read
+        at = self._seen % self._ring.shape[0]
+        np.add(np.asarray(experts).reshape(-1), self._flat_offsets, out=self._ring[at], casting="unsafe")
         self._seen += 1
-        self._pending.append((ids, self.token_phase))
+        self._pending.append((at, self.token_phase))
         self.phase_tokens[self.token_phase] += 1
         self.tokens["decode"] += 1
         if len(self._pending) >= self.PENDING_MAX:
             self._settle()
-        w = np.asarray(weights).tolist()
-        return [(layer, row, w[i]) for i, (layer, row) in enumerate(zip(self.layer_ids, experts.tolist()))]
 
     def _settle(self) -> None:
         """Count the decode steps' tokens that wait (``fold_step``): the load, text and phase counts by one
@@ -233,7 +232,7 @@ class RoutingProbe:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        rows = np.stack([ids for ids, _ in pending]) if len(pending) > 1 else pending[0][0][None]  # (m, L * k)
+        rows = self._ring[[at for at, _ in pending]]  # (m, L * k) their flat ids, in the ring since fold_step
         size, cells = self._ring.shape[0], self._spare + 1
         phases = [phase for _, phase in pending]
         if len(set(phases)) == 1:  # decode, text, the phase and every window in one indexed add

@@ -124,6 +124,12 @@ class Sampler:
     def holds_stop(self) -> bool:
         return self.new_tokens < self.opts.min_new_tokens
 
+    def took(self, token: int, logits: torch.Tensor, stats: RowLogprobs | None) -> int:
+        """The greedy pick a batched step made for this row (``static_decode.greedy_pack``), recorded as ``pick``
+        records its own; ``logits`` (V,) the row's raw logits (read only when the request asked for logprobs)."""
+        self.picked(token, float(logits[token]) if self.opts.logprobs is not None else 0.0, stats)
+        return token
+
     def picked(self, token: int, raw_logit: float, stats: RowLogprobs | None) -> None:
         """Record the token just picked (its logprob record, when the request asked)."""
         if self.opts.logprobs is not None:
@@ -149,7 +155,7 @@ def pick_greedy(logits: torch.Tensor, rows: list[int], samplers: list[Sampler], 
         masked[torch.tensor(held)[:, None], samplers[0].stop[None, :]] = float("-inf")
     tokens = masked.argmax(-1).tolist()
     for row, s, token in zip(rows, samplers, tokens):
-        s.picked(token, float(logits[row, token]) if s.opts.logprobs is not None else 0.0, stats[row])
+        s.took(token, logits[row], stats[row])
     return tokens
 
 

@@ -290,7 +290,8 @@ def head_step(model: AutoGLMForConditionalGeneration, x: torch.Tensor) -> torch.
 
 def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticKV, tokens: torch.Tensor,
                 positions: torch.Tensor, keys_seen: int, media: torch.Tensor | None, probes: bool,
-                attend_fn=attend_step, head_fn=head_step, experts_fn=experts_dispatch, logprob_k: int = 0):
+                attend_fn=attend_step, head_fn=head_step, experts_fn=experts_dispatch, logprob_k: int = 0,
+                greedy: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One new token for each of the first ``n = len(tokens)`` slots.
 
     tokens, positions: (n,) long; row i's token goes to position ``positions[i]`` of slot i and attends
@@ -303,7 +304,8 @@ def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticK
     Returns (logits (n, V) float32, telemetry (n, layers * K + 2 * moe layers * k) float32 or None): per row,
     the focus rows (layers, K) when ``media`` is given, then the routed experts and their gate weights
     (moe layers, k) each (``split_telemetry`` takes them apart); with ``logprob_k``, last, each row's
-    ``logprob_pack`` (the compiled step computes it inside its graph, where it costs next to nothing).
+    ``logprob_pack`` (the compiled step computes it inside its graph, where it costs next to nothing); with
+    ``greedy`` (banned ids, stop ids), after that, each row's ``greedy_pack``.
     """
     backbone = model.model
     x = backbone.embed_tokens(tokens)[:, None]  # (n, 1, C)
@@ -332,6 +334,8 @@ def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticK
         parts += [torch.stack([e.to(out) for e in routed], 1).float(), torch.stack([w.to(out) for w in gates], 1)]
     if logprob_k:
         parts.append(logprob_pack(logits, min(logprob_k, logits.shape[-1])))
+    if greedy is not None:
+        parts.append(greedy_pack(logits, *greedy))
     # all the step's telemetry in one tensor: one device-to-host copy (expert ids are exact in float32)
     telemetry = torch.cat([p.flatten(1) for p in parts], 1) if parts else None
     return logits, telemetry
@@ -346,6 +350,15 @@ def logprob_pack(logits: torch.Tensor, k: int) -> torch.Tensor:
     entropy = -(lp.exp() * lp).nan_to_num(0.0).sum(-1, keepdim=True)  # exp(-inf) * -inf = nan: those terms are 0
     top = lp.topk(k, dim=-1)
     return torch.cat([lse, entropy, top.values, top.indices.float()], dim=-1)
+
+
+def greedy_pack(logits: torch.Tensor, banned: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """(n, V) logits -> (n, 2) float32: each row's argmax with the banned ids masked, and with the stop ids masked
+    too (a request before its ``min_new_tokens``): what ``Sampler.pick`` picks at temperature 0, as token ids
+    (exact in float32), so a greedy row needs no op of its own on the host."""
+    masked = logits.float().index_fill(-1, banned, float("-inf"))
+    held = masked.index_fill(-1, stop, float("-inf"))
+    return torch.stack([masked.argmax(-1), held.argmax(-1)], dim=-1).float()
 
 
 def split_telemetry(telemetry: np.ndarray, layers: int, width: int, moe_layers: int, top_k: int):

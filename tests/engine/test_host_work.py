@@ -102,3 +102,20 @@ def test_greedy_rows_picked_together_are_the_rows_picked_one_by_one():
         assert (a.last is None) == (b.last is None)
         if a.last is not None:
             assert a.last.token_id == b.last.token_id and a.last.logprob == pytest.approx(b.last.logprob)
+
+
+def test_the_steps_greedy_pack_is_what_the_sampler_picks():
+    """The one-graph step's in-graph picks (``greedy_pack``: banned ids masked, and the stop ids too before the
+    minimum length) against ``Sampler.pick`` on the same rows."""
+    from autoglm_app.modeling.static_decode import greedy_pack
+
+    torch.manual_seed(1)
+    logits = torch.randn(6, 40)
+    logits[1, 3] = logits[2, 5] = 50.0  # a banned and a stop id on top
+    banned, stop = [3, 4], [5]
+    pack = greedy_pack(logits, torch.tensor(banned), torch.tensor(stop)).long()
+    for i in range(6):
+        for held in (0, 1):
+            s = Sampler(Options(temperature=0.0, min_new_tokens=held), torch.tensor([1]), banned, stop)
+            assert int(pack[i, held]) == s.pick(logits[i].clone())
+    assert int(pack[2, 0]) == 5 and int(pack[2, 1]) != 5 and 3 not in pack[:, 0].tolist()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pickle
 
@@ -91,13 +90,17 @@ def test_a_routing_event_is_plain_data_and_builds_its_load_once():
     counts = ExpertCounts([0], 2, 1, {"prefill": 1, "decode": 0}, np.array([[1, 0]]), np.zeros((1, 2), np.int64),
                           {"text": np.array([[1, 0]])}, np.zeros(1, np.int64))
     event = Routing(0, "a", "answer", [LayerRoute(0, [0], [1.0])], counts)
-    for f in dataclasses.fields(event):
-        assert not callable(getattr(event, f.name)), f.name
+    for name, value in vars(event).items():
+        assert not callable(value), name
     again = pickle.loads(pickle.dumps(event))  # no closure or model object inside
     assert again.load == event.load and event.load["total"] == [[1, 0]]
     assert event.load is event.load  # built on first read, then kept
     hand_built = {"layers": [0], "total": [[2, 0]]}
     assert Routing(1, "b", "answer", [], hand_built).load is hand_built
+    routed = Routing(2, "c", "answer", None, None, route=([0, 3], np.array([[1, 0], [2, 1]]), np.array([[.6, .4], [.7, .3]])))
+    again = pickle.loads(pickle.dumps(routed))
+    assert [(r.layer, r.experts, r.weights) for r in again.layers] == [(0, [1, 0], [.6, .4]), (3, [2, 1], [.7, .3])]
+    assert routed.layers is routed.layers and routed.load is None
 
 
 def test_timing_stats_rates_per_phase_from_the_timeline():
