@@ -24,7 +24,6 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 
 from .generation import Generation
@@ -184,7 +183,7 @@ class StaticDecoder:
         self.compiled = variant != "eager"
         whole = variant == "compiled, one graph"
         self.lp_width = 2 + 2 * self._lp_k if whole else 0
-        self.greedy_width = 2 if whole else 0  # its telemetry ends with greedy_pack's two columns
+        self.greedy_width = 4 if whole else 0  # its telemetry ends with greedy_pack's four columns
 
     def _dense_bytes(self) -> int:
         """What a step reads of the experts' weights when every expert runs on every row."""
@@ -275,7 +274,7 @@ class StaticDecoder:
         if telemetry is not None:
             host = telemetry.cpu().numpy()
             if self.greedy_width:
-                greedy_h, host = host[:, -self.greedy_width:].astype(np.int64), host[:, : -self.greedy_width]
+                greedy_h, host = host[:, -self.greedy_width:], host[:, : -self.greedy_width]
             if self.lp_width:
                 if asked:
                     stats = unpack_logprobs(host[:, -self.lp_width:])
@@ -285,8 +284,11 @@ class StaticDecoder:
                 len(self.rt.routers), self.rt.top_k)
         greedy = [i for i, g in enumerate(gens) if g.sampler.greedy]
         if greedy_h is not None:  # picked inside the graph
-            picks = {i: gens[i].sampler.took(int(greedy_h[i, int(gens[i].sampler.holds_stop)]), logits[i], stats[i])
-                     for i in greedy}
+            picks = {}
+            for i in greedy:
+                s = gens[i].sampler
+                token, raw = greedy_h[i, int(s.holds_stop)::2].tolist()  # (the pick, its raw logit)
+                picks[i] = s.took(int(token), raw, stats[i])
         elif len(greedy) > 1:
             picks = dict(zip(greedy, pick_greedy(logits, greedy, [gens[i].sampler for i in greedy], stats)))
         else:

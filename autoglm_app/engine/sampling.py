@@ -124,10 +124,10 @@ class Sampler:
     def holds_stop(self) -> bool:
         return self.new_tokens < self.opts.min_new_tokens
 
-    def took(self, token: int, logits: torch.Tensor, stats: RowLogprobs | None) -> int:
-        """The greedy pick a batched step made for this row (``static_decode.greedy_pack``), recorded as ``pick``
-        records its own; ``logits`` (V,) the row's raw logits (read only when the request asked for logprobs)."""
-        self.picked(token, float(logits[token]) if self.opts.logprobs is not None else 0.0, stats)
+    def took(self, token: int, raw_logit: float, stats: RowLogprobs | None) -> int:
+        """The greedy pick a batched step made for this row (``static_decode.greedy_pack``, ``pick_greedy``), with
+        its raw logit, recorded as ``pick`` records its own."""
+        self.picked(token, raw_logit, stats)
         return token
 
     def picked(self, token: int, raw_logit: float, stats: RowLogprobs | None) -> None:
@@ -153,9 +153,11 @@ def pick_greedy(logits: torch.Tensor, rows: list[int], samplers: list[Sampler], 
     held = [j for j, s in enumerate(samplers) if s.holds_stop]
     if held:
         masked[torch.tensor(held)[:, None], samplers[0].stop[None, :]] = float("-inf")
-    tokens = masked.argmax(-1).tolist()
-    for row, s, token in zip(rows, samplers, tokens):
-        s.took(token, logits[row], stats[row])
+    picks = masked.argmax(-1)
+    raw = logits[rows].float().gather(1, picks[:, None])[:, 0].tolist()  # the chosen tokens' raw logits
+    tokens = picks.tolist()
+    for row, s, token, value in zip(rows, samplers, tokens, raw):
+        s.took(token, value, stats[row])
     return tokens
 
 

@@ -353,12 +353,15 @@ def logprob_pack(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def greedy_pack(logits: torch.Tensor, banned: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
-    """(n, V) logits -> (n, 2) float32: each row's argmax with the banned ids masked, and with the stop ids masked
-    too (a request before its ``min_new_tokens``): what ``Sampler.pick`` picks at temperature 0, as token ids
-    (exact in float32), so a greedy row needs no op of its own on the host."""
-    masked = logits.float().index_fill(-1, banned, float("-inf"))
+    """(n, V) logits -> (n, 4) float32: each row's argmax with the banned ids masked, and with the stop ids masked
+    too (a request before its ``min_new_tokens``), as token ids (exact in float32), then the raw logits of those two
+    tokens (a logprobs record's value): what ``Sampler.pick`` picks at temperature 0, so a greedy row needs no op
+    of its own on the host."""
+    x = logits.float()
+    masked = x.index_fill(-1, banned, float("-inf"))
     held = masked.index_fill(-1, stop, float("-inf"))
-    return torch.stack([masked.argmax(-1), held.argmax(-1)], dim=-1).float()
+    picks = torch.stack([masked.argmax(-1), held.argmax(-1)], dim=-1)
+    return torch.cat([picks.float(), x.gather(1, picks)], dim=-1)
 
 
 def split_telemetry(telemetry: np.ndarray, layers: int, width: int, moe_layers: int, top_k: int):

@@ -113,7 +113,9 @@ def test_the_steps_greedy_pack_is_what_the_sampler_picks():
     logits = torch.randn(6, 40)
     logits[1, 3] = logits[2, 5] = 50.0  # a banned and a stop id on top
     banned, stop = [3, 4], [5]
-    pack = greedy_pack(logits, torch.tensor(banned), torch.tensor(stop)).long()
+    pack = greedy_pack(logits, torch.tensor(banned), torch.tensor(stop))
+    np.testing.assert_array_equal(pack[:, 2:].numpy(), logits.gather(1, pack[:, :2].long()).numpy())  # raw logits
+    pack = pack[:, :2].long()
     for i in range(6):
         for held in (0, 1):
             s = Sampler(Options(temperature=0.0, min_new_tokens=held), torch.tensor([1]), banned, stop)
