@@ -216,10 +216,12 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def _measure(self, forms: dict) -> dict:
-        """Each form warmed up on three shapes (so dynamic sizes are traced), then timed at one row: median ms."""
+        """Each form warmed up on four shapes (so dynamic sizes are traced), then timed at one row in turn, one call
+        of each form after another (a machine whose speed drifts, as a shared one's does by tens of percent within
+        seconds, then slows every form alike; timed one form after the other, a drift once kept the eager step):
+        median ms."""
         dev = self.rt.device
-        timings = {}
-        for name, run in forms.items():
+        for run in forms.values():
             # torch.compile marks a size dynamic once it has seen it change; one row is its own graph (a size of 1 is
             # specialised), so it gets two shapes of its own
             for rows, keys, width in ((1, KEYS_BUCKET, 4), (1, 2 * KEYS_BUCKET, 9), (2, 2 * KEYS_BUCKET, 9),
@@ -228,18 +230,18 @@ class StaticDecoder:
                 tokens = torch.zeros(rows, dtype=torch.long, device=dev)
                 positions = torch.full((rows,), keys - 1, dtype=torch.long, device=dev)
                 run(tokens, positions, keys, torch.zeros(rows, width, dtype=torch.long, device=dev), True)
-            tokens = torch.zeros(1, dtype=torch.long, device=dev)
-            positions = torch.full((1,), KEYS_BUCKET - 1, dtype=torch.long, device=dev)
-            media = torch.zeros(1, 4, dtype=torch.long, device=dev)
-            times = []
-            for _ in range(15):
+        tokens = torch.zeros(1, dtype=torch.long, device=dev)
+        positions = torch.full((1,), KEYS_BUCKET - 1, dtype=torch.long, device=dev)
+        media = torch.zeros(1, 4, dtype=torch.long, device=dev)
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        for _ in range(31):
+            for name, run in forms.items():
                 t0 = time.perf_counter()
                 run(tokens, positions, KEYS_BUCKET, media, True)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                times.append(1000 * (time.perf_counter() - t0))
-            timings[name] = sorted(times)[len(times) // 2]
-        return timings
+                times[name].append(1000 * (time.perf_counter() - t0))
+        return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
     # ------------------------------------------------------------------ slots
     def admit(self, slot: int, gen: Generation) -> None:
