@@ -117,25 +117,20 @@ class Sampler:
         if self.holds_stop:  # end-of-text waits until the minimum length
             logits[self.stop] = float("-inf")
         token = sample(logits, self.opts, self.seen, self.gen)
-        self.picked(token, float(raw[token]) if want else 0.0, stats)
-        return token
+        return self.took(token, float(raw[token]) if want else 0.0, stats)
 
     @property
     def holds_stop(self) -> bool:
         return self.new_tokens < self.opts.min_new_tokens
 
     def took(self, token: int, raw_logit: float, stats: RowLogprobs | None) -> int:
-        """The greedy pick a batched step made for this row (``static_decode.greedy_pack``, ``pick_greedy``), with
-        its raw logit, recorded as ``pick`` records its own."""
-        self.picked(token, raw_logit, stats)
-        return token
-
-    def picked(self, token: int, raw_logit: float, stats: RowLogprobs | None) -> None:
-        """Record the token just picked (its logprob record, when the request asked)."""
+        """Record the token picked for this row (by ``pick``, by ``static_decode.greedy_pack`` inside a batched step or by
+        ``pick_greedy``) with its raw logit: its logprob record, when the request asked."""
         if self.opts.logprobs is not None:
             k = self.opts.logprobs
             self.last = TokenLogprob(token, raw_logit - stats.lse, stats.entropy, stats.top_ids[:k],
                                      stats.top_logprobs[:k])
+        return token
 
     def accept(self, token: int) -> None:
         self.kept += 1
