@@ -284,17 +284,7 @@ class StaticDecoder:
             focus_h, experts_h, weights_h = self.sd.split_telemetry(
                 host, self.rt.num_layers, media.shape[1] if media is not None else 0,
                 len(self.rt.routers), self.rt.top_k)
-        greedy = [i for i, g in enumerate(gens) if g.sampler.greedy]
-        if greedy_h is not None:  # picked inside the graph
-            picks = {}
-            for i in greedy:
-                s = gens[i].sampler
-                token, raw = greedy_h[i, int(s.holds_stop)::2].tolist()  # (the pick, its raw logit)
-                picks[i] = s.took(int(token), raw, stats[i])
-        elif len(greedy) > 1:
-            picks = dict(zip(greedy, pick_greedy(logits, greedy, [gens[i].sampler for i in greedy], stats)))
-        else:
-            picks = {}
+        picks = self._greedy_picks(gens, logits, greedy_h, stats)
         now = time.perf_counter()
         out = []
         for i, g in enumerate(gens):
@@ -307,6 +297,23 @@ class StaticDecoder:
             except Exception as e:  # a failure stays with its request
                 out.append(e)
         return out
+
+    @staticmethod
+    def _greedy_picks(gens: list[Generation], logits: torch.Tensor, greedy_h, stats: list) -> dict[int, int]:
+        """Row -> token for the greedy rows: the graph's own picks (``greedy_pack``'s columns, ``greedy_h``) when the
+        step made them, else all of them in one argmax (``pick_greedy``) when there are several; the other rows
+        are picked one by one by their samplers."""
+        greedy = [i for i, g in enumerate(gens) if g.sampler.greedy]
+        if greedy_h is not None:
+            picks = {}
+            for i in greedy:
+                s = gens[i].sampler
+                token, raw = greedy_h[i, int(s.holds_stop)::2].tolist()  # (the pick, its raw logit)
+                picks[i] = s.took(int(token), raw, stats[i])
+            return picks
+        if len(greedy) > 1:
+            return dict(zip(greedy, pick_greedy(logits, greedy, [gens[i].sampler for i in greedy], stats)))
+        return {}
 
 
 def make_decoder(rt: Runtime, max_batch: int = 0, compile_mode: str = "off", progress=None):

@@ -143,7 +143,7 @@ class RoutingProbe:
         self.E, self.k = num_experts, top_k
         L = len(routers)
         # every count lives in one int64 buffer (rows: the COUNT_ROWS loads, then one per routing window, then the
-        # dropped choices), so a snapshot (counts(), once per delivery of events) is one copy, not a dozen, and a
+        # dropped choices), so a snapshot (counts(), at most every 50 ms of deliveries) is one copy, not a dozen, and a
         # group of decode tokens is added to all the rows it feeds in one indexed add; each row has L * E cells
         # (layer * E + expert) and a spare one: a choice not counted (dropped, or a layer that did not route) goes
         # to the spare column, which no figure reads
