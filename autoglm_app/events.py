@@ -382,6 +382,15 @@ class Routing:
                             zip(ids, np.asarray(experts).tolist(), np.asarray(weights).tolist())]
         return self._layers
 
+    def arrays(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The token's (MoE layer ids, (layers, k) experts, (layers, k) gate weights): the step's own arrays when
+        it gave them, else read off ``layers``."""
+        if self._route is not None:
+            return self._route
+        layers = self.layers
+        return ([r.layer for r in layers], np.asarray([r.experts for r in layers], dtype=np.int64),
+                np.asarray([r.weights for r in layers], dtype=np.float64))
+
     def __repr__(self) -> str:
         return f"Routing(index={self.index}, token={self.token!r}, phase={self.phase!r})"
 

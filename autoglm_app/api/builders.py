@@ -25,15 +25,10 @@ from .protocol import (
     ChatCompletionRequest,
     Choice,
     ChoiceLogprobs,
-    ChunkChoice,
     CompletionStats,
-    Delta,
-    ImageFocus,
-    LayerRouting,
     ResponseMessage,
     TokenDetails,
     TokenLogprob,
-    TokenRouting,
     TopLogprob,
     Usage,
 )
@@ -113,17 +108,25 @@ def engine_error(event: Error) -> APIError:
     return APIError(status, event.message, type=type_, code=event.kind, headers=headers)
 
 
-def image_focus(event: Focus) -> list[ImageFocus]:
-    return [ImageFocus(token=event.token, index=event.index, image_index=i,
-                       grid=np.round(np.asarray(grid, dtype=np.float64), 6).tolist())
+# The telemetry of a token is built as plain dicts (ints and floats from tolist), and a chunk is validated from one
+# dict (``ChunkBuilder.chunk``): pydantic's Rust validator then builds the nested models, where constructing them one
+# by one (nine model __init__ calls a token) was most of the API's work per telemetry token on the event loop.
+
+
+def image_focus(event: Focus) -> list[dict]:
+    """A token's ``ImageFocus`` entries (as dicts), one per image."""
+    return [{"token": event.token, "index": event.index, "image_index": i,
+             "grid": np.round(np.asarray(grid, dtype=np.float64), 6).tolist()}
             for i, grid in enumerate(event.images)]
 
 
-def token_routing(event: Routing) -> TokenRouting:
-    return TokenRouting(token=event.token, index=event.index,
-                        layers=[LayerRouting(layer=r.layer, experts=list(r.experts),
-                                             weights=[round(float(w), 5) for w in r.weights])
-                                for r in event.layers])
+def token_routing(event: Routing) -> dict:
+    """A token's ``TokenRouting`` (as a dict)."""
+    ids, experts, weights = event.arrays()
+    weights = np.round(np.asarray(weights, dtype=np.float64), 5).tolist()  # one rounding for all the layers
+    return {"token": event.token, "index": event.index,
+            "layers": [{"layer": layer, "experts": e, "weights": w}
+                       for layer, e, w in zip(ids, np.asarray(experts).tolist(), weights)]}
 
 
 def completion_stats(s: Stats, expert_load: dict | None) -> CompletionStats:
@@ -168,8 +171,8 @@ class CompletionBuilder:
     created: int = field(default_factory=lambda: int(time.time()))
     answer: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
-    focus: list[list[ImageFocus]] = field(default_factory=list)
-    routing: list[TokenRouting] = field(default_factory=list)
+    focus: list[list[dict]] = field(default_factory=list)  # ImageFocus / TokenRouting dicts, validated at the end
+    routing: list[dict] = field(default_factory=list)
     stats: Stats | None = None
     last_routing: Routing | None = None
     finish: str = "stop"
@@ -233,7 +236,7 @@ class ChunkBuilder:
     include_usage: bool = False
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
-    pending: Delta | None = None
+    pending: dict | None = None  # the next chunk's Delta fields
     pending_index: int | None = None  # the token whose telemetry the pending delta carries
     stats: Stats | None = None
     last_routing: Routing | None = None
@@ -244,16 +247,16 @@ class ChunkBuilder:
     def holds_for_telemetry(self) -> bool:
         return self.extras.focus or self.extras.routing or self.extras.logprobs
 
-    def chunk(self, delta: Delta, finish: str | None = None, routed_experts: str | None = None,
+    def chunk(self, delta: dict, finish: str | None = None, routed_experts: str | None = None,
               logprobs: list[TokenLogprob] | None = None, **extra) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish,
-                                                        logprobs=ChoiceLogprobs(content=logprobs)
-                                                        if logprobs else None,
-                                                        routed_experts=routed_experts)], **extra)
+        """One chunk, validated from one dict (see ``image_focus``)."""
+        return ChatCompletionChunk.model_validate({
+            "id": self.id, "created": self.created, "model": self.model, **extra,
+            "choices": [{"delta": delta, "finish_reason": finish, "routed_experts": routed_experts,
+                         "logprobs": ChoiceLogprobs(content=logprobs) if logprobs else None}]})
 
     def first(self) -> ChatCompletionChunk:
-        return self.chunk(Delta(role="assistant", content=""))
+        return self.chunk({"role": "assistant", "content": ""})
 
     def add(self, event: Event) -> list[ChatCompletionChunk]:
         """Take one event; return the chunks now ready. An engine Error raises APIError."""
@@ -263,8 +266,8 @@ class ChunkBuilder:
             if isinstance(event, Reasoning) and not self.extras.reasoning:
                 return out
             text = event.text
-            self.pending = (Delta(content=text) if isinstance(event, Answer)
-                            else Delta(reasoning_content=text, reasoning=text))
+            self.pending = ({"content": text} if isinstance(event, Answer)
+                            else {"reasoning_content": text, "reasoning": text})
             if not self.holds_for_telemetry:
                 out += self.flush()
         elif isinstance(event, Logprobs) and self.extras.wants_logprob(event):
@@ -291,14 +294,14 @@ class ChunkBuilder:
         record of the same kind); ``logprobs`` go on the chunk's choice, the rest on its delta."""
         out = []
         if self.pending is not None and (self.pending_index not in (None, index) or name != "logprobs"
-                                         and getattr(self.pending, name) is not None):
+                                         and name in self.pending):
             out = self.flush()
         if self.pending is None:
-            self.pending = Delta()
+            self.pending = {}
         if name == "logprobs":
             self.pending_logprobs.append(value)
         else:
-            setattr(self.pending, name, value)
+            self.pending[name] = value
         self.pending_index = index
         return out
 
@@ -311,7 +314,7 @@ class ChunkBuilder:
         load = self.last_routing.load if self.last_routing else None
         stats = completion_stats(self.stats, load) if self.extras.stats and self.stats else None
         routed = self.routed.encoded() if self.extras.routed_experts else None
-        out = [self.chunk(Delta(), finish=reason, stats=stats, routed_experts=routed)]
+        out = [self.chunk({}, finish=reason, stats=stats, routed_experts=routed)]
         if self.include_usage:
             out.append(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
                                            usage=usage(self.stats)))
