@@ -218,7 +218,7 @@ class Engine:
         d = self.decoder
         return {"batched": d.batched, "compiled": d.compiled, "compile_warmup_s": round(d.warmup_s, 2), "step": getattr(d, "variant", "per request"),
                 "step_ms": {k: round(v, 3) for k, v in getattr(d, "timings", {}).items()},
-                "max_batch": d.max_batch, "kv_bytes": d.max_batch * d.slot_bytes, "note": d.note}
+                "one_row_as_two": getattr(d, "pad_one", False), "max_batch": d.max_batch, "kv_bytes": d.max_batch * d.slot_bytes, "note": d.note}
 
     def _card(self) -> dict:
         """The model card's domain and conversation style (``loading.card``), read once."""

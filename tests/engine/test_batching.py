@@ -202,6 +202,23 @@ def test_the_compiled_step_equals_the_eager_one(small, caplog):
         assert "decode step:" in caplog.text
         engine.decoder.use("compiled, one graph")  # whichever was faster on this machine (a loaded CI runner)
         assert_batched_equals_alone(engine, mixed_requests()[:3])
+        engine.decoder.pad_one = True  # a lone row run as two (what warm-up keeps where it is faster): the same
+        assert_batched_equals_alone(engine, mixed_requests()[:3])
+    finally:
+        engine.close()
+
+
+def test_one_slot_run_as_two_rows_gives_the_answers_alone(small, monkeypatch):
+    """With one slot and a step that may be compiled on the CPU the cache holds a spare slot, so a lone row can run
+    with its copy beside it (``StaticDecoder.pad_one``); its answers, focus and routes are the request's alone
+    (eager here: torch.compile refused, the padding is the same in every form)."""
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not here")))
+    engine = make_engine(*small, max_batch=1, compile="on")
+    try:
+        assert engine.max_batch == 1 and engine.decoder.kv.slots == 2 and not engine.decoder.pad_one
+        engine.decoder.pad_one = True
+        for request in mixed_requests()[:2]:
+            assert_same_answer(engine.run(request), solo(engine, request))
     finally:
         engine.close()
 
