@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 
 from ..config import DEFAULT_MODEL_NAME, Settings
@@ -76,6 +77,7 @@ def mount_api(app: FastAPI, engine, settings: Settings) -> None:
     app.add_exception_handler(APIError, api_error_response)
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
+    app.add_exception_handler(ClientDisconnect, client_gone_response)
     document_schemas(app, ChatCompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest)
 
 
@@ -89,6 +91,13 @@ def error_response(exc: APIError) -> JSONResponse:
 async def api_error_response(request: Request, exc: APIError) -> JSONResponse:
     log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc)
     return error_response(exc)
+
+
+async def client_gone_response(request: Request, exc: ClientDisconnect) -> Response:
+    """The client hung up before its request body was read (the load test's raw disconnects do): nothing was
+    submitted and nobody reads an answer; an info line, not the ASGI traceback uvicorn logs as an ERROR."""
+    log.info("%s %s: the client went away before its request was read", request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request"; the connection is gone
 
 
 ROOT_API_PATHS = ("/health", "/tokenize", "/detokenize")  # the API's routes outside /v1

@@ -708,6 +708,29 @@ def test_a_client_dropping_mid_stream_cancels_within_one_token_and_the_next_requ
     assert_alive(url, reference)
 
 
+def test_a_client_hanging_up_before_its_body_is_read_logs_no_error_and_the_server_keeps_serving(
+        url, reference, caplog):
+    """Headers that promise a body, half of it, then the socket closed: starlette raises ClientDisconnect while the
+    body is read, which must be an info line (uvicorn logged it as an ERROR with a traceback; the load test counts
+    those) and leave nothing behind."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    half = json.dumps(body()).encode()[:40]
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection((where.hostname, where.port), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 4000\r\n\r\n" + half)
+            time.sleep(0.3)  # the route is reading the body when the client goes
+        deadline = time.time() + WAIT_S
+        while "went away before its request was read" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+    assert "went away before its request was read" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert_alive(url, reference)
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 
