@@ -72,6 +72,11 @@ class RequestDecoder:
         self.max_batch = choose_max_batch(self.slot_bytes, rt.device, max_batch)
         self.note = why
 
+    @property
+    def kv_bytes(self) -> int:
+        """What ``max_batch`` full slots would hold (each request's cache grows as it goes)."""
+        return self.max_batch * self.slot_bytes
+
     def admit(self, slot: int, gen: Generation) -> None:
         """The request keeps the cache its prefill filled."""
 
@@ -260,6 +265,11 @@ class StaticDecoder:
         return out
 
     # ------------------------------------------------------------------ slots
+    @property
+    def kv_bytes(self) -> int:
+        """The static cache's bytes: ``max_batch`` slots, and the spare one when there is one."""
+        return self.kv.slots * self.slot_bytes
+
     def admit(self, slot: int, gen: Generation) -> None:
         """Copy the request's prefilled cache into ``slot``; the request's own cache goes."""
         self.kv.load(slot, gen.cache, gen.cache_tokens)

@@ -86,7 +86,7 @@ class Engine:
         d = self.decoder
         log.info("decoding: %s, %d slots of %d tokens, KV cache %.2f GiB (kv_bytes=%d)",
                  "one batched static-cache step" if d.batched else "each request through its own forward",
-                 d.max_batch, self.rt.context_limit, d.max_batch * d.slot_bytes / 2**30, d.max_batch * d.slot_bytes)
+                 d.max_batch, self.rt.context_limit, d.kv_bytes / 2**30, d.kv_bytes)
         self._waiting: list[RequestHandle] = []
         self._last_served: OrderedDict[str, int] = OrderedDict()
         self._serve_tick = 0  # how many requests the worker has started
@@ -218,7 +218,7 @@ class Engine:
         d = self.decoder
         return {"batched": d.batched, "compiled": d.compiled, "compile_warmup_s": round(d.warmup_s, 2), "step": getattr(d, "variant", "per request"),
                 "step_ms": {k: round(v, 3) for k, v in getattr(d, "timings", {}).items()},
-                "one_row_as_two": getattr(d, "pad_one", False), "max_batch": d.max_batch, "kv_bytes": d.max_batch * d.slot_bytes, "note": d.note}
+                "one_row_as_two": getattr(d, "pad_one", False), "max_batch": d.max_batch, "kv_bytes": d.kv_bytes, "note": d.note}
 
     def _card(self) -> dict:
         """The model card's domain and conversation style (``loading.card``), read once."""
