@@ -35,12 +35,12 @@ log = logging.getLogger(__name__)
 
 COMPILE_CHOICES = ("auto", "on", "off")
 DEFAULT_MAX_BATCH = 8  # the most slots chosen automatically
-KEYS_BUCKET = 128
+KEYS_BUCKET = 128  # the step reads the cache in multiples of this many positions (fewer shapes to compile)
 # the one-graph step runs every expert on every row: past this many bytes of expert weights per step (more than a
 # CPU's last-level cache holds) the per-layer graphs that run only the chosen experts are the candidate instead
 # (measured on the 40-layer scale config, 2 MiB of experts per layer: every expert on every row took 48 ms a
 # token in the eager step against 27 ms for the chosen experts alone)
-DENSE_EXPERTS_BYTES = 32 * 2**20  # the step reads the cache in multiples of this many positions (fewer shapes to compile)
+DENSE_EXPERTS_BYTES = 32 * 2**20
 
 
 def choose_max_batch(slot_bytes: int, device: torch.device, requested: int) -> int:
@@ -176,8 +176,7 @@ class StaticDecoder:
             log.warning("the decode step could not be compiled (%s: %s); decoding eagerly",
                         type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
             self.note = f"compile failed: {type(e).__name__}"
-            return
-            inductor.cpp_wrapper = False
+            inductor.cpp_wrapper = False  # (a global setting: what compiles next in the process starts plain)
             return
         self._forms, self._lp_k = forms, lp_k
         self.use(min(self.timings, key=self.timings.get))
