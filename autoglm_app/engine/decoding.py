@@ -9,11 +9,14 @@ request. The step can be compiled (``--compile``): ``torch.compile`` with induct
 the CPU; CUDA graphs on a GPU, mode ``reduce-overhead``), warmed up on the shapes it will see while
 the model loads.
 
-``RequestDecoder`` (any other model: the transformers families, AutoGLM with memory slots): each
-request keeps its own DynamicCache and goes through the model's own forward with its hook probes,
+``HFBatchDecoder`` (``hf_decoding``; the transformers families): the requests in flight in one forward of
+the model's own text layers over a slot cache, not compiled.
+
+``RequestDecoder`` (what neither can take: AutoGLM with memory slots, a transformers model with sliding-window
+layers): each request keeps its own DynamicCache and goes through the model's own forward with its hook probes,
 one after the other within a step, so requests still interleave token by token.
 
-Both share the slot arithmetic: a slot holds one request of up to the context limit, and
+All share the slot arithmetic (``rows``): a slot holds one request of up to the context limit, and
 ``max_batch`` slots exist (``choose_max_batch`` from the memory there is when it is not given).
 """
 
@@ -29,33 +32,17 @@ import torch
 from .generation import Generation
 from .runtime import Runtime
 from ..events import MAX_TOP_LOGPROBS
-from .sampling import logprob_rows, pick_greedy, unpack_logprobs
+from .rows import KEYS_BUCKET, MediaRows, accept_rows, choose_max_batch, greedy_picks, kv_bytes_per_token
+from .sampling import logprob_rows, unpack_logprobs
 
 log = logging.getLogger(__name__)
 
 COMPILE_CHOICES = ("auto", "on", "off")
-DEFAULT_MAX_BATCH = 8  # the most slots chosen automatically
-KEYS_BUCKET = 128  # the step reads the cache in multiples of this many positions (fewer shapes to compile)
 # the one-graph step runs every expert on every row: past this many bytes of expert weights per step (more than a
 # CPU's last-level cache holds) the per-layer graphs that run only the chosen experts are the candidate instead
 # (measured on the 40-layer scale config, 2 MiB of experts per layer: every expert on every row took 48 ms a
 # token in the eager step against 27 ms for the chosen experts alone)
 DENSE_EXPERTS_BYTES = 32 * 2**20
-
-
-def choose_max_batch(slot_bytes: int, device: torch.device, requested: int) -> int:
-    """``requested`` when given (> 0); else up to DEFAULT_MAX_BATCH slots in a quarter of the memory the device
-    has free (a GPU: what the allocator reports free after the load; the CPU: what the OS reports available),
-    never fewer than 1."""
-    if requested > 0:
-        return requested
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return max(1, min(DEFAULT_MAX_BATCH, int(free * 0.25 // max(slot_bytes, 1))))
 
 
 class RequestDecoder:
@@ -94,15 +81,6 @@ class RequestDecoder:
         return out
 
 
-def kv_bytes_per_token(model) -> int:
-    """Keys and values of one position in every layer (from the text config), in the activations' dtype."""
-    cfg = getattr(model.config, "text_config", None) or model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = model.get_input_embeddings().weight.dtype
-    return 2 * cfg.num_hidden_layers * heads * head_dim * dtype.itemsize
-
-
 class StaticDecoder:
     """All the requests in flight in one step over a static KV cache (AutoGLM)."""
 
@@ -127,7 +105,7 @@ class StaticDecoder:
         self._forms: dict = {"eager": self._eager}
         self._pads: dict[str, bool] = {}  # form -> one row runs as two (its copy in the next slot): measured faster
         self.pad_one = False
-        self._media_key, self._media_cache = None, (None, [])
+        self._media_rows = MediaRows(rt.device)
         if compile_mode != "off":
             self._compile(progress)
 
@@ -198,26 +176,6 @@ class StaticDecoder:
     def _dense_bytes(self) -> int:
         """What a step reads of the experts' weights when every expert runs on every row."""
         return sum(p.numel() * p.element_size() for _, moe in self.rt.model.moe_blocks() for p in moe.experts.parameters())
-
-    def _media_rows(self, gens: list[Generation]) -> tuple[torch.Tensor | None, list[int]]:
-        """(n, K) the cache positions of each row's image / audio keys, padded by repeating a valid one (None
-        when no row asks for focus), and each row's own K; kept while the batch is the same requests."""
-        key = list(gens)  # the objects themselves, held: an id can be reused by a later request
-        if self._media_key is not None and len(key) == len(self._media_key) and all(
-                a is b for a, b in zip(key, self._media_key)):
-            return self._media_cache
-        rows = [g.media_keys for g in gens]
-        widths = [0 if m is None else m.numel() for m in rows]
-        media = None
-        if max(widths):
-            media = torch.zeros(len(gens), max(2, max(widths)), dtype=torch.long)  # (2: see _media)
-            for i, m in enumerate(rows):
-                if widths[i]:
-                    media[i, : widths[i]] = m
-                    media[i, widths[i]:] = m[0]
-            media = media.to(self.rt.device)
-        self._media_key, self._media_cache = key, (media, widths)
-        return self._media_cache
 
     def _media(self, media, tokens):
         """Compiled forms always compute focus: a row without media reads key 0 (discarded on the host)."""
@@ -315,36 +273,8 @@ class StaticDecoder:
             focus_h, experts_h, weights_h = self.sd.split_telemetry(
                 host, self.rt.num_layers, media.shape[1] if media is not None else 0,
                 len(self.rt.routers), self.rt.top_k)
-        picks = self._greedy_picks(gens, logits, greedy_h, stats)
-        now = time.perf_counter()
-        out = []
-        for i, g in enumerate(gens):
-            g.cache_tokens += 1
-            try:
-                token = picks[i] if i in picks else g.sampler.pick(logits[i], stats[i])
-                f = focus_h[i, :, : widths[i]] if focus_h is not None and g.focus is not None and widths[i] else None
-                r = (experts_h[i], weights_h[i]) if experts_h is not None and g.routing is not None else None
-                out.append(g.accept(token, now, f, r))
-            except Exception as e:  # a failure stays with its request
-                out.append(e)
-        return out
-
-    @staticmethod
-    def _greedy_picks(gens: list[Generation], logits: torch.Tensor, greedy_h, stats: list) -> dict[int, int]:
-        """Row -> token for the greedy rows: the graph's own picks (``greedy_pack``'s columns, ``greedy_h``) when the
-        step made them, else all of them in one argmax (``pick_greedy``) when there are several; the other rows
-        are picked one by one by their samplers."""
-        greedy = [i for i, g in enumerate(gens) if g.sampler.greedy]
-        if greedy_h is not None:
-            picks = {}
-            for i in greedy:
-                s = gens[i].sampler
-                token, raw = greedy_h[i, int(s.holds_stop)::2].tolist()  # (the pick, its raw logit)
-                picks[i] = s.took(int(token), raw, stats[i])
-            return picks
-        if len(greedy) > 1:
-            return dict(zip(greedy, pick_greedy(logits, greedy, [gens[i].sampler for i in greedy], stats)))
-        return {}
+        picks = greedy_picks(gens, logits, greedy_h, stats)
+        return accept_rows(gens, logits, stats, picks, focus_h, widths, experts_h, weights_h)
 
 
 def make_decoder(rt: Runtime, max_batch: int = 0, compile_mode: str = "off", progress=None):
@@ -354,8 +284,17 @@ def make_decoder(rt: Runtime, max_batch: int = 0, compile_mode: str = "off", pro
 
     why = supports_static_decode(rt.model)
     if why is not None:
-        log.info("decoding each request through the model's own forward (no static-cache step: %s)", why)
-        return RequestDecoder(rt, max_batch, why)
+        from ..families.hf_batch import batch_support
+
+        not_batched = batch_support(rt.model, rt.family)
+        if not_batched is None:
+            from .hf_decoding import HFBatchDecoder
+
+            log.info("decoding the requests in flight together through the model's own layers (%s)", why)
+            return HFBatchDecoder(rt, max_batch, f"batched through the model's own layers ({why})")
+        log.info("decoding each request through the model's own forward (no batched step: %s; %s)", why,
+                 not_batched)
+        return RequestDecoder(rt, max_batch, f"{why}; {not_batched}")
     if compile_mode == "auto":
         compile_mode = "on" if not _quantized(rt.model) else "off"
     return StaticDecoder(rt, max_batch, compile_mode, progress)

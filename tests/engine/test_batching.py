@@ -252,26 +252,3 @@ def test_a_step_that_cannot_be_compiled_decodes_eagerly_and_says_why(small, monk
         assert_same_answer(engine.run(request), solo(engine, request))
     finally:
         engine.close()
-
-
-def test_a_transformers_family_interleaves_requests_with_the_same_answers(tmp_path):
-    """A transformers MoE family decodes each request through its own forward (no static step yet), one token
-    each per step: answers and telemetry equal each alone."""
-    from autoglm_app.loading.checkpoints import load_model
-
-    path = tiny.build_qwen3_vl_moe(tmp_path / "moe", layers=2, experts=4)
-    loaded = load_model(path, quantize="fp32")
-    engine = make_engine(loaded.model, loaded.processor, max_batch=3)
-    try:
-        info = engine.info()["decoding"]
-        assert not info["batched"] and "not an AutoGLM model" in info["note"]
-        requests = [ask(images=[scene()], temperature=0, max_new_tokens=n, min_new_tokens=n, focus=True, routing=True,
-                        session=f"t{n}") for n in (4, 7, 5)]
-        alone = [solo(engine, r) for r in requests]
-        sizes = widest_step(engine)
-        together = run_together(engine, requests)
-        assert max(sizes) >= 2
-        for b, a in zip(together, alone):
-            assert_same_answer(b, a)
-    finally:
-        engine.close()
