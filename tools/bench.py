@@ -4,6 +4,8 @@
                                  [--repeats 5]
     python -m tools.bench serving [--model DIR] [--compile on|off] [--concurrent 8] [--tokens 96]
     python -m tools.bench render [--repeats 30] [--out bench-results/render.json]
+    python -m tools.bench batch [--model glm-scale|random:PATH|DIR] [--tokens 48] [--concurrent 8]
+                                                         (a transformers family batched: tools/batch_bench.py)
     python -m tools.bench gpu [--device cuda:0] [--budget-s 480] [--small]   (issue 18: tools/gpu_bench.py)
     python -m tools.bench compare [--quantize int4] [--compare-quantize fp32] [--questions 200]
                                                                         (issue 19: tools/compare.py)
@@ -346,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("render", help="page render cost per update (routing figures, focus overlay, encodings)")
     r.add_argument("--repeats", type=int, default=30)
     r.add_argument("--out", type=Path, default=Path("bench-results") / "render.json")
+    from tools.batch_bench import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
     from tools.gpu_bench import add_parser as add_gpu_parser
 
     add_gpu_parser(sub)
@@ -359,6 +364,11 @@ def main(argv: list[str] | None = None) -> None:
 
         result = run_compare(args)
         table = compare_table(result)
+    elif args.what == "batch":
+        from tools.batch_bench import batch_table, run_from_args as run_batch
+
+        result = run_batch(args)
+        table = batch_table(result)
     elif args.what == "gpu":
         from tools.gpu_bench import gpu_table, run_from_args
 

@@ -12,12 +12,10 @@ gain is the shared forward, one set of kernel launches and one read of the weigh
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..families import hf_batch
-from .rows import KEYS_BUCKET, MediaRows, accept_rows, choose_max_batch, greedy_picks, kv_bytes_per_token
+from .rows import MediaRows, accept_rows, choose_max_batch, greedy_picks, kv_bytes_per_token
 from .generation import Generation
 from .runtime import Runtime
 from .sampling import logprob_rows
@@ -60,7 +58,7 @@ class HFBatchDecoder:
         """One token for every request (gens[i] in slot i): the finish reasons (None: goes on)."""
         rt, dev, n = self.rt, self.rt.device, len(gens)
         positions = [g.cache_tokens for g in gens]
-        keys_seen = min(self.kv.capacity, math.ceil((max(positions) + 1) / KEYS_BUCKET) * KEYS_BUCKET)
+        keys_seen = max(positions) + 1  # (eager: no shapes to bucket for a compiler, so no key read in vain)
         media, widths = self._media_rows(gens)
         focus = hf_batch.BatchFocus(media) if media is not None else None
         routes = (hf_batch.BatchRoutes(rt.routers, rt.family.read_route)
@@ -69,7 +67,7 @@ class HFBatchDecoder:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         rope = torch.tensor([p + d for p, d in zip(positions, self.deltas[:n])], dtype=torch.long, device=dev)
         logits = hf_batch.hf_step(rt.model, rt.family, self.kv, tokens, pos, rope, keys_seen, rt.attention_modules,
-                                  focus, routes)
+                                  focus, routes, plain_causal=n == 1)
         asked = [g.req.options.logprobs for g in gens if g.req.options.logprobs is not None]
         stats = logprob_rows(logits, max(asked)) if asked else [None] * n
         logits = logits.cpu()
