@@ -3,7 +3,7 @@
 On one model, prompt set and machine, in one run (greedy, end-of-text held off, so every request makes exactly
 ``--tokens`` tokens; focus and routing on):
 
-  (a) one request alone: the batched step (``HFBatchDecoder``) against each request through its own forward
+  (a) one request alone: the batched step (``HFBatchDecoder``, in the form warm-up chose with ``--compile``) against each request through its own forward
       (``RequestDecoder``, the path before it) and against plain ``model.generate``: decode tokens/s, paired
       repeats, the median of the ratios;
   (b) ``--concurrent`` requests at once against the same requests one after another: aggregate tokens/s, for the
@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     b = sub.add_parser("batch", help="a transformers family: batched step vs per request vs generate, N at once")
     b.add_argument("--model", default="glm-scale", help="glm-scale, random:PATH or a checkpoint directory")
     b.add_argument("--quantize", default="fp32")
+    b.add_argument("--compile", default="on", choices=("auto", "on", "off"),
+                   help="the batched step's --compile (warm-up keeps the faster of eager and compiled)")
     b.add_argument("--tokens", type=int, default=48)
     b.add_argument("--concurrent", type=int, default=8)
     b.add_argument("--repeats", type=int, default=3)
@@ -72,14 +74,15 @@ def _generate_tps(engine, tokens: int) -> float:
     return (tokens - 1) / max(run(tokens) - run(1), 1e-9)
 
 
-def run_batch_bench(model: str, quantize: str, tokens: int, concurrent: int, repeats: int) -> dict:
+def run_batch_bench(model: str, quantize: str, tokens: int, concurrent: int, repeats: int,
+                    compile_mode: str = "on") -> dict:
     from autoglm_app.config import Limits, Settings
     from autoglm_app.engine.decoding import RequestDecoder
     from autoglm_app.server import load_engine
 
     path = f"random:{GLM_SCALE}" if model == "glm-scale" else model
     t0 = time.perf_counter()
-    engine = load_engine(Settings(model=path, quantize=quantize, compile="off", max_batch=concurrent,
+    engine = load_engine(Settings(model=path, quantize=quantize, compile=compile_mode, max_batch=concurrent,
                                   random_seed=0, limits=Limits(max_queue=2 * concurrent, context_limit=1024)))
     load_s = time.perf_counter() - t0
     batched = engine.decoder
@@ -128,7 +131,8 @@ def run_batch_bench(model: str, quantize: str, tokens: int, concurrent: int, rep
             "model": engine.loaded.model_id, "quantize": quantize, "family": engine.rt.family.name,
             "layers": text_cfg.num_hidden_layers, "hidden": text_cfg.hidden_size, "tokens": tokens,
             "concurrent": concurrent, "repeats": repeats, "threads": torch.get_num_threads(),
-            "load_s": round(load_s, 1),
+            "load_s": round(load_s, 1), "compile": compile_mode, "step": batched.variant,
+            "step_ms": {k: round(v, 2) for k, v in batched.timings.items()}, "compile_warmup_s": round(batched.warmup_s, 1),
             "alone_tok_s": {k: [round(x, 1) for x in v] for k, v in solo.items()},
             "alone_batched_vs_per_request": ratio("batched", "per request"),
             "alone_batched_vs_generate": ratio("batched", "generate"),
@@ -141,13 +145,15 @@ def run_batch_bench(model: str, quantize: str, tokens: int, concurrent: int, rep
 
 
 def run_from_args(args) -> dict:
-    return run_batch_bench(args.model, args.quantize, args.tokens, args.concurrent, args.repeats)
+    return run_batch_bench(args.model, args.quantize, args.tokens, args.concurrent, args.repeats, args.compile)
 
 
 def batch_table(r: dict) -> str:
     med = {k: statistics.median(v) for k, v in r["alone_tok_s"].items()}
     lines = [f"{r['model']} ({r['family']}, {r['layers']} layers, hidden {r['hidden']}, {r['quantize']}), "
              f"{r['tokens']} tokens, focus + routing on, {r['threads']} threads; loaded in {r['load_s']} s",
+             f"step: {r['step']} (warm-up timed {r['step_ms'] or 'nothing: --compile off'}; compile and warm-up "
+             f"{r['compile_warmup_s']} s)",
              "", "| one request alone | decode tok/s (median) |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in med.items()]
     lines += [f"| batched / per request (paired) | {r['alone_batched_vs_per_request']} |",

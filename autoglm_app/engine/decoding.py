@@ -291,7 +291,10 @@ def make_decoder(rt: Runtime, max_batch: int = 0, compile_mode: str = "off", pro
             from .hf_decoding import HFBatchDecoder
 
             log.info("decoding the requests in flight together through the model's own layers (%s)", why)
-            return HFBatchDecoder(rt, max_batch, f"batched through the model's own layers ({why})")
+            if compile_mode == "auto":
+                compile_mode = "on" if not _quantized(rt.model) else "off"
+            return HFBatchDecoder(rt, max_batch, f"batched through the model's own layers ({why})", compile_mode,
+                                  progress)
         log.info("decoding each request through the model's own forward (no batched step: %s; %s)", why,
                  not_batched)
         return RequestDecoder(rt, max_batch, f"{why}; {not_batched}")

@@ -6,30 +6,35 @@ The requests in flight share one forward per token through the model's own text 
 last request into a freed slot), and each row keeps its own length, M-RoPE offset, sampler and probes. The focus
 rows and the routers' choices of every row come to the host in one copy each per step.
 
-Not compiled: the step runs the model's own eager layers (``--compile`` applies to AutoGLM's static step). Its
-gain is the shared forward, one set of kernel launches and one read of the weights for all the rows.
+The step is the model's own layers, eager or (``--compile``) through torch.compile with the focus rows and routes
+inside the graph; warm-up times both and keeps the faster. Its gain under load is the shared forward, one set of
+kernel launches and one read of the weights for all the rows; alone, the compiled graph's fewer launches.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+
 import torch
 
 from ..families import hf_batch
-from .rows import MediaRows, accept_rows, choose_max_batch, greedy_picks, kv_bytes_per_token
+from .rows import KEYS_BUCKET, MediaRows, accept_rows, choose_max_batch, greedy_picks, kv_bytes_per_token
 from .generation import Generation
 from .runtime import Runtime
 from .sampling import logprob_rows
+
+log = logging.getLogger(__name__)
 
 
 class HFBatchDecoder:
     """All the requests in flight in one forward of a transformers family's text model."""
 
     batched = True
-    compiled = False
-    warmup_s = 0.0
-    variant = "eager, batched (transformers layers)"
+    pad_one = False
 
-    def __init__(self, rt: Runtime, max_batch: int, note: str = ""):
+    def __init__(self, rt: Runtime, max_batch: int, note: str = "", compile_mode: str = "off", progress=None):
         self.rt = rt
         self.slot_bytes = rt.context_limit * kv_bytes_per_token(rt.model)
         self.max_batch = choose_max_batch(self.slot_bytes, rt.device, max_batch)
@@ -37,11 +42,114 @@ class HFBatchDecoder:
         self.deltas = [0] * self.max_batch  # each slot's M-RoPE offset (its prompt's rope_deltas)
         self.note = note
         self._media_rows = MediaRows(rt.device)
+        self.compiled, self.warmup_s, self.timings, self.variant = False, 0.0, {}, "eager"
+        self._forms: dict = {"eager": self._eager}
+        self._run = self._eager
+        self._routes = None  # the compiled form's routes, its hooks on the routers for good (BatchRoutes.attach)
+        if compile_mode != "off":
+            self._compile(progress)
 
     @property
     def kv_bytes(self) -> int:
         return self.max_batch * self.slot_bytes
 
+    # ------------------------------------------------------------------ the step's forms
+    def _eager(self, tokens, pos, rope, keys_seen, media, gens):
+        """The model's own eager layers; focus and routes only when a row asks. A lone row reads exactly its keys
+        with no mask of our own (sdpa's causal fast path)."""
+        rt = self.rt
+        focus = hf_batch.BatchFocus(media) if media is not None else None
+        routes = (hf_batch.BatchRoutes(rt.routers, rt.family.read_route)
+                  if rt.routers and gens is not None and any(g.routing is not None for g in gens) else None)
+        logits = hf_batch.hf_step(rt.model, rt.family, self.kv, tokens, pos, rope, keys_seen, rt.attention_modules,
+                                  focus, routes, plain_causal=tokens.shape[0] == 1)
+        experts, weights = routes.take() if routes is not None and routes.experts else (None, None)
+        return logits, (focus.take() if focus is not None and focus.rows else None), experts, weights
+
+    def _compile(self, progress) -> None:
+        """torch.compile of the step with its telemetry (``hf_step_telemetry``: the focus rows and routes always
+        computed, in the same graph), dynamic sizes (rows, cache length, media keys), warmed up on the shapes
+        requests bring and timed against the eager step; the faster is kept. On a GPU, CUDA graphs (mode
+        ``reduce-overhead``). Any failure leaves the eager step, with the reason in the log."""
+        rt = self.rt
+        t0 = time.perf_counter()
+        if progress is not None:
+            progress.stage("compiling the decode step (torch.compile)")
+        cuda = rt.device.type == "cuda"
+        try:
+            fn = torch.compile(hf_batch.hf_step_telemetry, mode="reduce-overhead" if cuda else None, dynamic=True)
+            self._routes = hf_batch.BatchRoutes(rt.routers, rt.family.read_route).attach() if rt.routers else None
+
+            def compiled(tokens, pos, rope, keys_seen, media, gens):
+                if self._routes is not None:
+                    self._routes.clear()  # (what the model's own forwards, a prefill, left there)
+                if media is None:  # a row without media reads key 0 (two keys: a size of 1 would be its own graph)
+                    media = torch.zeros(tokens.shape[0], 2, dtype=torch.long, device=tokens.device)
+                out = fn(rt.model, rt.family, self.kv, tokens, pos, rope, keys_seen, rt.attention_modules, media,
+                         self._routes)
+                if self._routes is not None:
+                    self._routes.clear()
+                return out
+
+            forms = {"eager": self._eager, "compiled": compiled}
+            self.timings = self._measure(forms)
+        except Exception as e:
+            log.warning("the decode step could not be compiled (%s: %s); decoding eagerly",
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            self.note = f"{self.note}; compile failed: {type(e).__name__}"
+            if self._routes is not None:
+                self._routes.__exit__()
+            self._routes = None
+            return
+        self._forms = forms
+        self.use(min(self.timings, key=self.timings.get))
+        self.warmup_s = time.perf_counter() - t0
+        log.info("decode step: %s -> %s, compile and warm-up %.1f s",
+                 ", ".join(f"{k} {v:.2f} ms" for k, v in self.timings.items()), self.variant, self.warmup_s)
+
+    def use(self, variant: str) -> None:
+        """Decode with "eager" or "compiled" (the faster at warm-up, or the one a test asks for)."""
+        self.variant, self._run = variant, self._forms[variant]
+        self.compiled = variant == "compiled"
+        if self._routes is not None:  # the compiled graph's hooks stay on only while it is the form in use
+            if self.compiled:
+                self._routes.attach()
+            else:
+                self._routes.__exit__()
+
+    def _keys(self, positions: list[int]) -> int:
+        """Cache positions the step reads: exactly the longest row's, or (compiled) in multiples of KEYS_BUCKET,
+        so CUDA graphs see few shapes."""
+        need = max(positions) + 1
+        return min(self.kv.capacity, math.ceil(need / KEYS_BUCKET) * KEYS_BUCKET) if self.compiled else need
+
+    @torch.inference_mode()
+    def _measure(self, forms: dict) -> dict:
+        """Each form warmed up on four shapes (so the dynamic sizes are traced before any request), then timed at
+        one row, one call of each form after the other (a drifting machine slows both alike): median ms."""
+        dev = self.rt.device
+        for run in forms.values():
+            for rows, keys, width in ((1, 24, 4), (1, 40, 9), (2, 40, 9), (3, 56, 17)):
+                rows, keys = min(rows, self.max_batch), min(keys, self.kv.capacity)
+                if run is not self._eager:
+                    keys = min(self.kv.capacity, KEYS_BUCKET * math.ceil(keys / KEYS_BUCKET))
+                pos = torch.full((rows,), keys - 1, dtype=torch.long, device=dev)
+                run(torch.zeros(rows, dtype=torch.long, device=dev), pos, pos,
+                    keys, torch.zeros(rows, width, dtype=torch.long, device=dev), None)
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        keys = min(KEYS_BUCKET, self.kv.capacity)
+        pos = torch.full((1,), keys - 1, dtype=torch.long, device=dev)
+        media = torch.zeros(1, 4, dtype=torch.long, device=dev)
+        for _ in range(15):
+            for name, t in times.items():
+                start = time.perf_counter()
+                forms[name](torch.zeros(1, dtype=torch.long, device=dev), pos, pos, keys, media, None)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t.append(1000 * (time.perf_counter() - start))
+        return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+    # ------------------------------------------------------------------ slots
     def admit(self, slot: int, gen: Generation) -> None:
         """Copy the request's prefilled cache into ``slot`` (its own cache goes) and keep its prompt's rope offset,
         which the prefill just left on the model."""
@@ -56,25 +164,19 @@ class HFBatchDecoder:
     @torch.inference_mode()
     def step(self, gens: list[Generation]) -> list:
         """One token for every request (gens[i] in slot i): the finish reasons (None: goes on)."""
-        rt, dev, n = self.rt, self.rt.device, len(gens)
+        dev, n = self.rt.device, len(gens)
         positions = [g.cache_tokens for g in gens]
-        keys_seen = max(positions) + 1  # (eager: no shapes to bucket for a compiler, so no key read in vain)
         media, widths = self._media_rows(gens)
-        focus = hf_batch.BatchFocus(media) if media is not None else None
-        routes = (hf_batch.BatchRoutes(rt.routers, rt.family.read_route)
-                  if rt.routers and any(g.routing is not None for g in gens) else None)
         tokens = torch.tensor([g.token for g in gens], dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         rope = torch.tensor([p + d for p, d in zip(positions, self.deltas[:n])], dtype=torch.long, device=dev)
-        logits = hf_batch.hf_step(rt.model, rt.family, self.kv, tokens, pos, rope, keys_seen, rt.attention_modules,
-                                  focus, routes, plain_causal=n == 1)
+        logits, focus, experts, weights = self._run(tokens, pos, rope, self._keys(positions), media, gens)
         asked = [g.req.options.logprobs for g in gens if g.req.options.logprobs is not None]
         stats = logprob_rows(logits, max(asked)) if asked else [None] * n
         logits = logits.cpu()
-        focus_h = focus.take().cpu().numpy() if focus is not None and focus.rows else None
+        focus_h = focus.cpu().numpy() if focus is not None and media is not None else None
         experts_h = weights_h = None
-        if routes is not None and routes.experts:
-            experts, weights = routes.take()  # (MoE layers, n, k)
+        if experts is not None:  # (MoE layers, n, k) -> (n, MoE layers, k)
             experts_h = experts.transpose(0, 1).cpu().numpy()
             weights_h = weights.transpose(0, 1).cpu().numpy()
         return accept_rows(gens, logits, stats, greedy_picks(gens, logits, None, stats), focus_h, widths, experts_h,

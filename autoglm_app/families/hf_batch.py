@@ -164,7 +164,12 @@ class BatchFocus:
 
 
 class BatchRoutes:
-    """The routers' choices of one batched step: (MoE layers, n, k) experts and gate weights."""
+    """The routers' choices of one batched step: (MoE layers, n, k) experts and gate weights.
+
+    As a context (``with routes:``) its hooks sit on the routers for one eager step. ``attach()`` leaves them on
+    for good, for a compiled step: torch.compile traces the hooks a module has when the graph is made (it does not
+    guard on them, so hooks added or removed later are not seen by that graph); the model's own forwards (a
+    prefill) then feed it too, so ``clear()`` comes before each step."""
 
     def __init__(self, routers: list, read_route):
         self.routers, self.read = routers, read_route
@@ -172,19 +177,27 @@ class BatchRoutes:
         self.weights: list[torch.Tensor] = []
         self._hooks: list = []
 
-    def __enter__(self) -> "BatchRoutes":
-        def hook(module, args, output):
-            experts, weights, _ = self.read(module, args, output)
-            self.experts.append(experts)
-            self.weights.append(weights.float())
+    def _hook(self, module, args, output) -> None:
+        experts, weights, _ = self.read(module, args, output)
+        self.experts.append(experts)
+        self.weights.append(weights.float())
 
-        self._hooks = [r.register_forward_hook(hook) for _, r in self.routers]
+    def attach(self) -> "BatchRoutes":
+        if not self._hooks:
+            self._hooks = [r.register_forward_hook(self._hook) for _, r in self.routers]
         return self
+
+    def __enter__(self) -> "BatchRoutes":
+        return self.attach()
 
     def __exit__(self, *exc) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def clear(self) -> None:
+        self.experts.clear()
+        self.weights.clear()
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.experts[0].device
@@ -219,3 +232,18 @@ def hf_step(model, family: HFFamily, cache: SlotCache, tokens: torch.Tensor, pos
             m.focus_probe = None
     head = model.get_output_embeddings()
     return head(hidden[:, -1].to(head.weight.device))
+
+
+def hf_step_telemetry(model, family: HFFamily, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor,
+                      rope_positions: torch.Tensor, keys_seen: int, attention_modules: list, media: torch.Tensor,
+                      routes: BatchRoutes | None):
+    """``hf_step`` with every row's focus rows on ``media`` (n, M) and, when ``routes`` is attached, its routes, as
+    tensors: (logits (n, vocab), focus (n, layers, M), experts (MoE layers, n, k) or None, weights or None). The
+    form torch.compile takes: the telemetry's arithmetic inside the same graph as the layers."""
+    focus = BatchFocus(media)
+    logits = hf_step(model, family, cache, tokens, positions, rope_positions, keys_seen, attention_modules, focus,
+                     None)
+    experts = weights = None
+    if routes is not None and routes.experts:
+        experts, weights = routes.take()
+    return logits, focus.take(), experts, weights

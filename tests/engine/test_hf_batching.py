@@ -123,3 +123,27 @@ def test_a_model_with_sliding_window_layers_decodes_each_request_alone_and_says_
         assert "sliding-window" in info["note"]
     finally:
         engine.close()
+
+
+def test_the_compiled_transformers_step_equals_the_eager_one(tmp_path, caplog):
+    """torch.compile of the step with its telemetry inside (the routers' hooks traced into the graph): the same
+    mixed requests give the same answers, focus and routes as each alone; warm-up timed both forms."""
+    loaded = load_model(tiny.build_qwen3_vl_moe(tmp_path / "moe"), quantize="fp32")
+    with caplog.at_level("INFO", logger="autoglm_app.engine.hf_decoding"):
+        engine = make_engine(loaded.model, loaded.processor, max_batch=3, context_limit=512, compile="on")
+    try:
+        info = engine.info()["decoding"]
+        assert set(info["step_ms"]) == {"eager", "compiled"} and info["compile_warmup_s"] > 0, info
+        assert any("decode step: eager" in r.getMessage() for r in caplog.records)
+        engine.decoder.use("compiled")
+        requests = mixed("qwen3_vl_moe")
+        alone = [solo(engine, r) for r in requests]
+        sizes = widest_step(engine)
+        together = run_together(engine, requests)
+        assert max(sizes) == 3
+        for b, a in zip(together, alone):
+            assert isinstance(b[-1], Done)
+            assert_same_answer(b, a)
+        assert engine.info()["decoding"]["compiled"]
+    finally:
+        engine.close()
