@@ -134,7 +134,8 @@ class HFBatchDecoder:
                 if run is not self._eager:
                     keys = min(self.kv.capacity, KEYS_BUCKET * math.ceil(keys / KEYS_BUCKET))
                 pos = torch.full((rows,), keys - 1, dtype=torch.long, device=dev)
-                run(torch.zeros(rows, dtype=torch.long, device=dev), pos, pos,
+                # (rope positions not the same tensor as positions: an alias is a guard, which requests would fail)
+                run(torch.zeros(rows, dtype=torch.long, device=dev), pos, pos.clone(),
                     keys, torch.zeros(rows, width, dtype=torch.long, device=dev), None)
         times: dict[str, list[float]] = {name: [] for name in forms}
         keys = min(KEYS_BUCKET, self.kv.capacity)
@@ -143,7 +144,7 @@ class HFBatchDecoder:
         for _ in range(15):
             for name, t in times.items():
                 start = time.perf_counter()
-                forms[name](torch.zeros(1, dtype=torch.long, device=dev), pos, pos, keys, media, None)
+                forms[name](torch.zeros(1, dtype=torch.long, device=dev), pos, pos.clone(), keys, media, None)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t.append(1000 * (time.perf_counter() - start))

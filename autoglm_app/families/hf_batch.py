@@ -139,7 +139,9 @@ class BatchFocus:
         """(n, layers, M) on the first layer's device."""
         groups: dict[tuple, list[int]] = {}  # layers alike in kind, device and shapes are computed together
         for i, r in enumerate(self.rows):
-            key = (r[0], r[1].device, tuple(r[1].shape)) + ((tuple(r[2].shape), r[3] is None) if r[0] == "qk" else ())
+            # (head counts only: every layer reads the same keys, and under torch.compile a symbolic size in a key
+            # would be specialised, one graph per cache length)
+            key = (r[0], r[1].device, r[1].shape[-2]) + ((r[2].shape[1], r[3] is None) if r[0] == "qk" else ())
             groups.setdefault(key, []).append(i)
         out: list = [None] * len(self.rows)
         for key, ids in groups.items():
