@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
     b = sub.add_parser("batch", help="a transformers family: batched step vs per request vs generate, N at once")
     b.add_argument("--model", default="glm-scale", help="glm-scale, random:PATH or a checkpoint directory")
     b.add_argument("--quantize", default="fp32")
-    b.add_argument("--compile", default="on", choices=("auto", "on", "off"),
-                   help="the batched step's --compile (warm-up keeps the faster of eager and compiled)")
+    b.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="the batched step's --compile (auto: on a GPU only; warm-up keeps the faster of eager and "
+                        "compiled, alone and at --concurrent rows)")
     b.add_argument("--tokens", type=int, default=48)
     b.add_argument("--concurrent", type=int, default=8)
     b.add_argument("--repeats", type=int, default=3)
@@ -75,7 +76,7 @@ def _generate_tps(engine, tokens: int) -> float:
 
 
 def run_batch_bench(model: str, quantize: str, tokens: int, concurrent: int, repeats: int,
-                    compile_mode: str = "on") -> dict:
+                    compile_mode: str = "auto") -> dict:
     from autoglm_app.config import Limits, Settings
     from autoglm_app.engine.decoding import RequestDecoder
     from autoglm_app.server import load_engine
@@ -131,7 +132,7 @@ def run_batch_bench(model: str, quantize: str, tokens: int, concurrent: int, rep
             "model": engine.loaded.model_id, "quantize": quantize, "family": engine.rt.family.name,
             "layers": text_cfg.num_hidden_layers, "hidden": text_cfg.hidden_size, "tokens": tokens,
             "concurrent": concurrent, "repeats": repeats, "threads": torch.get_num_threads(),
-            "load_s": round(load_s, 1), "compile": compile_mode, "step": batched.variant,
+            "load_s": round(load_s, 1), "compile": compile_mode, "step": batched.step_name,
             "step_ms": {k: round(v, 2) for k, v in batched.timings.items()}, "compile_warmup_s": round(batched.warmup_s, 1),
             "alone_tok_s": {k: [round(x, 1) for x in v] for k, v in solo.items()},
             "alone_batched_vs_per_request": ratio("batched", "per request"),

@@ -7,8 +7,10 @@ last request into a freed slot), and each row keeps its own length, M-RoPE offse
 rows and the routers' choices of every row come to the host in one copy each per step.
 
 The step is the model's own layers, eager or (``--compile``) through torch.compile with the focus rows and routes
-inside the graph; warm-up times both and keeps the faster. Its gain under load is the shared forward, one set of
-kernel launches and one read of the weights for all the rows; alone, the compiled graph's fewer launches.
+inside the graph; warm-up times both at one row and at ``max_batch`` rows and keeps the faster for each (on this
+CPU the compiled graph won alone and lost at 8 rows: its dynamic-size kernels against aten's). Its gain under load
+is the shared forward, one set of kernel launches and one read of the weights for all the rows; alone, the compiled
+graph's fewer launches.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class HFBatchDecoder:
         self.note = note
         self._media_rows = MediaRows(rt.device)
         self.compiled, self.warmup_s, self.timings, self.variant = False, 0.0, {}, "eager"
+        self.variant_rows = "eager"  # the form for a step of two rows or more (``variant``: for one row)
         self._forms: dict = {"eager": self._eager}
-        self._run = self._eager
+        self._hooked = False  # the compiled form's hooks on the routers now
         self._routes = None  # the compiled form's routes, its hooks on the routers for good (BatchRoutes.attach)
         if compile_mode != "off":
             self._compile(progress)
@@ -78,7 +81,7 @@ class HFBatchDecoder:
         cuda = rt.device.type == "cuda"
         try:
             fn = torch.compile(hf_batch.hf_step_telemetry, mode="reduce-overhead" if cuda else None, dynamic=True)
-            self._routes = hf_batch.BatchRoutes(rt.routers, rt.family.read_route).attach() if rt.routers else None
+            self._routes = hf_batch.BatchRoutes(rt.routers, rt.family.read_route) if rt.routers else None
 
             def compiled(tokens, pos, rope, keys_seen, media, gens):
                 if self._routes is not None:
@@ -92,6 +95,7 @@ class HFBatchDecoder:
                 return out
 
             forms = {"eager": self._eager, "compiled": compiled}
+            self._forms = forms
             self.timings = self._measure(forms)
         except Exception as e:
             log.warning("the decode step could not be compiled (%s: %s); decoding eagerly",
@@ -99,55 +103,70 @@ class HFBatchDecoder:
             self.note = f"{self.note}; compile failed: {type(e).__name__}"
             if self._routes is not None:
                 self._routes.__exit__()
-            self._routes = None
+            self._routes, self._hooked, self._forms = None, False, {"eager": self._eager}
             return
-        self._forms = forms
-        self.use(min(self.timings, key=self.timings.get))
+        faster = lambda suffix: min(forms, key=lambda f: self.timings.get(f + suffix, math.inf))  # noqa: E731
+        self.use(faster(""), faster(f", {self.max_batch} rows") if self.max_batch > 1 else None)
         self.warmup_s = time.perf_counter() - t0
         log.info("decode step: %s -> %s, compile and warm-up %.1f s",
-                 ", ".join(f"{k} {v:.2f} ms" for k, v in self.timings.items()), self.variant, self.warmup_s)
+                 ", ".join(f"{k} {v:.2f} ms" for k, v in self.timings.items()), self.step_name, self.warmup_s)
 
-    def use(self, variant: str) -> None:
-        """Decode with "eager" or "compiled" (the faster at warm-up, or the one a test asks for)."""
-        self.variant, self._run = variant, self._forms[variant]
-        self.compiled = variant == "compiled"
-        if self._routes is not None:  # the compiled graph's hooks stay on only while it is the form in use
-            if self.compiled:
-                self._routes.attach()
-            else:
-                self._routes.__exit__()
+    def use(self, variant: str, rows_variant: str | None = None) -> None:
+        """Decode one row with ``variant`` ("eager" or "compiled") and two or more with ``rows_variant`` (default: the
+        same): the faster at warm-up, or the one a test asks for."""
+        self.variant, self.variant_rows = variant, rows_variant or variant
+        self.compiled = "compiled" in (self.variant, self.variant_rows)
+        self._hook("compiled" == variant)
 
-    def _keys(self, positions: list[int]) -> int:
+    @property
+    def step_name(self) -> str:
+        if self.variant == self.variant_rows or self.max_batch == 1:
+            return self.variant
+        return f"{self.variant} for one row, {self.variant_rows} for more"
+
+    def _hook(self, on: bool) -> None:
+        """The compiled graph's hooks are on the routers only while that form runs (an eager step has its own)."""
+        if self._routes is not None and on != self._hooked:
+            self._routes.attach() if on else self._routes.__exit__()
+            self._hooked = on
+
+    def _keys(self, positions: list[int], compiled: bool) -> int:
         """Cache positions the step reads: exactly the longest row's, or (compiled) in multiples of KEYS_BUCKET,
         so CUDA graphs see few shapes."""
         need = max(positions) + 1
-        return min(self.kv.capacity, math.ceil(need / KEYS_BUCKET) * KEYS_BUCKET) if self.compiled else need
+        return min(self.kv.capacity, math.ceil(need / KEYS_BUCKET) * KEYS_BUCKET) if compiled else need
 
     @torch.inference_mode()
     def _measure(self, forms: dict) -> dict:
         """Each form warmed up on four shapes (so the dynamic sizes are traced before any request), then timed at
-        one row, one call of each form after the other (a drifting machine slows both alike): median ms."""
+        one row (15 calls) and at ``max_batch`` rows (7), one call of each form after the other (a drifting machine
+        slows both alike): median ms, keyed "eager", "compiled", "eager, 8 rows", ..."""
         dev = self.rt.device
-        for run in forms.values():
+
+        def call(name, rows, keys, width):
+            run = forms[name]
+            self._hook(name == "compiled")
+            if name == "compiled":
+                keys = min(self.kv.capacity, KEYS_BUCKET * math.ceil(keys / KEYS_BUCKET))
+            pos = torch.full((rows,), keys - 1, dtype=torch.long, device=dev)
+            # (rope positions not the same tensor as positions: an alias is a guard, which requests would fail)
+            run(torch.zeros(rows, dtype=torch.long, device=dev), pos, pos.clone(), keys,
+                torch.zeros(rows, width, dtype=torch.long, device=dev), None)
+
+        for name in forms:
             for rows, keys, width in ((1, 24, 4), (1, 40, 9), (2, 40, 9), (3, 56, 17)):
-                rows, keys = min(rows, self.max_batch), min(keys, self.kv.capacity)
-                if run is not self._eager:
-                    keys = min(self.kv.capacity, KEYS_BUCKET * math.ceil(keys / KEYS_BUCKET))
-                pos = torch.full((rows,), keys - 1, dtype=torch.long, device=dev)
-                # (rope positions not the same tensor as positions: an alias is a guard, which requests would fail)
-                run(torch.zeros(rows, dtype=torch.long, device=dev), pos, pos.clone(),
-                    keys, torch.zeros(rows, width, dtype=torch.long, device=dev), None)
-        times: dict[str, list[float]] = {name: [] for name in forms}
+                call(name, min(rows, self.max_batch), min(keys, self.kv.capacity), width)
+        times: dict[str, list[float]] = {}
         keys = min(KEYS_BUCKET, self.kv.capacity)
-        pos = torch.full((1,), keys - 1, dtype=torch.long, device=dev)
-        media = torch.zeros(1, 4, dtype=torch.long, device=dev)
-        for _ in range(15):
-            for name, t in times.items():
-                start = time.perf_counter()
-                forms[name](torch.zeros(1, dtype=torch.long, device=dev), pos, pos.clone(), keys, media, None)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t.append(1000 * (time.perf_counter() - start))
+        for rows, calls in ((1, 15), (self.max_batch, 7)) if self.max_batch > 1 else ((1, 15),):
+            for _ in range(calls):
+                for name in forms:
+                    start = time.perf_counter()
+                    call(name, rows, keys, 4)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    times.setdefault(name if rows == 1 else f"{name}, {rows} rows", []).append(
+                        1000 * (time.perf_counter() - start))
         return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
     # ------------------------------------------------------------------ slots
@@ -171,7 +190,10 @@ class HFBatchDecoder:
         tokens = torch.tensor([g.token for g in gens], dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         rope = torch.tensor([p + d for p, d in zip(positions, self.deltas[:n])], dtype=torch.long, device=dev)
-        logits, focus, experts, weights = self._run(tokens, pos, rope, self._keys(positions), media, gens)
+        form = self.variant if n == 1 else self.variant_rows
+        self._hook(form == "compiled")
+        logits, focus, experts, weights = self._forms[form](tokens, pos, rope, self._keys(positions, form == "compiled"),
+                                                            media, gens)
         asked = [g.req.options.logprobs for g in gens if g.req.options.logprobs is not None]
         stats = logprob_rows(logits, max(asked)) if asked else [None] * n
         logits = logits.cpu()

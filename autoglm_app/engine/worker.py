@@ -216,7 +216,7 @@ class Engine:
     def decoding(self) -> dict:
         """How requests are decoded: batched static-cache step or per request, compiled, slots, KV bytes."""
         d = self.decoder
-        return {"batched": d.batched, "compiled": d.compiled, "compile_warmup_s": round(d.warmup_s, 2), "step": getattr(d, "variant", "per request"),
+        return {"batched": d.batched, "compiled": d.compiled, "compile_warmup_s": round(d.warmup_s, 2), "step": getattr(d, "step_name", getattr(d, "variant", "per request")),
                 "step_ms": {k: round(v, 3) for k, v in getattr(d, "timings", {}).items()},
                 "one_row_as_two": getattr(d, "pad_one", False), "max_batch": d.max_batch, "kv_bytes": d.kv_bytes, "note": d.note}
 
