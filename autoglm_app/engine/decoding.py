@@ -281,7 +281,7 @@ def make_decoder(rt: Runtime, max_batch: int = 0, compile_mode: str = "off", pro
     """The static decoder where the model supports it, else the per-request one (why, in the log).
     ``compile_mode`` auto: compiled for a model whose weights are plain 16/32-bit, the static decoder on a CPU and
     a GPU, the transformers families' batched step on a GPU only (on this CPU its compile and warm-up took 534 s on
-    the 40-layer scale config, for 1.3x alone and 0.7x at 8 rows)."""
+    the 40-layer scale config, for 1.3x alone and 0.7x to 1.1x at 8 rows)."""
     from ..modeling.static_decode import supports_static_decode
 
     why = supports_static_decode(rt.model)
