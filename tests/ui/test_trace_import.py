@@ -508,7 +508,7 @@ def test_an_exported_turn_imported_in_a_fresh_page_shows_its_chat_and_a_words_he
     wait_idle(fresh)
     assert np.asarray(shown_image(fresh)).tobytes() != np.asarray(before).tobytes()
     fresh.get_by_role("tab", name="Routing").click()
-    expect(fresh.locator("#routing-figure .js-plotly-plot")).to_be_visible()
+    expect(fresh.locator("#routing-figure .js-plotly-plot")).to_be_visible(timeout=20_000)  # (plotly draws late when busy)
     fresh.evaluate("window.scrollTo(0, 0)")
     fresh.screenshot(path=str(artifacts / "import-1366x768-routing.png"))
 
