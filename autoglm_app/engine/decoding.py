@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 COMPILE_CHOICES = ("auto", "on", "off")
 # the one-graph step runs every expert on every row: past this many bytes of expert weights per step (more than a
-# CPU's last-level cache holds) the per-layer graphs that run only the chosen experts are the candidate instead
-# (measured on the 40-layer scale config, 2 MiB of experts per layer: every expert on every row took 48 ms a
+# CPU's last-level cache holds) the per-layer graphs, each reading only its rows' chosen experts, are the candidate
+# instead (measured on the 40-layer scale config, 2 MiB of experts per layer: every expert on every row took 48 ms a
 # token in the eager step against 27 ms for the chosen experts alone)
 DENSE_EXPERTS_BYTES = 32 * 2**20
 
@@ -117,7 +117,7 @@ class StaticDecoder:
     def _compile(self, progress) -> None:
         """Compile two forms of the step and keep the fastest of them and the eager one, timed here on this
         machine and model: the whole step as one graph (every expert on every row) and one graph per layer with
-        each row's chosen experts run between them. Both are warmed up on the shapes requests bring (dynamic
+        each row's chosen experts read by index inside it. Both are warmed up on the shapes requests bring (dynamic
         sizes: rows, cache length, media keys), so no request waits for a compile; in compiled forms the
         probes are always computed (one graph, not two). Any failure leaves the eager step, with the reason
         in the log."""
