@@ -39,10 +39,15 @@ log = logging.getLogger(__name__)
 
 COMPILE_CHOICES = ("auto", "on", "off")
 # the one-graph step runs every expert on every row: past this many bytes of expert weights per step (more than a
-# CPU's last-level cache holds) the per-layer graphs, each reading only its rows' chosen experts, are the candidate
+# CPU's last-level cache holds) the layer-group graphs, each reading only its rows' chosen experts, are the candidate
 # instead (measured on the 40-layer scale config, 2 MiB of experts per layer: every expert on every row took 48 ms a
 # token in the eager step against 27 ms for the chosen experts alone)
 DENSE_EXPERTS_BYTES = 32 * 2**20
+# that form runs this many layers to a graph (``LayerGroups``): on the scale config at one row, 1 layer a graph ran
+# at 23-24 ms a token, 4 at 17-20 ms (each call costs ~0.25 ms of dynamo, AOT and C++-wrapper work), 8 at 22-23 ms;
+# compile and warm-up from an empty inductor cache took 91 s at 4 and 123 s at 8
+LAYERS_PER_GRAPH = 4
+GROUPED = "compiled in layer groups, chosen experts"
 
 
 class RequestDecoder:
@@ -116,8 +121,9 @@ class StaticDecoder:
 
     def _compile(self, progress) -> None:
         """Compile two forms of the step and keep the fastest of them and the eager one, timed here on this
-        machine and model: the whole step as one graph (every expert on every row) and one graph per layer with
-        each row's chosen experts read by index inside it. Both are warmed up on the shapes requests bring (dynamic
+        machine and model: the whole step as one graph (every expert on every row) or, for a model whose experts
+        are over ``DENSE_EXPERTS_BYTES``, one graph per ``LAYERS_PER_GRAPH`` layers with each row's chosen experts
+        read by index inside it. Both are warmed up on the shapes requests bring (dynamic
         sizes: rows, cache length, media keys), so no request waits for a compile; in compiled forms the
         probes are always computed (one graph, not two). Any failure leaves the eager step, with the reason
         in the log."""
@@ -139,16 +145,21 @@ class StaticDecoder:
             # and every row's greedy pick (greedy_pack), so a greedy row is sampled without an op on the host
             picks = (torch.tensor(self.rt.banned_ids, dtype=torch.long, device=self.rt.device),
                      torch.tensor(self.rt.stop_list, dtype=torch.long, device=self.rt.device))
+            # dynamic=None: torch.compile's automatic dynamic shapes. A size becomes a symbol once the warm-up has
+            # seen it change (rows, cache length, media keys); weights, caches and the model's constants stay
+            # static. dynamic=True traced all of them as symbols, and every call then evaluated hundreds of
+            # symbolic guards (a NaN check on each float constant among them)
             whole = torch.compile(functools.partial(sd.decode_step, experts_fn=sd.experts_dense, logprob_k=lp_k,
-                                                    greedy=picks), mode=mode, dynamic=True)
-            attend = sd.per_layer_attend(torch.compile(sd.attend_core, mode=mode, dynamic=True))
-            head = torch.compile(sd.head_step, mode=mode, dynamic=True)
+                                                    greedy=picks), mode=mode, dynamic=None)
+            head = torch.compile(sd.head_step, mode=mode, dynamic=None)
             if cuda or self._dense_bytes() <= DENSE_EXPERTS_BYTES:
                 forms["compiled, one graph"] = lambda t, p, k, m, probes: whole(
                     model, self.fused, self.kv, t, p, k, m, True)
             else:
-                forms["compiled per layer, chosen experts"] = lambda t, p, k, m, probes: sd.decode_step(
-                    model, self.fused, self.kv, t, p, k, m, True, attend, head, sd.experts_dispatch)
+                groups = sd.LayerGroups(model, self.fused, self.kv, lambda fn: torch.compile(fn, mode=mode, dynamic=None),
+                                        LAYERS_PER_GRAPH)
+                forms[GROUPED] = lambda t, p, k, m, probes: sd.decode_step(
+                    model, self.fused, self.kv, t, p, k, m, True, head, groups=groups)
             self.timings = self._measure(forms)
         except Exception as e:
             log.warning("the decode step could not be compiled (%s: %s); decoding eagerly",
@@ -164,8 +175,8 @@ class StaticDecoder:
                            for k, v in self.timings.items()) + f" -> {self.variant}", self.warmup_s)
 
     def use(self, variant: str) -> None:
-        """Decode with one of the forms ``_compile`` made ("eager", "compiled, one graph", "compiled per layer,
-        chosen experts"): the fastest, or the one a test asks for."""
+        """Decode with one of the forms ``_compile`` made ("eager", "compiled, one graph", ``GROUPED``): the fastest,
+        or the one a test asks for."""
         self.variant, self._run = variant, self._forms[variant]
         self.pad_one = self._pads.get(variant, False)
         self.compiled = variant != "eager"

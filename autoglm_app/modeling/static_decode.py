@@ -14,10 +14,12 @@ The step returns them in preallocated-shape tensors; the engine copies them to t
 step. Each row attends only to its own cache slot and its own positions, so a sequence's numbers do
 not depend on which other sequences share the batch.
 
-The experts run densely at decode (every expert on every row, weighted by a gate that is zero off
-the row's top-k): data-dependent gathers would need a host sync per layer and break the graph. On a
-CPU or at small batch this costs less than the per-expert launches it replaces (measured in
-docs/PERFORMANCE.md); a GPU with many experts would want grouped NF4 matmuls instead (not built).
+The experts of a row, three ways: ``experts_dispatch`` (eager: each chosen expert once, on the rows that
+chose it, after a host read of the choices), ``experts_dense`` (every expert on every row under a gate that
+is zero off the row's top-k: no data-dependent shape, so the whole step is one graph; what a small model's
+compiled step runs) and ``experts_gathered`` (each row's chosen experts read by index inside a compiled graph:
+what ``LayerGroups`` runs for a model whose experts do not fit a CPU's caches). Measured in
+docs/PERFORMANCE.md; a GPU with many experts would want grouped NF4 matmuls (not built).
 
 Not covered (the engine then uses the model's own forward per sequence): memory slots
 (``memory_slots > 0``), whose state moves with every token.
@@ -262,9 +264,9 @@ def attend_core(x, cos, sin, allowed, keys, values, positions, media, probes: bo
                 gate_w, gate_b, gate_up, down, spec: tuple):
     """A whole fused MoE layer on plain tensors (spec: heads, kv heads, head dim, scale, eps, top-k): attention as
     ``attend_step``, then the router and the chosen experts (``experts_gathered``) -> (x, focus, experts,
-    weights). No module in its arguments, so one compiled graph serves every layer (a module argument is
-    guarded by identity: one graph per layer), and the experts run inside it (between the graphs they cost a
-    host read of the choices and eight eager products per layer)."""
+    weights). No module in its arguments, so one compiled graph serves every layer of its shape (a module argument
+    is guarded by identity: one graph per layer), and the experts run inside it (between graphs they cost a host
+    read of the choices and eight eager products per layer). ``group_core`` strings several together."""
     H, Hkv, D, scale, eps, top_k = spec
     qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
     q_size, kv_size = H * D, Hkv * D
@@ -276,29 +278,90 @@ def attend_core(x, cos, sin, allowed, keys, values, positions, media, probes: bo
     return x + experts_gathered(gate_up, down, h, experts, weights)[:, None], focus, experts, weights
 
 
-def per_layer_attend(core):
-    """An ``attend_fn`` for ``decode_step`` that sends each fused MoE layer through ``core`` (``attend_core``,
-    compiled), experts included, and any other layer through ``attend_step``."""
-    tensors: dict[int, tuple | None] = {}
+def _core_spec(layer, fw) -> tuple | None:
+    """A layer's constants for ``attend_core`` (heads, kv heads, head dim, scale, eps, top-k), or None when the
+    layer cannot run there (not a fused MoE layer, an output bias, a router with 4-bit weights)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if not (fw is not None and fw[2] is not None and isinstance(mlp, AutoGLMMoE) and attn.o_proj.bias is None
+            and type(mlp.router.classifier.weight) is nn.Parameter):
+        return None
+    return (attn.n_heads, attn.n_kv, attn.head_dim, attn.scale, layer.input_layernorm.eps, mlp.router.top_k)
 
-    def attend(layer, fw, x, cos, sin, allowed, keys, values, positions, media, probes):
-        key = id(layer)
-        if key not in tensors:
-            attn, mlp = layer.self_attn, layer.mlp
-            ok = (fw is not None and fw[2] is not None and isinstance(mlp, AutoGLMMoE)
-                  and attn.o_proj.bias is None and type(mlp.router.classifier.weight) is nn.Parameter)
-            tensors[key] = (layer.input_layernorm.weight, fw[0], fw[1], attn.o_proj.weight,
-                            layer.post_attention_layernorm.weight, mlp.router.classifier.weight,
-                            mlp.router.classifier.bias, fw[2], fw[3],
-                            (attn.n_heads, attn.n_kv, attn.head_dim, attn.scale, layer.input_layernorm.eps,
-                             mlp.router.top_k)) if ok else None
-        t = tensors[key]
-        if t is None:
-            return attend_step(layer, fw, x, cos, sin, allowed, keys, values, positions, media, probes)
-        x, focus, experts, weights = core(x, cos, sin, allowed, keys, values, positions, media, probes, *t)
-        return x, None, focus, experts, weights  # no h: the experts ran in the graph
 
-    return attend
+def _core_tensors(layer, fw, kv: StaticKV, i: int) -> tuple:
+    """Layer i's cache and weights in ``group_core``'s order (11 a layer)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (kv.keys[i], kv.values[i], layer.input_layernorm.weight, fw[0], fw[1], attn.o_proj.weight,
+            layer.post_attention_layernorm.weight, mlp.router.classifier.weight, mlp.router.classifier.bias,
+            fw[2], fw[3])
+
+
+def group_core(spec: tuple, count: int):
+    """``count`` consecutive fused MoE layers of one shape as one function (for torch.compile): (x, cos, sin,
+    allowed, positions, media, probes, *tensors), 11 tensors a layer (``_core_tensors``) -> (x, focus (n, count, K)
+    or None, experts (n, count, k), weights (n, count, k)).
+
+    ``spec`` is bound in a closure: torch.compile takes a closure's values as constants, where arguments would be
+    traced as symbols (and every call would then evaluate some 90 symbolic guards on them, a NaN check on each
+    float among them: 0.73 ms a layer call with them against 0.54 ms without, on the 40-layer scale config).
+    Several layers to a graph because each compiled call costs about 0.25 ms of dynamo, AOT and C++-wrapper work
+    on the CPU whatever its size; all the layers in one graph would not be worth its compile (the 40 unrolled
+    layers of the scale config took over 6 minutes for the first of their shapes)."""
+    def group(x, cos, sin, allowed, positions, media, probes: bool, *tensors):
+        focus, experts, weights = [], [], []
+        for j in range(count):
+            t = tensors[11 * j : 11 * j + 11]
+            x, f, e, w = attend_core(x, cos, sin, allowed, t[0], t[1], positions, media, probes, *t[2:], spec)
+            focus.append(f)
+            experts.append(e)
+            weights.append(w)
+        f = torch.stack(focus, 1) if focus[0] is not None else None
+        return x, f, torch.stack(experts, 1), torch.stack(weights, 1)
+
+    return group
+
+
+class LayerGroups:
+    """The decoder's layers as spans for ``decode_step``: runs of up to ``size`` consecutive fused MoE layers of one
+    shape on one device, each one call of ``compile_fn(group_core(...))`` (one compiled function per shape and run
+    length), and any other layer alone through ``attend_step``. Runs are split evenly (11 layers at size 4: 4, 4,
+    3), so a model of one layer shape compiles at most two functions."""
+
+    def __init__(self, model: AutoGLMForConditionalGeneration, fused: list, kv: StaticKV, compile_fn, size: int):
+        layers = model.model.layers
+        specs = [_core_spec(layer, fw) for layer, fw in zip(layers, fused)]
+        self.spans: list[tuple[int, int, object, tuple]] = []  # (start, stop, compiled fn or None, tensors)
+        self._cores: dict[tuple, object] = {}
+        self._marked: set[int] = set()
+        i = 0
+        while i < len(layers):
+            if specs[i] is None:
+                self.spans.append((i, i + 1, None, ()))
+                i += 1
+                continue
+            j = i + 1
+            while j < len(layers) and specs[j] == specs[i] and kv.keys[j].device == kv.keys[i].device:
+                j += 1
+            parts = -(-(j - i) // size)
+            bounds = [i + (j - i) * p // parts for p in range(parts + 1)]
+            for start, stop in zip(bounds, bounds[1:]):
+                key = (specs[i], stop - start)
+                if key not in self._cores:
+                    self._cores[key] = compile_fn(group_core(*key))
+                tensors = tuple(t for k in range(start, stop) for t in _core_tensors(layers[k], fused[k], kv, k))
+                self.spans.append((start, stop, self._cores[key], tensors))
+            i = j
+
+    def run(self, fn, tensors: tuple, x, cos, sin, allowed, positions, media, probes):
+        """One span's compiled call. At each function's first call its cache length and media keys are marked
+        dynamic, so torch.compile does not first make a graph for those exact sizes (it marks a size dynamic only
+        once it has seen it change: one compile of the span's layers fewer at warm-up)."""
+        if id(fn) not in self._marked:
+            self._marked.add(id(fn))
+            torch._dynamo.mark_dynamic(allowed, 1)
+            if media is not None:
+                torch._dynamo.mark_dynamic(media, 1)
+        return fn(x, cos, sin, allowed, positions, media, probes, *tensors)
 
 
 def head_step(model: AutoGLMForConditionalGeneration, x: torch.Tensor) -> torch.Tensor:
@@ -309,16 +372,17 @@ def head_step(model: AutoGLMForConditionalGeneration, x: torch.Tensor) -> torch.
 
 def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticKV, tokens: torch.Tensor,
                 positions: torch.Tensor, keys_seen: int, media: torch.Tensor | None, probes: bool,
-                attend_fn=attend_step, head_fn=head_step, experts_fn=experts_dispatch, logprob_k: int = 0,
-                greedy: tuple[torch.Tensor, torch.Tensor] | None = None):
+                head_fn=head_step, experts_fn=experts_dispatch, logprob_k: int = 0,
+                greedy: tuple[torch.Tensor, torch.Tensor] | None = None, groups: LayerGroups | None = None):
     """One new token for each of the first ``n = len(tokens)`` slots.
 
     tokens, positions: (n,) long; row i's token goes to position ``positions[i]`` of slot i and attends
     to the slot's positions ``0 .. positions[i]``. ``keys_seen`` (>= max(positions) + 1) is how much of
     the capacity the step reads. media: (n, K) long key positions of each row's images / audio (padding
-    repeats a valid index) or None. ``fused``: ``fuse_weights(model)``. ``attend_fn`` / ``head_fn``: compiled forms of ``attend_step`` /
-    ``head_step`` (the plain functions by default); an ``attend_fn`` may run a layer's experts itself (it then
-    returns no ``h``: ``per_layer_attend``); ``experts_fn``: ``experts_dispatch`` or ``experts_dense``.
+    repeats a valid index) or None. ``fused``: ``fuse_weights(model)``. ``groups``: a ``LayerGroups``
+    whose compiled runs of layers take their spans (experts included); every other layer goes through
+    ``attend_step`` and then ``experts_fn`` (``experts_dispatch`` or ``experts_dense``). ``head_fn``: a compiled
+    form of ``head_step`` (the plain function by default).
 
     Returns (logits (n, V) float32, telemetry (n, layers * K + 2 * moe layers * k) float32 or None): per row,
     the focus rows (layers, K) when ``media`` is given, then the routed experts and their gate weights
@@ -331,16 +395,21 @@ def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticK
     cos, sin = rotary_cos_sin(positions[:, None], backbone.rotary_dim, model.config.rope_theta, x.dtype)
     allowed = torch.arange(keys_seen, device=tokens.device)[None] <= positions[:, None]  # (n, S)
     on_device: dict = {}  # the step's small inputs, moved once per device
-    focus, routed, gates = [], [], []
-    for i, layer in enumerate(backbone.layers):
-        dev = kv.keys[i].device
+    focus, routed, gates = [], [], []  # each (n, layers of a span, ...)
+    spans = groups.spans if groups is not None else [(i, i + 1, None, ()) for i in range(len(backbone.layers))]
+    for start, _, fn, tensors in spans:
+        dev = kv.keys[start].device
         if dev not in on_device:
             on_device[dev] = tuple(t.to(dev) if t is not None else None for t in (cos, sin, allowed, positions, media))
         c, s, a, p, m = on_device[dev]
-        fw = fused[i]
-        x, h, f, e, w = attend_fn(layer, fw, x.to(dev), c, s, a, kv.keys[i], kv.values[i], p, m, probes)
-        if h is not None:  # the layer's experts, unless attend_fn ran them (it then returns no h)
-            x = x + experts_fn(layer.mlp, fw, h, e, w)[:, None]
+        if fn is not None:  # a compiled run of layers, experts included
+            x, f, e, w = groups.run(fn, tensors, x.to(dev), c, s, a, p, m, probes)
+        else:
+            layer, fw = backbone.layers[start], fused[start]
+            x, h, f, e, w = attend_step(layer, fw, x.to(dev), c, s, a, kv.keys[start], kv.values[start], p, m, probes)
+            if h is not None:  # an MoE layer's experts
+                x = x + experts_fn(layer.mlp, fw, h, e, w)[:, None]
+            f, e, w = (None if t is None else t[:, None] for t in (f, e, w))
         if e is not None and probes:
             routed.append(e)
             gates.append(w)
@@ -348,9 +417,9 @@ def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticK
             focus.append(f)
     logits = head_fn(model, x)
     out = logits.device
-    parts = [torch.stack([f.to(out).float() for f in focus], 1)] if focus else []
+    parts = [torch.cat([f.to(out).float() for f in focus], 1)] if focus else []
     if routed:
-        parts += [torch.stack([e.to(out) for e in routed], 1).float(), torch.stack([w.to(out) for w in gates], 1)]
+        parts += [torch.cat([e.to(out) for e in routed], 1).float(), torch.cat([w.to(out) for w in gates], 1)]
     if logprob_k:
         parts.append(logprob_pack(logits, min(logprob_k, logits.shape[-1])))
     if greedy is not None:

@@ -223,16 +223,16 @@ def test_one_slot_run_as_two_rows_gives_the_answers_alone(small, monkeypatch):
         engine.close()
 
 
-def test_the_per_layer_compiled_step_equals_the_eager_one(small, monkeypatch):
-    """The form for models whose experts do not fit a cache: one graph for every layer (no module in its
-    arguments), the chosen experts between; forced here by lowering the threshold."""
+def test_the_layer_group_compiled_step_equals_the_eager_one(small, monkeypatch):
+    """The form for models whose experts do not fit a cache: runs of layers, each one compiled graph (no module
+    in its arguments) with each row's chosen experts read inside it; forced here by lowering the threshold."""
     from autoglm_app.engine import decoding
 
     monkeypatch.setattr(decoding, "DENSE_EXPERTS_BYTES", 0)
     engine = make_engine(*small, max_batch=3, compile="on")
     try:
-        assert "compiled per layer, chosen experts" in engine.info()["decoding"]["step_ms"]
-        engine.decoder.use("compiled per layer, chosen experts")  # whichever was faster
+        assert "compiled in layer groups, chosen experts" in engine.info()["decoding"]["step_ms"]
+        engine.decoder.use("compiled in layer groups, chosen experts")  # whichever was faster
         assert_batched_equals_alone(engine, mixed_requests()[:3])
     finally:
         engine.close()

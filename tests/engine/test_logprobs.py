@@ -140,9 +140,9 @@ def test_a_bad_reply_start_is_refused_and_the_engine_keeps_serving(demo_engine):
     assert isinstance(events[-1], Done)
 
 
-@pytest.mark.parametrize("form", ["compiled, one graph", "compiled per layer, chosen experts"])
+@pytest.mark.parametrize("form", ["compiled, one graph", "compiled in layer groups, chosen experts"])
 def test_the_compiled_steps_logprobs_equal_the_reference(small, monkeypatch, form):
-    """The one-graph form computes the logprobs inside its graph (its telemetry's last columns); the per-layer
+    """The one-graph form computes the logprobs inside its graph (its telemetry's last columns); the layer-group
     form outside it, as the eager step does: both equal the direct log-softmax, batched with others."""
     from autoglm_app.engine import decoding
 
