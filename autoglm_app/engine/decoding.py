@@ -156,8 +156,8 @@ class StaticDecoder:
                 forms["compiled, one graph"] = lambda t, p, k, m, probes: whole(
                     model, self.fused, self.kv, t, p, k, m, True)
             else:
-                groups = sd.LayerGroups(model, self.fused, self.kv, lambda fn: torch.compile(fn, mode=mode, dynamic=None),
-                                        LAYERS_PER_GRAPH)
+                groups = sd.LayerGroups(model, self.fused, self.kv,
+                                        lambda fn: torch.compile(fn, mode=mode, dynamic=None), LAYERS_PER_GRAPH)
                 forms[GROUPED] = lambda t, p, k, m, probes: sd.decode_step(
                     model, self.fused, self.kv, t, p, k, m, True, head, groups=groups)
             self.timings = self._measure(forms)
