@@ -429,6 +429,13 @@ def decode_step(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticK
     return logits, telemetry
 
 
+def decode_step_span(model: AutoGLMForConditionalGeneration, fused: list, kv: StaticKV, tokens: torch.Tensor,
+                     positions: torch.Tensor, span: torch.Tensor, media: torch.Tensor | None, probes: bool, **kwargs):
+    """``decode_step`` with ``keys_seen`` given as ``len(span)`` (any 1-D tensor of that many elements): for
+    torch.compile, which can be told before its first call that a tensor's size is dynamic, not an int's."""
+    return decode_step(model, fused, kv, tokens, positions, span.shape[0], media, probes, **kwargs)
+
+
 def logprob_pack(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(n, V) logits -> (n, 2 + 2k) float32: the log-normaliser, the entropy (nats) of the softmax, the k largest
     log-probabilities and their token ids (exact in float32 below 2**24, far above any vocabulary)."""
