@@ -149,12 +149,12 @@ class StaticDecoder:
             # seen it change (rows, cache length, media keys); weights, caches and the model's constants stay
             # static. dynamic=True traced all of them as symbols, and every call then evaluated hundreds of
             # symbolic guards (a NaN check on each float constant among them)
-            whole = torch.compile(functools.partial(sd.decode_step_span, experts_fn=sd.experts_dense, logprob_k=lp_k,
-                                                    greedy=picks), mode=mode, dynamic=None)
-            head = torch.compile(sd.head_step, mode=mode, dynamic=None)
             if cuda or self._dense_bytes() <= DENSE_EXPERTS_BYTES:
+                whole = torch.compile(functools.partial(sd.decode_step_span, experts_fn=sd.experts_dense,
+                                                        logprob_k=lp_k, greedy=picks), mode=mode, dynamic=None)
                 forms["compiled, one graph"] = self._one_graph(whole)
             else:
+                head = torch.compile(sd.head_step, mode=mode, dynamic=None)
                 groups = sd.LayerGroups(model, self.fused, self.kv,
                                         lambda fn: torch.compile(fn, mode=mode, dynamic=None), LAYERS_PER_GRAPH)
                 forms[GROUPED] = lambda t, p, k, m, probes: sd.decode_step(
@@ -178,14 +178,11 @@ class StaticDecoder:
         (``decode_step_span``), so that it and the media keys can be marked dynamic at the first call; otherwise
         torch.compile first makes a graph for the warm-up's first sizes, one compile of the whole step in three."""
         model, span = self.rt.model, torch.empty(self.kv.capacity, dtype=torch.int8, device=self.rt.device)
-        first = [True]
+        marked: set = set()
 
         def run(tokens, positions, keys_seen, media, probes):
             s = span[:keys_seen]
-            if first[0]:
-                first[0] = False
-                torch._dynamo.mark_dynamic(s, 0)
-                torch._dynamo.mark_dynamic(media, 1)
+            self.sd.mark_dynamic_once(marked, "whole", (s, 0), (media, 1))
             return whole(model, self.fused, self.kv, tokens, positions, s, media, True)
 
         return run

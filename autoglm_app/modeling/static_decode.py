@@ -321,6 +321,17 @@ def group_core(spec: tuple, count: int):
     return group
 
 
+def mark_dynamic_once(seen: set, key, *sizes: tuple[torch.Tensor | None, int]) -> None:
+    """Mark each (tensor, dim) of ``sizes`` dynamic for torch.compile, the first time ``key`` is seen only: a marked
+    tensor is guarded on carrying the mark, so marking every call's inputs would make every call recompile."""
+    if key in seen:
+        return
+    seen.add(key)
+    for tensor, dim in sizes:
+        if tensor is not None:
+            torch._dynamo.mark_dynamic(tensor, dim)
+
+
 class LayerGroups:
     """The decoder's layers as spans for ``decode_step``: runs of up to ``size`` consecutive fused MoE layers of one
     shape on one device, each one call of ``compile_fn(group_core(...))`` (one compiled function per shape and run
@@ -331,7 +342,7 @@ class LayerGroups:
         layers = model.model.layers
         specs = [_core_spec(layer, fw) for layer, fw in zip(layers, fused)]
         self.spans: list[tuple[int, int, object, tuple]] = []  # (start, stop, compiled fn or None, tensors)
-        self._cores: dict[tuple, object] = {}
+        cores: dict[tuple, object] = {}
         self._marked: set[int] = set()
         i = 0
         while i < len(layers):
@@ -346,21 +357,17 @@ class LayerGroups:
             bounds = [i + (j - i) * p // parts for p in range(parts + 1)]
             for start, stop in zip(bounds, bounds[1:]):
                 key = (specs[i], stop - start)
-                if key not in self._cores:
-                    self._cores[key] = compile_fn(group_core(*key))
+                if key not in cores:
+                    cores[key] = compile_fn(group_core(*key))
                 tensors = tuple(t for k in range(start, stop) for t in _core_tensors(layers[k], fused[k], kv, k))
-                self.spans.append((start, stop, self._cores[key], tensors))
+                self.spans.append((start, stop, cores[key], tensors))
             i = j
 
     def run(self, fn, tensors: tuple, x, cos, sin, allowed, positions, media, probes):
         """One span's compiled call. At each function's first call its cache length and media keys are marked
         dynamic, so torch.compile does not first make a graph for those exact sizes (it marks a size dynamic only
         once it has seen it change: one compile of the span's layers fewer at warm-up)."""
-        if id(fn) not in self._marked:
-            self._marked.add(id(fn))
-            torch._dynamo.mark_dynamic(allowed, 1)
-            if media is not None:
-                torch._dynamo.mark_dynamic(media, 1)
+        mark_dynamic_once(self._marked, id(fn), (allowed, 1), (media, 1))
         return fn(x, cos, sin, allowed, positions, media, probes, *tensors)
 
 
