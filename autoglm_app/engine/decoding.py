@@ -54,6 +54,7 @@ class RequestDecoder:
     """Each request its own cache and forward (the model's own), one after the other within a step."""
 
     batched = False
+    batched_prefill = False  # requests admitted together are prefilled one by one
     compiled = False
     warmup_s = 0.0
     note = ""
@@ -90,6 +91,7 @@ class StaticDecoder:
     """All the requests in flight in one step over a static KV cache (AutoGLM)."""
 
     batched = True
+    batched_prefill = True  # requests admitted together share one prefill forward (``prefill``)
 
     def __init__(self, rt: Runtime, max_batch: int, compile_mode: str = "off", progress=None):
         from ..modeling import static_decode as sd
@@ -254,7 +256,7 @@ class StaticDecoder:
 
     def admit(self, slot: int, gen: Generation) -> None:
         """Copy the request's prefilled cache into ``slot``; the request's own cache goes."""
-        self.kv.load(slot, gen.cache, gen.cache_tokens)
+        self.kv.load(slot, gen.cache, gen.cache_tokens, gen.cache_row)
         gen.cache = None
 
     def move(self, src: int, dst: int, gen: Generation) -> None:

@@ -279,6 +279,7 @@ class Generation:
         self.memory_state = memory_state
         self.cache_tokens = 0  # tokens in this request's KV cache now (the prompt, then one per decode step)
         self.cache: DynamicCache | None = None  # its own cache while it decodes through forward_one
+        self.cache_row = 0  # the row of ``cache`` that is this request's (a batched prefill's cache has several)
         self.token: int | None = None  # the next token to feed (chosen, not yet forwarded)
         self.finish: str | None = None
 
@@ -286,6 +287,19 @@ class Generation:
     @torch.inference_mode()
     def begin(self) -> str | None:
         """Fit and prefill the prompt, emit the first token: None while it goes on, else the finish reason."""
+        return self.started(*self.prefill_alone(self.prepare()))
+
+    @torch.inference_mode()
+    def prefill_alone(self, inputs: dict) -> tuple[int, object]:
+        """The prepared prompt in a forward of its own, with this request's probes -> (first token, memory)."""
+        self.cache, self.cache_row = DynamicCache(), 0
+        with self._probes():
+            return prefill(self.rt, inputs, self.cache, self.memory_state, self.sampler)
+
+    def prepare(self) -> dict:
+        """Everything before the prefill's forward: the prompt fitted to the context (a Notice if turns were
+        dropped), its sampler, probes and emitter -> the forward's inputs, on the model's device. A batched
+        prefill (``prefill_batch``) calls this for each of its requests, then ``started``."""
         rt, opts = self.rt, self.req.options
         self.timeline = Timeline(time.perf_counter())
         forced = list(self.req.continue_from)
@@ -312,10 +326,13 @@ class Generation:
                                                   rt.family.answer_tags, opened=prep.thinking_open),
                                     self.timeline, self.focus, self.routing, self.focus_rule)
         self.emitter.replay(forced)
-        self.cache = DynamicCache()
-        with self._probes():
-            token, self.memory_state = prefill(rt, inputs, self.cache, self.memory_state, self.sampler)
         self.cache_tokens = int(inputs["input_ids"].shape[1])
+        return inputs
+
+    def started(self, token: int, memory_state) -> str | None:
+        """The prefill's first token (its probes' records are in place): emit it. ``self.cache`` holds the
+        prompt's keys and values (row ``cache_row`` of a batched prefill's cache)."""
+        self.memory_state = memory_state
         self.flush()  # the Notice, if any, before the first token's work
         return self.accept(token, time.perf_counter())
 

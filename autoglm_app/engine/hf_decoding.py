@@ -35,6 +35,7 @@ class HFBatchDecoder:
     """All the requests in flight in one forward of a transformers family's text model."""
 
     batched = True
+    batched_prefill = False  # (each request's prefill goes through the model's own forward, alone)
     pad_one = False
 
     def __init__(self, rt: Runtime, max_batch: int, note: str = "", compile_mode: str = "off", progress=None):

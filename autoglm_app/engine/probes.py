@@ -176,6 +176,7 @@ class RoutingProbe:
         self.phase = "prefill"
         self.modality: torch.Tensor | None = None  # (N,) 0 text, 1 image, 2 audio for the current forward
         self._step: dict[int, tuple] = {}
+        self.tokens_of: slice | None = None  # in a batched prefill's forward, this request's flat token positions
         self._offsets = (np.arange(L) * num_experts)[:, None, None]
         self._flat_offsets = np.repeat(np.arange(L) * num_experts, top_k)  # (L * k,) for a token's (L, k) experts
         self._all_slots = list(range(L))
@@ -193,7 +194,8 @@ class RoutingProbe:
 
     def _hook(self, slot: int):
         def hook(module, args, output):
-            self._step[slot] = self.read_route(module, args, output)  # (runs under inference_mode: no graph)
+            route = self.read_route(module, args, output)  # (runs under inference_mode: no graph)
+            self._step[slot] = route if self.tokens_of is None else tuple(t[self.tokens_of] for t in route)
 
         return hook
 

@@ -46,6 +46,7 @@ from ..families import ModelFamily, family_for
 from ..memory import return_free_memory
 from .decoding import make_decoder
 from .generation import Generation
+from .prefill import batch_key, prefill_batch
 from .handle import RequestHandle, observing
 from .inputs import validate_request
 from .runtime import Runtime
@@ -90,6 +91,7 @@ class Engine:
         self._waiting: list[RequestHandle] = []
         self._last_served: OrderedDict[str, int] = OrderedDict()
         self._serve_tick = 0  # how many requests the worker has started
+        self.prefill_forwards = 0  # forwards that prefilled requests (several requests in one, when batched)
         self._ids = itertools.count(1)
         self._active: list[tuple[RequestHandle, Generation]] = []  # in flight; the i-th holds slot i
         self._memory: OrderedDict[str, list] = OrderedDict()
@@ -338,10 +340,10 @@ class Engine:
             if self._jobs:
                 self._run_jobs()
             while len(self._active) < self.decoder.max_batch:
-                h = self._take(block=not self._active)
-                if h is None:
+                taken = self._take_many(self.decoder.max_batch - len(self._active), block=not self._active)
+                if not taken:
                     break
-                self._admit(h)
+                self._admit(taken)
             if not self._active:
                 if self._closed:
                     return
@@ -352,28 +354,69 @@ class Engine:
                 results = [e] * len(self._active)
             self._settle(results)
 
-    def _admit(self, h: RequestHandle) -> None:
-        """Prefill ``h`` and emit its first token; it joins the batch unless that already ended it."""
-        req = h.request
-        first_turn = sum(1 for m in req.messages if m.role == "user") == 1
-        memory = None if first_turn else self._memory.get(req.session_id)
-        gen = Generation(self.rt, req, h.put_all, lambda: h.cancelled, memory_state=memory)
-        gen.queue_s = time.perf_counter() - h.submitted
+    def _take_many(self, n: int, block: bool) -> list[RequestHandle]:
+        """Up to ``n`` waiting requests in the fair order (waiting for the first one if ``block``)."""
+        taken: list[RequestHandle] = []
+        h = self._take(block)
+        while h is not None:
+            taken.append(h)
+            if len(taken) >= n:
+                break
+            h = self._take(False)
+        return taken
+
+    def _admit(self, handles: list[RequestHandle]) -> None:
+        """Prefill the requests ``handles`` (together where the decoder and their inputs allow: ``prefill``) and emit
+        each one's first token; each joins the batch unless that already ended it."""
+        gens = []
+        for h in handles:
+            req = h.request
+            first_turn = sum(1 for m in req.messages if m.role == "user") == 1
+            memory = None if first_turn else self._memory.get(req.session_id)
+            gen = Generation(self.rt, req, h.put_all, lambda h=h: h.cancelled, memory_state=memory)
+            gen.queue_s = time.perf_counter() - h.submitted
+            gens.append(gen)
         for _, running in self._active:  # what they hold back reaches their readers before this prefill
             running.flush()
         if not self._active:
             reset_peak_memory()  # a request's peak is the batch's while it ran: reset only when none was running
         with self._lock:
-            self._active.append((h, gen))
+            first_slot = len(self._active)
+            self._active.extend(zip(handles, gens))
             self._announce_positions()
-        try:
-            finish = gen.begin()
-            if finish is None:
-                self.decoder.admit(len(self._active) - 1, gen)
-        except Exception as e:
-            finish = e
-        if finish is not None:
-            self._settle([None] * (len(self._active) - 1) + [finish])
+        results: list = [None] * len(gens)
+        groups: dict = {}  # batch key -> [(index, prepared inputs)]
+        for i, gen in enumerate(gens):
+            try:
+                inputs = gen.prepare()
+            except Exception as e:
+                results[i] = e
+                continue
+            key = batch_key(inputs) if self.decoder.batched_prefill and len(gens) > 1 else None
+            groups.setdefault(key if key is not None else ("alone", i), []).append((i, inputs))
+        for group in groups.values():
+            firsts = None
+            if len(group) > 1:
+                try:
+                    firsts = prefill_batch(self.rt, [gens[i] for i, _ in group], [x for _, x in group])
+                except Exception:  # (too big together, say): each alone, where its own failure stays its own
+                    log.warning("a batched prefill of %d requests failed; prefilling them one by one", len(group),
+                                exc_info=True)
+                    release_memory()
+            for j, (i, inputs) in enumerate(group):
+                gen = gens[i]
+                try:
+                    token, memory = firsts[j] if firsts is not None else gen.prefill_alone(inputs)
+                    results[i] = gen.started(token, memory)
+                    if results[i] is None:
+                        self.decoder.admit(first_slot + i, gen)
+                except Exception as e:
+                    results[i] = e
+            for i, _ in group:
+                if gens[i].cache is not None and results[i] is not None:
+                    gens[i].cache = None  # (a shared batch cache goes once every row is loaded or done)
+        self.prefill_forwards += len(groups)
+        self._settle([None] * first_slot + results)
 
     def _settle(self, results: list) -> None:
         """Each request in flight, by ``results`` (None: goes on; a finish reason; an exception): those that

@@ -167,20 +167,32 @@ class AutoGLMRouter(nn.Module):
     def capacity(self, n_tokens: int) -> int:
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, rows: int = 1, real: torch.Tensor | None = None):
+        """x (N, C): ``rows`` sequences of N / rows tokens each, back to back; ``real`` (N,) bool marks the tokens
+        that are not padding (None: all are). Capacity is per sequence, counted over its real tokens, and padding
+        claims none: a sequence is routed the same alone or in a padded batch (the engine prefills several
+        requests together and must give each the tokens it would get alone)."""
         probs = self.classifier(x).float().softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         kept = torch.ones_like(experts, dtype=torch.bool)
+        if real is not None:
+            kept &= real[:, None]
         if self.capacity_factor > 0:
             # First choices claim slots before second choices; earlier tokens first within a choice.
-            cap = self.capacity(x.shape[0])
-            used = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+            T = x.shape[0] // rows
+            counted = real.view(rows, T).sum(1) if real is not None else torch.full((rows,), T, device=x.device)
+            cap = torch.ceil(self.capacity_factor * counted.double() * self.top_k / self.num_experts)  # (rows,)
+            used = torch.zeros(rows, 1, self.num_experts, dtype=torch.long, device=x.device)
             for slot in range(self.top_k):
                 onehot = F.one_hot(experts[:, slot], self.num_experts)
-                position = onehot.cumsum(0) - 1 + used
-                kept[:, slot] = position.gather(1, experts[:, slot : slot + 1]).squeeze(1) < cap
-                used += onehot.sum(0)
+                if real is not None:
+                    onehot = onehot * real[:, None]
+                onehot = onehot.view(rows, T, -1)
+                position = onehot.cumsum(1) - 1 + used  # (rows, T, E)
+                mine = position.gather(2, experts[:, slot].view(rows, T, 1)).view(rows, T)
+                kept[:, slot] &= (mine < cap[:, None]).view(-1)
+                used = used + onehot.sum(1, keepdim=True)
         return probs, experts, weights, kept
 
 
@@ -198,10 +210,12 @@ class AutoGLMMoE(nn.Module):
         )
         self.aux_loss = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); ``token_mask`` (B, T) bool, False at padding (see ``AutoGLMRouter.forward``)."""
         B, T, C = x.shape
         flat = x.reshape(-1, C)
-        probs, experts, weights, kept = self.router(flat)
+        real = token_mask.reshape(-1).to(x.device) if token_mask is not None else None
+        probs, experts, weights, kept = self.router(flat, B, real)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where((experts == e) & kept)
@@ -241,7 +255,8 @@ class AutoGLMDecoderLayer(nn.Module):
             memory = self.memory[None].expand(x.shape[0], -1, -1) if memory_state is None else memory_state
             memory = memory.to(x.device)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values, memory)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        x = x + (self.mlp(h, token_mask) if isinstance(self.mlp, AutoGLMMoE) else self.mlp(h))
         new_memory = None
         if memory is not None:
             new_memory = self.update_memory(memory, x, token_mask)

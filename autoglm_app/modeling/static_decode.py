@@ -68,12 +68,13 @@ class StaticKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def load(self, slot: int, cache, length: int) -> None:
-        """Copy a prefill's DynamicCache (batch 1, ``length`` positions) into ``slot``."""
+    def load(self, slot: int, cache, length: int, row: int = 0) -> None:
+        """Copy the last ``length`` positions of row ``row`` of a prefill's DynamicCache into ``slot`` (a batched
+        prefill pads on the left, so a row's own positions are its last)."""
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             layer = cache.layers[i]
-            k[slot, :, :length] = layer.keys[0, :, -length:].to(k.dtype)
-            v[slot, :, :length] = layer.values[0, :, -length:].to(v.dtype)
+            k[slot, :, :length] = layer.keys[row, :, -length:].to(k.dtype)
+            v[slot, :, :length] = layer.values[row, :, -length:].to(v.dtype)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Slot ``src``'s first ``length`` positions into slot ``dst`` (the batch stays packed at the front)."""

@@ -347,7 +347,9 @@ def test_full_queue_gives_busy_error_and_positions_are_reported(small):
 
 
 def test_round_robin_across_sessions_and_interactive_before_batch(small):
-    eng = make_engine(*small, max_queue=10)
+    # one slot, so each request is taken only when the one before it is done: the order they get it is the fair
+    # order (with free slots the worker takes them all between two steps, in that order, within microseconds)
+    eng = make_engine(*small, max_queue=10, max_batch=1)
     order: list[str] = []
     try:
         blocker = eng.submit(ask(max_new_tokens=4000, min_new_tokens=4000, session="blocker"))

@@ -647,7 +647,13 @@ class FakeGeneration:
         self.memory_state = object()
         self.cache, self.cache_tokens = None, 0
 
-    def begin(self) -> str:
+    def prepare(self) -> dict:
+        return {"nothing": None}  # (inputs no batch takes: prefilled alone)
+
+    def prefill_alone(self, inputs: dict) -> tuple[int, object]:
+        return 0, self.memory_state
+
+    def started(self, token: int, memory_state) -> str:
         return "stop"
 
     def flush(self) -> None:
