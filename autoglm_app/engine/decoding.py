@@ -113,6 +113,7 @@ class StaticDecoder:
         self._pads: dict[str, bool] = {}  # form -> one row runs as two (its copy in the next slot): measured faster
         self.pad_one = False
         self._media_rows = MediaRows(rt.device)
+        self._no_media: dict[int, torch.Tensor] = {}  # rows -> the (rows, 2) zeros a compiled step reads for no media
         if compile_mode != "off":
             self._compile(progress)
 
@@ -204,9 +205,15 @@ class StaticDecoder:
         return sum(p.numel() * p.element_size() for _, moe in self.rt.model.moe_blocks() for p in moe.experts.parameters())
 
     def _media(self, media, tokens):
-        """Compiled forms always compute focus: a row without media reads key 0 (discarded on the host)."""
-        # two keys at least: torch.compile specialises a size of 1, which would be a second graph
-        return media if media is not None else torch.zeros(tokens.shape[0], 2, dtype=torch.long, device=tokens.device)
+        """Compiled forms always compute focus: a row without media reads key 0 (discarded on the host). The zeros are
+        made once per row count (the step only reads them)."""
+        if media is not None:
+            return media
+        n = tokens.shape[0]
+        if n not in self._no_media:
+            # two keys at least: torch.compile specialises a size of 1, which would be a second graph
+            self._no_media[n] = torch.zeros(n, 2, dtype=torch.long, device=tokens.device)
+        return self._no_media[n]
 
     @torch.inference_mode()
     def _measure(self, forms: dict) -> dict:
