@@ -6,8 +6,9 @@ before queueing), then returns a ``RequestHandle`` whose ``events()`` yields the
 request's own event stream. Scheduling: interactive before batch; within a priority,
 the session served least recently goes first (round robin across sessions), so one
 busy client cannot starve the others. Past ``max_queue`` waiting requests, submit
-raises ``EngineBusy``. Up to ``max_batch`` requests are in flight at once: a waiting request is
-admitted (prefilled, its first token emitted) between two steps as soon as a slot is free, and a
+raises ``EngineBusy``. Up to ``max_batch`` requests are in flight at once: waiting requests are
+admitted (prefilled, their first tokens emitted) between two steps as soon as slots are free, those taken
+together in one prefill forward where the decoder allows (``engine.prefill``), and a
 request that ends or is cancelled frees its slot at the next step; the others go on undisturbed.
 
 Failures stay with their request: a bad request is a ``bad_request`` Error, a CUDA
