@@ -81,13 +81,13 @@ class RowProbes(contextlib.AbstractContextManager):
             m.focus_probe = None
 
     def _focus(self, layer: int, q, k, mask, probs, n_mem: int) -> None:
+        # no cache before a prefill and no memory slots (the static decoder serves no model with them): key j is
+        # query j, so a row's own keys start where its queries do
         for i, g, start in self.rows:
-            if g.focus is None:
-                continue
-            # (no cache before a prefill: key j is query j, so the row's own keys start where its queries do)
-            m = mask[i : i + 1, :, start:, n_mem + start:] if mask is not None else None
-            p = probs[i : i + 1, :, start:, n_mem + start:] if probs is not None else None
-            g.focus(layer, q[i : i + 1, :, start:], k[i : i + 1, :, n_mem + start:], m, p, 0)
+            if g.focus is not None:
+                m = mask[i : i + 1, :, start:, start:] if mask is not None else None
+                p = probs[i : i + 1, :, start:, start:] if probs is not None else None
+                g.focus(layer, q[i : i + 1, :, start:], k[i : i + 1, :, start:], m, p, n_mem)
 
 
 @torch.inference_mode()

@@ -413,9 +413,6 @@ class Engine:
                         self.decoder.admit(first_slot + i, gen)
                 except Exception as e:
                     results[i] = e
-            for i, _ in group:
-                if gens[i].cache is not None and results[i] is not None:
-                    gens[i].cache = None  # (a shared batch cache goes once every row is loaded or done)
         self.prefill_forwards += len(groups)
         self._settle([None] * first_slot + results)
 
