@@ -107,6 +107,11 @@ class Settings:
                            choices=("auto", "on", "off"))
     max_batch: int = setting(0, "requests decoded together (continuous batching); 0 = up to 8, as the KV "
                                 "cache fits in a quarter of the free memory", minimum=0)
+    engine_process: str = setting("off", "run the engine (model, queue, worker, probes) in a child process with its "
+                                         "own interpreter, its events sent over a pipe, so the web server's Python "
+                                         "does not hold up the decoding; on 2 cores it sped one stream up and slowed "
+                                         "8 concurrent ones (docs/PERFORMANCE.md); not with compare mode",
+                                  choices=("on", "off"))
     trace_memory_mb: float = setting(512.0, "memory for the per-layer focus detail the page keeps for review and "
                                             "export, server-wide, in MiB (one session up to a quarter of it); the "
                                             "oldest turns' per-layer detail goes first, every token's shown maps "

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import resource
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 def rss_bytes(pid: int | None = None) -> int | None:
@@ -21,6 +24,23 @@ def rss_bytes(pid: int | None = None) -> int | None:
         return int(psutil.Process(pid).memory_info().rss)
     except (psutil.Error, OSError):
         return None
+
+
+def tree_rss_bytes(pid: int | None = None) -> int | None:
+    """Resident memory of a process and its descendants (a server and its engine process); None when the
+    process is gone. Shared pages are counted once per process, so this can exceed the memory in use."""
+    try:
+        proc = psutil.Process(pid)
+        total = proc.memory_info().rss
+        children = proc.children(recursive=True)
+    except (psutil.Error, OSError):
+        return None
+    for child in children:
+        try:
+            total += child.memory_info().rss
+        except (psutil.Error, OSError):  # it ended meanwhile
+            pass
+    return int(total)
 
 
 def anon_rss_bytes(pid: int | None = None) -> int | None:
@@ -56,3 +76,16 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
+
+
+def device_memory() -> dict[str, int]:
+    """Memory in use now: per GPU (allocated by torch) or, without CUDA, the process RSS."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return {f"cuda:{d}": int(torch.cuda.memory_allocated(d)) for d in range(torch.cuda.device_count())}
+    except Exception:  # no torch or a broken CUDA set-up: fall back to the process
+        log.debug("cuda memory query failed", exc_info=True)
+    rss = rss_bytes()
+    return {"cpu (process RSS)": rss} if rss is not None else {"cpu (peak RSS)": peak_rss_bytes()}

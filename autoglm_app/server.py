@@ -26,13 +26,21 @@ log = logging.getLogger("autoglm")
 
 def load_engine(settings: Settings, progress=None):
     """Load the model the settings name and start an Engine on it, or a RemoteEngine for --backend openai.
+    With ``--engine-process on`` the Engine runs in a child process and this returns its ``ProcessEngine``.
 
     ``progress`` (a ``loading.progress.LoadProgress``; by default the current one of a ``reporting`` block)
-    hears the stages and the weights loaded / total."""
+    hears the stages and the weights loaded / total (from the child too)."""
     from .loading.progress import current_progress, reporting
 
     progress = progress or current_progress(settings.model)
     with reporting(progress):
+        if settings.engine_process == "on" and settings.backend == "local":
+            if settings.compare_model or settings.compare_quantize:
+                raise SystemExit("compare mode runs both models' forwards in one process: use --engine-process off")
+            from .engine.process import ProcessEngine
+
+            progress.stage("starting the engine process")
+            return ProcessEngine(_load_engine, settings, progress)
         return _load_engine(settings, progress)
 
 

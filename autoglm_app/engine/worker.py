@@ -44,7 +44,7 @@ from ..events import (
     Stats,
 )
 from ..families import ModelFamily, family_for
-from ..memory import return_free_memory
+from ..memory import device_memory, return_free_memory
 from .decoding import make_decoder
 from .generation import Generation
 from .prefill import batch_key, prefill_batch
@@ -103,6 +103,9 @@ class Engine:
         # called with (request, event) for every event of every request, on the thread that puts it
         # (the worker, mostly): the metrics exporter; it must be cheap and must not raise
         self.observers: list[Callable[[ChatRequest, Event], None]] = []
+        # how a request's handle is made: the process engine's child makes handles that send their events
+        # to the parent instead of queueing them here
+        self.new_handle: Callable[[ChatRequest, int], RequestHandle] = RequestHandle
         self._worker = threading.Thread(target=self._work, name="autoglm-engine", daemon=True)
         self._worker.start()
 
@@ -111,7 +114,9 @@ class Engine:
     def ready(self) -> bool:
         return self._worker.is_alive() and not self._closed
 
-    def submit(self, request: ChatRequest) -> RequestHandle:
+    def submit(self, request: ChatRequest, request_id: int | None = None) -> RequestHandle:
+        """Queue ``request``; its handle streams the events. ``request_id``: the id its handle gets (the
+        process engine's parent numbers its requests itself); by default the next of this engine's own."""
         request = self._validate(request)
         with self._lock:
             if self._closed:
@@ -121,7 +126,7 @@ class Engine:
                     f"the server is busy ({len(self._waiting)} requests waiting): retry in a few seconds",
                     retry_after=max(1.0, 0.5 * len(self._waiting)),
                 )
-            handle = RequestHandle(request, next(self._ids))
+            handle = self.new_handle(request, next(self._ids) if request_id is None else request_id)
             handle.observe = observing(self.observers)
             # a session never served ranks as if served just before it arrived: it waits behind the
             # sessions that have waited longer, so a stream of new sessions (anonymous API calls)
@@ -199,6 +204,10 @@ class Engine:
             self._jobs.clear()
             self._lock.notify_all()
         self._worker.join(timeout=10)
+
+    def memory(self) -> dict[str, int]:
+        """Memory in use now where the model is: per GPU, or this process's resident set (the Model panel)."""
+        return device_memory()
 
     def info(self) -> dict:
         model = self.loaded.model

@@ -9,14 +9,14 @@ pure functions of ``render``. Nothing here reads events or talks to the engine.
 from __future__ import annotations
 
 import html
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 import numpy as np
 
-from ..memory import peak_rss_bytes, rss_bytes
+from ..memory import device_memory
 from . import figures, render
 from .model_view import is_remote, model_markdown
 from .session import Session, Turn, View
@@ -24,7 +24,6 @@ from .traces import detail_note
 from .turn import MediaRef
 from .words import THINK_TAGS
 
-log = logging.getLogger(__name__)
 
 FOCUS_PLACEHOLDER = ("Caption focus. Send a question with an image (or pick an example on the left): "
                      "the image appears here with a heatmap of where the model looked for each word. "
@@ -46,6 +45,9 @@ class Capabilities:
     can_transcribe: bool  # a speech-to-text model turns recordings into text
     multi_turn: bool = True  # what the model was trained for (its card); the page's default context mode
     domain: str = ""  # what the model knows, in its card's words ("" = the card does not say)
+    # memory in use now, read where the model is (``Engine.memory``: the engine process's, when it has its own);
+    # None: this process's
+    memory: Callable[[], dict] | None = None
 
     @classmethod
     def of(cls, engine: Any) -> Capabilities:
@@ -55,7 +57,8 @@ class Capabilities:
                    routing=info.get("routing", True) is not False,
                    hears=info.get("hears_audio", True) is not False,
                    can_transcribe=bool(info.get("can_transcribe")) and callable(getattr(engine, "transcribe", None)),
-                   multi_turn=info.get("conversation") != "single-turn", domain=info.get("domain") or "")
+                   multi_turn=info.get("conversation") != "single-turn", domain=info.get("domain") or "",
+                   memory=getattr(engine, "memory", None))
 
     @property
     def remote(self) -> bool:
@@ -87,23 +90,10 @@ def routing_placeholder(caps: Capabilities) -> str:
     return render.placeholder_html(ROUTING_PLACEHOLDER)
 
 
-def device_memory() -> dict[str, int]:
-    """Memory in use now: per GPU (allocated by torch) or, without CUDA, the process RSS."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return {f"cuda:{d}": int(torch.cuda.memory_allocated(d)) for d in range(torch.cuda.device_count())}
-    except Exception:  # no torch or a broken CUDA set-up: fall back to the process
-        log.debug("cuda memory query failed", exc_info=True)
-    rss = rss_bytes()
-    return {"cpu (process RSS)": rss} if rss is not None else {"cpu (peak RSS)": peak_rss_bytes()}
-
-
 def model_panel(caps: Capabilities, session: Session) -> str:
     """The Model panel: the model, its devices and memory (local engine), the last answer's speed."""
     stats = next((t.stats for t in reversed(session.turns) if t.stats is not None), None)
-    return model_markdown(caps.info, {} if caps.remote else device_memory(), stats)
+    return model_markdown(caps.info, {} if caps.remote else (caps.memory or device_memory)(), stats)
 
 
 def emitted_rank(t) -> int:

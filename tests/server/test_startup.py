@@ -283,3 +283,46 @@ def test_in_chromium_a_failed_load_shows_its_message(chromium):
         assert "failed" in chromium.locator("#bar").get_attribute("class")
     finally:
         running.stop()
+
+
+def test_app_py_with_the_engine_in_its_own_process_serves_the_api_and_ends_the_child(tmp_path):
+    """``--engine-process on``: /health, a streamed answer with focus and routing through the openai SDK, the
+    metrics' gauges read from the child, and on Ctrl-C the engine process ends with the server."""
+    import base64
+    import io
+
+    import psutil
+    from openai import OpenAI
+    from PIL import Image
+
+    proc, url, log = start_app(tmp_path, ["--model", "small", "--engine-process", "on", "--compile", "off"])
+    try:
+        wait_for(lambda: (r := poll_health(proc, url, log)) is not None and r.status_code == 200, timeout=180,
+                 every=0.2)
+        children = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.is_running()]
+        assert any("multiprocessing" in " ".join(c.cmdline()) for c in children), [c.cmdline() for c in children]
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                          + base64.b64encode(buf.getvalue()).decode()}}
+        client = OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Where?"}, image]}],
+            max_tokens=6, temperature=0, stream=True, extra_body={"return_focus": True, "return_routing": True})
+        deltas = [c.choices[0].delta for c in stream if c.choices]
+        assert sum("focus" in (d.model_extra or {}) for d in deltas) == 6
+        assert sum("routing" in (d.model_extra or {}) for d in deltas) == 6
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        import re
+
+        assert re.search(r"^vllm:num_requests_running\{[^}]*\} 0\.0$", metrics, re.M), metrics[:3000]
+        assert re.search(r'^vllm:request_success_total\{[^}]*finished_reason="length"[^}]*\} 1\.0$', metrics, re.M)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) in (0, -signal.SIGINT), log.read_text()[-3000:]
+        psutil.wait_procs(children, timeout=30)
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

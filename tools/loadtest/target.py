@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from autoglm_app.memory import rss_bytes
+from autoglm_app.memory import rss_bytes, tree_rss_bytes
 
 from .options import LoadConfig
 
@@ -27,7 +27,7 @@ class RSSSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            value = rss_bytes(self.pid)
+            value = tree_rss_bytes(self.pid)  # the server and its engine process
             if value is not None:
                 self.samples.append((round(time.monotonic() - self.t0, 1), value))
             self.stop_event.wait(self.every)
@@ -70,7 +70,7 @@ class Target:
     def rss(self) -> int | None:
         if self.in_process:
             return rss_bytes(None)
-        return rss_bytes(self.pid) if self.pid else None
+        return tree_rss_bytes(self.pid) if self.pid else None
 
     def log_errors(self) -> tuple[int, list[str]]:
         if self.errors is not None:
